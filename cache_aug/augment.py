@@ -1,0 +1,171 @@
+"""Inference: document tokens -> augmented cache -> decoding that continues from it.
+
+    aug = augment(decoder, coprocessor, [doc_ids])[0]   # D(doc) -> C -> D(z): cache of T + N_L
+    tokens = generate(decoder, aug, prompt_ids, max_new_tokens=32)
+
+With `coprocessor=None` the same calls are plain decoding (the fallback): the cache holds the
+document only and the output equals the decoder's own `generate`.
+
+Position rule (method.md): the document takes positions 0..T-1, the latents T..T+N_L-1 and the
+next real token T+N_L. The logits at the last latent position predict the first token after the
+document; they are kept as `next_logits`, so decoding can start with an empty prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from cache_aug.decoder import Decoder
+from cache_aug.kv import KV, model_cache
+from cache_aug.passes import decoder_pass, latent_pass, prefill
+
+
+@dataclass
+class AugmentedCache:
+    """One document's augmented cache (batch dimension 1)."""
+
+    input_ids: torch.Tensor  # (T,) the document's tokens
+    layers: list[KV]  # per layer (1, H_kv, S, D) with S = T + N_L (a sliding layer may hold only its window)
+    next_logits: torch.Tensor  # (V,) prediction of the first token after the cache
+    n_latents: int  # N_L; 0 for the plain (fallback) cache
+    latents: torch.Tensor | None = None  # (N_L, d) z, None for the fallback
+
+    @property
+    def doc_len(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        """Positions held: the next real token takes this position."""
+        return self.doc_len + self.n_latents
+
+    def latent_kv(self) -> list[KV]:
+        """KV of the N_L latent positions per layer: (1, H_kv, N_L, D) each."""
+        n = self.n_latents
+        return [(k[:, :, k.shape[2] - n :], v[:, :, v.shape[2] - n :]) for k, v in self.layers]
+
+    def to_model_cache(self, config) -> DynamicCache:
+        """A fresh transformers cache over these tensors (decoding mutates caches, this one is new)."""
+        return model_cache(self.layers, config, self.seq_len)
+
+
+def _as_batch(docs: Sequence[Sequence[int]] | torch.Tensor, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (N, T) ids + (N,) lengths."""
+    if isinstance(docs, torch.Tensor):
+        docs = [docs] if docs.dim() == 1 else list(docs)
+    lengths = torch.tensor([len(d) for d in docs], dtype=torch.long)
+    if (lengths == 0).any():
+        raise ValueError(f"document {int((lengths == 0).nonzero()[0])} of the batch has no tokens")
+    ids = torch.full((len(docs), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.as_tensor(d, dtype=torch.long)
+    return ids.to(device), lengths.to(device)
+
+
+@torch.no_grad()
+def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tensor) -> list[AugmentedCache]:
+    """Augment a batch of documents (token id lists, any lengths) in one set of passes.
+
+    module: a `Coprocessor` or `PauseTokens`, or None for the plain fallback cache.
+    """
+    pad_id = decoder.tokenizer.pad_token_id or 0
+    ids, lengths = _as_batch(docs, pad_id, decoder.device)  # (N, T), (N,)
+    N, T = ids.shape
+    ragged = bool((lengths != T).any())
+    attn = (torch.arange(T, device=ids.device)[None] < lengths[:, None]).long() if ragged else None  # (N, T)
+
+    if module is None:
+        last = torch.unique(lengths - 1)  # logits needed only at each row's last token
+        prefix, logits = prefill(decoder, ids, attn, keep=last)  # logits (N, |last|, V)
+        col = torch.searchsorted(last, lengths - 1)
+        return [
+            AugmentedCache(
+                input_ids=ids[i, : lengths[i]],
+                layers=[(k[i : i + 1, :, : lengths[i]], v[i : i + 1, :, : lengths[i]]) for k, v in prefix],
+                next_logits=logits[i, col[i]],
+                n_latents=0,
+            )
+            for i in range(N)
+        ]
+
+    L = module.n_latents
+    points = lengths[:, None]  # (N, 1): one augmentation point, at the end of each document
+    prefix, _ = prefill(decoder, ids, attn)
+    z = latent_pass(decoder, module, prefix, points)  # (N, L, d)
+    keep = torch.tensor([L - 1], device=ids.device)
+    logits, layers = decoder_pass(decoder, prefix, points, z, L, keep)  # (N, 1, V); T + L columns
+    out = []
+    for i in range(N):
+        n = int(lengths[i])
+        out.append(
+            AugmentedCache(
+                input_ids=ids[i, :n],
+                layers=[
+                    (torch.cat([k[i : i + 1, :, :n], k[i : i + 1, :, T:]], 2), torch.cat([v[i : i + 1, :, :n], v[i : i + 1, :, T:]], 2))
+                    for k, v in layers
+                ],
+                next_logits=logits[i, 0],
+                n_latents=L,
+                latents=z[i],
+            )
+        )
+    return out
+
+
+@torch.no_grad()
+def decode_steps(
+    decoder: Decoder,
+    aug: AugmentedCache,
+    prompt_ids: Sequence[int] = (),
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] | None = None,
+    seed: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Continue after the cache and a prompt; yields (token id, the logits it was chosen from).
+
+    Greedy when temperature == 0. Stops after `max_new_tokens`, or after emitting a stop token
+    (default: the model's EOS ids), which is yielded.
+    """
+    model = decoder.model
+    if stop_token_ids is None:
+        eos = model.generation_config.eos_token_id
+        stop_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    stops = set(stop_token_ids)
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    top_p_warp = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    cache = aug.to_model_cache(model.config)
+    pos = aug.seq_len
+    logits = aug.next_logits
+    pending = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        if pending:  # feed the prompt (first step) or the last chosen token
+            step = torch.tensor([pending], dtype=torch.long, device=decoder.device)  # (1, S)
+            positions = torch.arange(pos, pos + step.shape[1], device=decoder.device)[None]  # (1, S)
+            logits = model(input_ids=step, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1).logits[0, -1]
+            pos += step.shape[1]
+        if temperature <= 0:
+            token = int(logits.argmax())
+        else:
+            scores = (logits.float() / temperature)[None]  # (1, V)
+            if top_p_warp is not None:
+                scores = top_p_warp(None, scores)
+            probs = torch.softmax(scores, dim=-1).cpu()
+            token = int(torch.multinomial(probs[0], 1, generator=gen))
+        yield token, logits
+        if token in stops:
+            return
+        pending = [token]
+
+
+def generate(decoder: Decoder, aug: AugmentedCache, prompt_ids: Sequence[int] = (), **kwargs) -> list[int]:
+    """All tokens of `decode_steps` as a list."""
+    return [token for token, _ in decode_steps(decoder, aug, prompt_ids, **kwargs)]

@@ -1,0 +1,236 @@
+"""The coprocessor C and the pause-token baseline: the trainable modules that produce latents z.
+
+Both are `LatentModule`s: `forward(past_key_values, position_ids, attention_mask, n_blocks)`
+returns z of shape (N, n_blocks * N_L, d). All trainable tensors live inside the module, and all
+computation goes through `forward`, so DeepSpeed (ZeRO-3 included) can wrap it whole.
+
+- `Coprocessor`: a copy of D's transformer trunk (full fine-tune, or frozen + LoRA adapters)
+  reading N_L soft tokens on top of D's cache; z = its final hidden states.
+- `PauseTokens`: N_L soft tokens fed straight into D (Goyal et al. 2023); same loss, no C.
+
+A trained module is saved as a directory:
+    latents.json          mode, N_L, hidden size, LoRA config, decoder fingerprint, fingerprint
+    model.safetensors     trunk weights (full) or adapter weights (lora); absent for pause
+    soft_tokens.safetensors
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cache_aug.config import CoprocessorConfig
+from cache_aug.decoder import Decoder
+from cache_aug.fingerprint import FingerprintMismatch, augmentation_fingerprint
+from cache_aug.masks import UnsupportedArchitecture
+
+FORMAT = "cache-aug/latents"
+FORMAT_VERSION = 1
+
+
+def check_architecture(model) -> None:
+    """Augmentation needs a trunk that takes inputs_embeds, explicit position ids and a cache."""
+    params = inspect.signature(model.base_model.forward).parameters
+    missing = [p for p in ("inputs_embeds", "position_ids", "past_key_values") if p not in params]
+    if missing:
+        raise UnsupportedArchitecture(
+            f"{model.config.model_type}: its forward takes no {', '.join(missing)}; cache augmentation "
+            "places latents at explicit positions on top of a KV cache, so this architecture cannot be used"
+        )
+
+
+def init_soft_tokens(decoder: Decoder, n_latents: int, how: str, seed: int) -> torch.Tensor:
+    """(N_L, d) initial soft tokens on the decoder's input-embedding scale."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = decoder.model.get_input_embeddings().num_embeddings
+    with torch.no_grad():
+        if how == "vocab":  # embeddings of random real tokens, as the model's forward expects them
+            ids = torch.randint(0, vocab, (1, n_latents), generator=g).to(decoder.device)
+            return decoder.embed(ids)[0].detach().clone().float()  # (N_L, d)
+        table = decoder.embed(torch.arange(vocab, device=decoder.device)[None])[0].float()  # (V, d)
+        return torch.randn(n_latents, table.shape[-1], generator=g) * table.std().cpu()
+
+
+class Coprocessor(nn.Module):
+    """C: D's trunk (a trainable copy) run over N_L soft tokens on top of D's cache."""
+
+    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, mode: str, lora: dict | None = None):
+        super().__init__()
+        self.trunk = trunk
+        self.soft_tokens = nn.Parameter(soft_tokens)  # (N_L, d)
+        self.mode = mode
+        self.lora = lora
+
+    @property
+    def n_latents(self) -> int:
+        return self.soft_tokens.shape[0]
+
+    uses_cache = True
+
+    def forward(self, past_key_values, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
+        N = position_ids.shape[0]
+        x = self.soft_tokens.repeat(n_blocks, 1)  # (n_blocks*N_L, d)
+        x = x[None].expand(N, -1, -1).to(self.trunk.dtype)  # (N, n_blocks*N_L, d)
+        out = self.trunk(
+            inputs_embeds=x,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+        )
+        return out.last_hidden_state  # (N, n_blocks*N_L, d)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a trained coprocessor consists of (saved, and hashed into the fingerprint)."""
+        table = {id(p) for p in self.trunk.get_input_embeddings().parameters()}
+        trunk = {n: p for n, p in self.trunk.named_parameters() if id(p) not in table}
+        trunk |= {n: b for n, b in self.trunk.named_buffers() if n in self.trunk.state_dict()}
+        if self.mode == "lora":
+            trunk = {k: v for k, v in trunk.items() if "lora_" in k}
+        return {**{f"trunk.{k}": v for k, v in trunk.items()}, "soft_tokens": self.soft_tokens}
+
+
+    def trainable_state_keys(self) -> set[str]:
+        return {k.removeprefix("trunk.") for k in self.trainable_state()}
+
+
+class PauseTokens(nn.Module):
+    """The pause-token baseline: N_L trainable embeddings used directly as z."""
+
+    mode = "pause"
+    uses_cache = False
+
+    def __init__(self, soft_tokens: torch.Tensor):
+        super().__init__()
+        self.soft_tokens = nn.Parameter(soft_tokens)  # (N_L, d)
+
+    @property
+    def n_latents(self) -> int:
+        return self.soft_tokens.shape[0]
+
+    def forward(self, past_key_values, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
+        N = position_ids.shape[0]
+        return self.soft_tokens.repeat(n_blocks, 1)[None].expand(N, -1, -1)  # (N, n_blocks*N_L, d)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {"soft_tokens": self.soft_tokens}
+
+
+LatentModule = Coprocessor | PauseTokens
+
+
+def _lora_config(cfg: CoprocessorConfig) -> dict:
+    return {
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": cfg.lora_targets,
+    }
+
+
+def _copy_trunk(decoder: Decoder) -> nn.Module:
+    """A deep copy of D's trunk without its input-embedding table.
+
+    C reads soft tokens as inputs_embeds and never looks a token up, so the (often huge) table
+    is replaced by a one-row placeholder instead of being copied.
+    """
+    trunk = decoder.model.base_model
+    table = trunk.get_input_embeddings()
+    placeholder = nn.Embedding(1, table.embedding_dim, dtype=table.weight.dtype, device=table.weight.device)
+    return copy.deepcopy(trunk, memo={id(table): placeholder})
+
+
+def _make_trunk(decoder: Decoder, mode: str, lora: dict | None) -> nn.Module:
+    trunk = _copy_trunk(decoder)
+    if mode == "full":
+        trunk.requires_grad_(True)
+        trunk.get_input_embeddings().requires_grad_(False)
+        return trunk
+    from peft import LoraConfig, inject_adapter_in_model
+
+    trunk = inject_adapter_in_model(LoraConfig(**lora), trunk)
+    for name, p in trunk.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return trunk
+
+
+def build_latent_module(decoder: Decoder, cfg: CoprocessorConfig, n_latents: int) -> LatentModule:
+    """A fresh coprocessor (initialised from D's weights) or pause-token module, in D's dtype/device."""
+    check_architecture(decoder.model)
+    soft = init_soft_tokens(decoder, n_latents, cfg.soft_token_init, cfg.seed).to(decoder.device, decoder.dtype)
+    if cfg.mode == "pause":
+        module = PauseTokens(soft)
+    else:
+        lora = _lora_config(cfg) if cfg.mode == "lora" else None
+        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, cfg.mode, lora)
+    return module.train()
+
+
+def latent_fingerprint(decoder: Decoder, module: LatentModule | None) -> str:
+    """Fingerprint of the full augmentation setup (decoder alone when module is None)."""
+    if module is None:
+        return augmentation_fingerprint(decoder.fingerprint, None, "none", 0, decoder.dtype)
+    return augmentation_fingerprint(
+        decoder.fingerprint, module.trainable_state(), module.mode, module.n_latents, decoder.dtype
+    )
+
+
+def save_latent_module(module: LatentModule, decoder: Decoder, directory: str | Path) -> Path:
+    """Write a trained module as safetensors + JSON (see module docstring)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.trainable_state().items()}
+    save_file({"soft_tokens": state.pop("soft_tokens")}, directory / "soft_tokens.safetensors")
+    if state:
+        save_file(state, directory / "model.safetensors")
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "mode": module.mode,
+        "n_latents": module.n_latents,
+        "hidden_size": module.soft_tokens.shape[1],
+        "dtype": str(decoder.dtype).removeprefix("torch."),
+        "lora": getattr(module, "lora", None),
+        "decoder_model_type": decoder.config.model_type,
+        "decoder_fingerprint": decoder.fingerprint,
+        "fingerprint": latent_fingerprint(decoder, module),
+    }
+    (directory / "latents.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_latent_module(directory: str | Path, decoder: Decoder) -> LatentModule:
+    """Load a saved module for `decoder`; refuses one trained against other decoder weights."""
+    directory = Path(directory)
+    meta_path = directory / "latents.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{directory}: no latents.json (not a saved coprocessor)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r} v{meta.get('version')}")
+    if meta["decoder_fingerprint"] != decoder.fingerprint:
+        raise FingerprintMismatch(
+            f"{directory}: trained against decoder {meta['decoder_fingerprint']}, "
+            f"but the loaded decoder is {decoder.fingerprint} ({decoder.source})"
+        )
+    soft = load_file(directory / "soft_tokens.safetensors")["soft_tokens"].to(decoder.device)
+    if meta["mode"] == "pause":
+        module = PauseTokens(soft)
+    else:
+        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, meta["mode"], meta["lora"])
+        state = load_file(directory / "model.safetensors", device=str(decoder.device))
+        trunk_state = {k.removeprefix("trunk."): v for k, v in state.items()}
+        missing, unexpected = module.trunk.load_state_dict(trunk_state, strict=False)
+        expected_missing = [k for k in module.trunk.state_dict() if k not in module.trainable_state_keys()]
+        if unexpected or sorted(missing) != sorted(expected_missing):
+            raise ValueError(f"{directory}: weights do not fit the decoder (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    module = module.eval()
+    if latent_fingerprint(decoder, module) != meta["fingerprint"]:
+        raise FingerprintMismatch(f"{directory}: weights do not match the fingerprint recorded in latents.json")
+    return module

@@ -1,0 +1,135 @@
+"""The frozen decoder D: any Hugging Face causal LM, from a local dir, `s3://`, or the embedded default."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from cache_aug.config import ModelConfig
+from cache_aug.fingerprint import decoder_fingerprint
+from cache_aug.kv import CacheSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'bfloat16' -> torch.bfloat16, with a clear error for anything else."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})") from None
+
+
+@dataclass
+class Decoder:
+    """A frozen causal LM with its tokenizer: gets no gradient step, but gradients flow through it."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    source: str = ""
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies weights + tokenizer + dtype (computed once)."""
+        return self._fingerprint or decoder_fingerprint(self.model, self.tokenizer)
+
+    @cached_property
+    def cache_spec(self) -> CacheSpec:
+        """Per-layer KV shapes and sliding windows of this decoder."""
+        return CacheSpec.from_model(self.model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the input embeddings the model's forward expects (N, S) -> (N, S, d)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no parameter takes a gradient."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, storage_options: dict | None = None) -> Path:
+    """Download an `s3://` (or any fsspec) checkpoint dir once; later calls reuse the local copy.
+
+    The local copy is keyed by the URI and the remote files' ETags/sizes, so a changed
+    checkpoint at the same URI is fetched again. Credentials and endpoint come from the
+    standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or `storage_options`.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    listing = fs.find(root, detail=True)
+    if not listing:
+        raise FileNotFoundError(f"no checkpoint files under {uri}")
+    manifest = sorted(
+        (name, str(info.get("ETag") or info.get("etag") or ""), int(info.get("size") or 0)) for name, info in listing.items()
+    )
+    key = hashlib.sha256(json.dumps([uri, manifest]).encode()).hexdigest()[:16]
+    base = Path(cache_dir) if cache_dir else Path(os.environ.get("CACHE_AUG_HOME", Path.home() / ".cache" / "cache-aug")) / "checkpoints"
+    local = base / key
+    if (local / ".complete").exists():
+        return local
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{key}-"))
+    try:
+        for name, _, _ in manifest:
+            rel = os.path.relpath(name, root)
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(name, str(tmp / rel))
+        (tmp / ".complete").write_text(uri)
+        try:
+            tmp.rename(local)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options: dict | None = None) -> Path:
+    """Local dir for a checkpoint given as a local path, a remote URI, or an embedded default name."""
+    from cache_aug.tiny import ensure_tiny_decoder, is_embedded_name
+
+    if is_embedded_name(path):
+        return ensure_tiny_decoder(path)
+    if "://" in path:
+        return fetch_checkpoint(path, cache_dir, storage_options)
+    local = Path(path).expanduser()
+    if not (local / "config.json").exists():
+        raise FileNotFoundError(f"model.path: {path} is not a Hugging Face checkpoint dir (no config.json)")
+    return local
+
+
+def load_decoder(cfg: ModelConfig, *, device: str | torch.device = "cpu", storage_options: dict | None = None) -> Decoder:
+    """Load any HF causal LM + tokenizer as the frozen decoder."""
+    local = resolve_checkpoint(cfg.path, cfg.revision_cache_dir, storage_options)
+    kwargs = {"dtype": torch_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(local, **kwargs).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=cfg.trust_remote_code)
+    return Decoder(model=freeze(model), tokenizer=tokenizer, source=cfg.path)

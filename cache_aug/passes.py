@@ -1,0 +1,94 @@
+"""The three passes of cache augmentation (method.md), shared by inference and training.
+
+1. `prefill`: D over the real tokens, causal, no grad -> D's cache K.
+2. `latent_pass`: C over B blocks of N_L soft tokens on top of K -> latents z.
+3. `decoder_pass`: D over B blocks of input embeddings ([z] or [z, x_{p+1..}]) on top of K.
+
+With B = 1 and the points set to the document lengths, passes 2-3 are exactly one augmentation
+per row; with many points they are the one-pass training layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from cache_aug.decoder import Decoder
+from cache_aug.kv import KV, layer_kv, plain_cache
+from cache_aug.masks import block_masks_for, block_position_ids
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _logits_at(decoder: Decoder, keep: torch.Tensor | None, **kwargs) -> torch.Tensor:
+    """Run the LM and return logits at sequence indices `keep` (all when None): (N, len(keep), V)."""
+    model = decoder.model
+    if keep is not None and _takes_logits_to_keep(model):
+        return model(**kwargs, logits_to_keep=keep).logits
+    logits = model(**kwargs).logits
+    return logits if keep is None else logits[:, keep]
+
+
+def prefill(
+    decoder: Decoder,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> tuple[list[KV], torch.Tensor | None]:
+    """Pass 1. input_ids (N, T), right-padded where attention_mask (N, T) says so.
+
+    Returns every layer's (keys, values) over all T columns (a plain cache: sliding layers keep
+    everything; masks apply windows later), and logits at `keep` (None: no LM head is run).
+    """
+    cache = DynamicCache()
+    with torch.no_grad():
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        if keep is None:
+            decoder.model.base_model(**kwargs)
+            logits = None
+        else:
+            logits = _logits_at(decoder, keep, **kwargs)
+    return layer_kv(cache), logits
+
+
+def latent_pass(decoder: Decoder, module, prefix: list[KV], points: torch.Tensor) -> torch.Tensor:
+    """Pass 2. points (N, B): prefix lengths. Returns z (N, B*N_L, d)."""
+    n_latents = module.n_latents
+    positions = block_position_ids(points, n_latents)  # (N, B*N_L)
+    if not module.uses_cache:  # pause tokens do not read the cache
+        return module(None, positions, None, n_blocks=points.shape[1])
+    cache_len = prefix[0][0].shape[2]
+    mask = block_masks_for(decoder.config, points, cache_len, n_latents, decoder.dtype)
+    return module(plain_cache(prefix), positions, mask, n_blocks=points.shape[1])
+
+
+def decoder_pass(
+    decoder: Decoder,
+    prefix: list[KV],
+    points: torch.Tensor,
+    embeds: torch.Tensor,
+    block_len: int,
+    keep: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[KV]]:
+    """Pass 3. embeds (N, B*block_len, d) laid out in blocks, block b starting at position p_b.
+
+    Returns logits at the query indices `keep` (N, len(keep), V) and the cache layers extended by
+    the B*block_len new columns (cache_len + B*block_len columns).
+    """
+    cache_len = prefix[0][0].shape[2]
+    mask = block_masks_for(decoder.config, points, cache_len, block_len, decoder.dtype)
+    cache = plain_cache(prefix)
+    logits = _logits_at(
+        decoder,
+        keep,
+        inputs_embeds=embeds,
+        past_key_values=cache,
+        position_ids=block_position_ids(points, block_len),
+        attention_mask=mask,
+        use_cache=True,
+    )
+    return logits, layer_kv(cache)

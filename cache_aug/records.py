@@ -1,0 +1,248 @@
+"""Cache records: one augmented cache <-> one Arrow row, tensors as safetensors bytes (never pickle).
+
+Row layout (`RECORD_SCHEMA`):
+    doc_id, fingerprint, mode, dtype, n_latents, doc_tokens, seq_len, shapes (JSON),
+    payload (safetensors bytes), payload_sha256, format_version
+
+Payload tensors by storage mode (H_i, D_i: layer i's KV heads and head dim):
+    all modes   input_ids (T,) int32            the document, so serving can prefill it
+    latents     latents (N_L, d)                z; serving prefills document + latents
+    latent_kv   k.i, v.i (H_i, N_L, D_i)        the latents' KV; serving prefills the document
+                next_logits (V,)                and appends them (exact: they depend only on it)
+    full        k.i, v.i (H_i, S_i, D_i)        the whole augmented KV; S_i = T+N_L, or the
+                next_logits (V,)                window-1 last columns of a sliding layer
+
+Stored data is untrusted input: `decode_payload` checks fingerprint, checksum, and every
+tensor's name, dtype, shape and byte range against what the loaded decoder implies before
+anything is allocated, and raises `CacheRecordError` (or `FingerprintMismatch`) naming the
+document and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass, fields
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from cache_aug.augment import AugmentedCache
+from cache_aug.decoder import Decoder, torch_dtype
+from cache_aug.fingerprint import FingerprintMismatch
+from cache_aug.kv import CacheSpec
+from cache_aug.passes import decoder_pass, prefill
+
+FORMAT_VERSION = 1
+MODES = ("latents", "latent_kv", "full")
+STORE_DTYPES = ("float32", "bfloat16")
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "int32": "I32"}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "I32": 4}
+MAX_HEADER_BYTES = 1 << 20  # a safetensors header larger than this is damage, not data
+
+
+class CacheRecordError(ValueError):
+    """A stored cache record is damaged or does not fit the loaded models."""
+
+
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("n_latents", pa.int32(), nullable=False),
+        pa.field("doc_tokens", pa.int32(), nullable=False),
+        pa.field("seq_len", pa.int32(), nullable=False),
+        pa.field("shapes", pa.string(), nullable=False),
+        pa.field("payload", pa.large_binary(), nullable=False),
+        pa.field("payload_sha256", pa.string(), nullable=False),
+        pa.field("format_version", pa.int16(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """One stored augmented cache (see module docstring)."""
+
+    doc_id: str
+    fingerprint: str
+    mode: str
+    dtype: str
+    n_latents: int
+    doc_tokens: int
+    seq_len: int
+    shapes: str
+    payload: bytes
+    payload_sha256: str
+    format_version: int = FORMAT_VERSION
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict) -> "CacheRecord":
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in row or row[n] is None]
+        if missing:
+            raise CacheRecordError(f"record {row.get('doc_id')!r}: missing field(s) {', '.join(missing)}")
+        return cls(**{n: row[n] for n in names})
+
+
+def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: str, dtype: str, spec: CacheSpec) -> CacheRecord:
+    """Serialise one augmented cache in the given storage mode and dtype."""
+    if mode not in MODES:
+        raise ValueError(f"storage mode {mode!r} not in {MODES}")
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"storage dtype {dtype!r} not in {STORE_DTYPES}")
+    if aug.n_latents == 0:
+        raise ValueError(f"document {doc_id!r}: a plain (non-augmented) cache is not stored")
+    tdtype = torch_dtype(dtype)
+    tensors: dict[str, torch.Tensor] = {"input_ids": aug.input_ids.to(torch.int32)}
+    if mode == "latents":
+        tensors["latents"] = aug.latents.to(tdtype)
+    else:
+        layers = aug.latent_kv() if mode == "latent_kv" else aug.layers
+        for i, (k, v) in enumerate(layers):
+            keep = aug.n_latents if mode == "latent_kv" else spec.stored_len(i, aug.seq_len)
+            tensors[f"k.{i}"] = k[0, :, k.shape[2] - keep :].to(tdtype)
+            tensors[f"v.{i}"] = v[0, :, v.shape[2] - keep :].to(tdtype)
+        tensors["next_logits"] = aug.next_logits.to(tdtype)
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    payload = st_save(tensors)
+    return CacheRecord(
+        doc_id=doc_id,
+        fingerprint=fingerprint,
+        mode=mode,
+        dtype=dtype,
+        n_latents=aug.n_latents,
+        doc_tokens=aug.doc_len,
+        seq_len=aug.seq_len,
+        shapes=json.dumps({k: list(t.shape) for k, t in tensors.items()}, sort_keys=True),
+        payload=payload,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+    )
+
+
+def expected_tensors(record: CacheRecord, spec: CacheSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) that a valid record of this decoder must hold."""
+    st = _ST_DTYPES[record.dtype]
+    out = {"input_ids": ("I32", (record.doc_tokens,))}
+    if record.mode == "latents":
+        out["latents"] = (st, (record.n_latents, spec.hidden_size))
+        return out
+    for i in range(len(spec.layers)):
+        s = record.n_latents if record.mode == "latent_kv" else spec.stored_len(i, record.seq_len)
+        out[f"k.{i}"] = out[f"v.{i}"] = (st, spec.kv_shape(i, s))
+    out["next_logits"] = (st, (spec.vocab_size,))
+    return out
+
+
+def _check_header(record: CacheRecord, spec: CacheSpec) -> None:
+    """Validate the safetensors header against the expected tensors before loading anything."""
+    where = f"record {record.doc_id!r}"
+    data = record.payload
+    if len(data) < 8:
+        raise CacheRecordError(f"{where}: payload truncated ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        raise CacheRecordError(f"{where}: payload header length {n} does not fit a {len(data)}-byte payload")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheRecordError(f"{where}: payload header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CacheRecordError(f"{where}: payload header is not a mapping")
+    header.pop("__metadata__", None)
+    expected = expected_tensors(record, spec)
+    if set(header) != set(expected):
+        raise CacheRecordError(f"{where}: payload holds tensors {sorted(header)}, expected {sorted(expected)}")
+    body = len(data) - 8 - n
+    for name, (st_dtype, shape) in expected.items():
+        info = header[name]
+        if not isinstance(info, dict):
+            raise CacheRecordError(f"{where}: tensor {name}: malformed header entry")
+        if info.get("dtype") != st_dtype:
+            raise CacheRecordError(f"{where}: tensor {name}: dtype {info.get('dtype')!r}, expected {st_dtype!r}")
+        if list(info.get("shape", [])) != list(shape):
+            raise CacheRecordError(f"{where}: tensor {name}: shape {info.get('shape')}, expected {list(shape)}")
+        offsets = info.get("data_offsets")
+        size = _ITEMSIZE[st_dtype]
+        for dim in shape:
+            size *= dim
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or offsets[1] - offsets[0] != size
+            or not 0 <= offsets[0] <= offsets[1] <= body
+        ):
+            raise CacheRecordError(f"{where}: tensor {name}: byte range {offsets} does not fit the payload")
+
+
+def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> dict[str, torch.Tensor]:
+    """Checked tensors of a record made by the models with `fingerprint` for a decoder of `spec`."""
+    where = f"record {record.doc_id!r}"
+    if record.format_version != FORMAT_VERSION:
+        raise CacheRecordError(f"{where}: format_version {record.format_version}, this reader knows {FORMAT_VERSION}")
+    if record.fingerprint != fingerprint:
+        raise FingerprintMismatch(f"{where}: made by models {record.fingerprint}, the loaded models are {fingerprint}")
+    if record.mode not in MODES:
+        raise CacheRecordError(f"{where}: mode {record.mode!r} not in {MODES}")
+    if record.dtype not in STORE_DTYPES:
+        raise CacheRecordError(f"{where}: dtype {record.dtype!r} not in {STORE_DTYPES}")
+    if record.doc_tokens < 1 or record.n_latents < 1 or record.seq_len != record.doc_tokens + record.n_latents:
+        raise CacheRecordError(
+            f"{where}: inconsistent lengths (doc_tokens={record.doc_tokens}, n_latents={record.n_latents}, seq_len={record.seq_len})"
+        )
+    if hashlib.sha256(record.payload).hexdigest() != record.payload_sha256:
+        raise CacheRecordError(f"{where}: payload checksum mismatch (damaged in storage or transit)")
+    _check_header(record, spec)
+    try:
+        return st_load(bytes(record.payload))
+    except Exception as e:  # the header was checked; anything left is damage
+        raise CacheRecordError(f"{where}: payload unreadable ({e})") from None
+
+
+@torch.no_grad()
+def restore(record: CacheRecord, decoder: Decoder, fingerprint: str) -> AugmentedCache:
+    """Rebuild the augmented cache a record stands for, ready for `decode_steps`."""
+    tensors = decode_payload(record, decoder.cache_spec, fingerprint)
+    device, dtype = decoder.device, decoder.dtype
+    ids = tensors["input_ids"].to(device, torch.long)  # (T,)
+    L = record.n_latents
+    if record.mode == "full":
+        layers = [(tensors[f"k.{i}"][None].to(device, dtype), tensors[f"v.{i}"][None].to(device, dtype))
+                  for i in range(len(decoder.cache_spec.layers))]
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L)
+    prefix, _ = prefill(decoder, ids[None])  # the document's KV, recomputed: (1, H, T, D) per layer
+    if record.mode == "latent_kv":
+        layers = [
+            (torch.cat([k, tensors[f"k.{i}"][None].to(device, dtype)], 2), torch.cat([v, tensors[f"v.{i}"][None].to(device, dtype)], 2))
+            for i, (k, v) in enumerate(prefix)
+        ]
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L)
+    z = tensors["latents"].to(device, dtype)  # (N_L, d)
+    points = torch.tensor([[ids.shape[0]]], device=device)
+    logits, layers = decoder_pass(decoder, prefix, points, z[None], L, torch.tensor([L - 1], device=device))
+    return AugmentedCache(ids, layers, logits[0, 0], L, latents=z)
+
+
+def records_to_table(records: list[CacheRecord]) -> pa.Table:
+    return pa.Table.from_pylist([r.to_row() for r in records], schema=RECORD_SCHEMA)
+
+
+def write_records(path: str, records: list[CacheRecord], filesystem=None) -> None:
+    """Write records to one Parquet file (local path, or a path on `filesystem`)."""
+    pq.write_table(records_to_table(records), path, filesystem=filesystem)
+
+
+def read_records(path: str, filesystem=None) -> list[CacheRecord]:
+    """Read every record of a Parquet file or dataset directory."""
+    table = pq.read_table(path, filesystem=filesystem, schema=RECORD_SCHEMA)
+    return [CacheRecord.from_row(row) for row in table.to_pylist()]

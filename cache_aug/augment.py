@@ -22,7 +22,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from cache_aug.decoder import Decoder
 from cache_aug.kv import KV, model_cache
-from cache_aug.passes import decoder_pass, latent_pass, prefill
+from cache_aug.passes import logits_at, decoder_pass, latent_pass, prefill
 
 
 @dataclass
@@ -150,7 +150,8 @@ def decode_steps(
         if pending:  # feed the prompt (first step) or the last chosen token
             step = torch.tensor([pending], dtype=torch.long, device=decoder.device)  # (1, S)
             positions = torch.arange(pos, pos + step.shape[1], device=decoder.device)[None]  # (1, S)
-            logits = model(input_ids=step, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1).logits[0, -1]
+            last = torch.tensor([step.shape[1] - 1], device=decoder.device)
+            logits = logits_at(decoder, last, input_ids=step, past_key_values=cache, position_ids=positions, use_cache=True)[0, -1]
             pos += step.shape[1]
         if temperature <= 0:
             token = int(logits.argmax())

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from cache_aug.decoder import Decoder
 from cache_aug.kv import layer_kv, model_cache
-from cache_aug.passes import _logits_at, decoder_pass, latent_pass, prefill
+from cache_aug.passes import logits_at, decoder_pass, latent_pass, prefill
 
 
 @dataclass
@@ -117,7 +117,7 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
             embeds = torch.cat([z.to(ahead_in.dtype), ahead_in], dim=1)  # (1, L+N_A-1, d)
             trace_pos = torch.arange(p, p + L + n_ahead - 1, device=input_ids.device)[None]
             keep = torch.arange(L - 1, L - 1 + n_ahead, device=input_ids.device)
-            logits = _logits_at(
+            logits = logits_at(
                 decoder,
                 keep,
                 inputs_embeds=embeds,

@@ -24,7 +24,7 @@ def _takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _logits_at(decoder: Decoder, keep: torch.Tensor | None, **kwargs) -> torch.Tensor:
+def logits_at(decoder: Decoder, keep: torch.Tensor | None, **kwargs) -> torch.Tensor:
     """Run the LM and return logits at sequence indices `keep` (all when None): (N, len(keep), V)."""
     model = decoder.model
     if keep is not None and _takes_logits_to_keep(model):
@@ -51,7 +51,7 @@ def prefill(
             decoder.model.base_model(**kwargs)
             logits = None
         else:
-            logits = _logits_at(decoder, keep, **kwargs)
+            logits = logits_at(decoder, keep, **kwargs)
     return layer_kv(cache), logits
 
 
@@ -82,7 +82,7 @@ def decoder_pass(
     cache_len = prefix[0][0].shape[2]
     mask = block_masks_for(decoder.config, points, cache_len, block_len, decoder.dtype)
     cache = plain_cache(prefix)
-    logits = _logits_at(
+    logits = logits_at(
         decoder,
         keep,
         inputs_embeds=embeds,

@@ -1,0 +1,124 @@
+"""A training step and held-out evaluation for the latent module, without any distributed glue.
+
+The Ray Train + DeepSpeed loop (pipelines/) calls the same `one_pass_loss`; this module is the
+plain-torch version used for local runs, tests and as the reference for the distributed loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cache_aug.config import AugmentationConfig
+from cache_aug.decoder import Decoder
+from cache_aug.losses import AheadLoss, one_pass_loss, plain_ahead_loss, sample_points
+
+
+def pack_blocks(token_ids: Iterable[list[int]], seq_len: int, eos_id: int | None) -> torch.Tensor:
+    """Concatenate documents (EOS between them) and cut into (N, seq_len) blocks; the tail is dropped."""
+    flat: list[int] = []
+    for ids in token_ids:
+        flat.extend(ids)
+        if eos_id is not None:
+            flat.append(eos_id)
+    n = len(flat) // seq_len
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def iterate_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled (batch_size, T) batches over the blocks, reshuffled every epoch."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(blocks.shape[0], generator=g)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield blocks[order[i : i + batch_size]]
+
+
+@dataclass
+class EvalResult:
+    """Held-out ahead-token loss with and without augmentation, at the same points."""
+
+    loss_augmented: float
+    loss_none: float
+    per_position_augmented: list[float]
+    per_position_none: list[float]
+    n_targets: int
+
+    @property
+    def ppl_augmented(self) -> float:
+        return math.exp(self.loss_augmented)
+
+    @property
+    def ppl_none(self) -> float:
+        return math.exp(self.loss_none)
+
+
+@torch.no_grad()
+def evaluate(decoder: Decoder, module, blocks: torch.Tensor, aug: AugmentationConfig, *, batch_size: int = 8, seed: int = 1234) -> EvalResult:
+    """Mean ahead loss over held-out blocks at fixed (seeded) points, augmented vs none."""
+    was_training = module.training
+    module.eval()
+    g = torch.Generator().manual_seed(seed)
+    tot_a = tot_n = 0.0
+    pos_a = torch.zeros(aug.n_ahead)
+    pos_n = torch.zeros(aug.n_ahead)
+    count = 0
+    for i in range(0, blocks.shape[0], batch_size):
+        batch = blocks[i : i + batch_size].to(decoder.device)
+        points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(decoder.device)
+        a: AheadLoss = one_pass_loss(decoder, module, batch, points, aug.n_ahead)
+        n: AheadLoss = plain_ahead_loss(decoder, batch, points, aug.n_ahead)
+        tot_a += float(a.loss) * a.n_targets
+        tot_n += float(n.loss) * n.n_targets
+        pos_a += a.per_position.cpu() * a.n_targets
+        pos_n += n.per_position.cpu() * n.n_targets
+        count += a.n_targets
+    module.train(was_training)
+    return EvalResult(
+        loss_augmented=tot_a / count,
+        loss_none=tot_n / count,
+        per_position_augmented=(pos_a / count).tolist(),
+        per_position_none=(pos_n / count).tolist(),
+        n_targets=count,
+    )
+
+
+def train_local(
+    decoder: Decoder,
+    module,
+    batches: Iterator[torch.Tensor],
+    aug: AugmentationConfig,
+    *,
+    steps: int,
+    lr: float,
+    warmup_steps: int = 0,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+    log_every: int = 10,
+    log: Callable[[str], None] = print,
+) -> list[float]:
+    """AdamW on the module's trainable parameters only; returns the training loss per step."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    g = torch.Generator().manual_seed(seed)
+    module.train()
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batch = next(batches).to(decoder.device)
+        points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(decoder.device)
+        loss = one_pass_loss(decoder, module, batch, points, aug.n_ahead).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if log_every and (step + 1) % log_every == 0:
+            log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.1f}s")
+    return losses

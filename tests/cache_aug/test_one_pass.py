@@ -1,0 +1,101 @@
+"""One-pass multi-position loss == the per-point reference loop, for several architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cache_aug.config import CoprocessorConfig
+from cache_aug.coprocessor import build_latent_module
+from cache_aug.losses import one_pass_loss, plain_ahead_loss, reference_loss, sample_points
+from cache_aug.masks import UnsupportedArchitecture, block_attention_mask
+from cache_aug.testing import tiny_decoder
+
+ARCHS = ["llama", "qwen2", "qwen2-sliding", "mistral", "gpt2", "gemma2", "phi3"]
+T, B, N_L, N_A = 40, 5, 3, 5  # sequences longer than the sliding windows (12-16) of the sliding configs
+
+
+def _module(decoder, mode):
+    module = build_latent_module(decoder, CoprocessorConfig(mode=mode, lora_rank=4), n_latents=N_L).eval()
+    if mode == "lora":  # fresh LoRA B is zero; make the adapters matter
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    return module
+
+
+def _loss_and_grads(fn, decoder, module, ids, points):
+    out = fn(decoder, module, ids, points, N_A)
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, params)
+    return out, grads
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["full", "lora", "pause"])
+def test_one_pass_equals_reference(arch, mode):
+    decoder = tiny_decoder(arch)
+    module = _module(decoder, mode)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, decoder.config.vocab_size, (2, T), generator=g)
+    points = sample_points(2, T, B, N_A, min_prefix=2, generator=g)
+
+    fast, g_fast = _loss_and_grads(one_pass_loss, decoder, module, ids, points)
+    slow, g_slow = _loss_and_grads(reference_loss, decoder, module, ids, points)
+
+    assert fast.n_targets == slow.n_targets == 2 * B * N_A
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast.per_position, slow.per_position, rtol=1e-4, atol=1e-6)
+    assert len(g_fast) == len(g_slow) > 0
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-9)
+    assert any(a.abs().sum() > 0 for a in g_fast)
+
+
+def test_latents_change_the_loss():
+    """Negative control: the augmented loss is not just the plain loss (so equivalence is not vacuous)."""
+    decoder = tiny_decoder("llama")
+    module = _module(decoder, "full")
+    ids = torch.randint(3, 96, (2, T), generator=torch.Generator().manual_seed(1))
+    points = sample_points(2, T, B, N_A, 2, torch.Generator().manual_seed(2))
+    aug = one_pass_loss(decoder, module, ids, points, N_A).loss.detach()
+    none = plain_ahead_loss(decoder, ids, points, N_A).loss
+    assert abs(float(aug) - float(none)) > 1e-3
+
+
+def test_block_mask_layout():
+    """Blocks see their own prefix and themselves (causally), never another block."""
+    points = torch.tensor([[2, 4]])
+    m = block_attention_mask(points, cache_len=5, block_len=2, dtype=torch.float32)[0, 0] == 0  # (4, 9)
+    expected = torch.tensor(
+        [  # cache cols 0-4 | block0 q0 q1 | block1 q0 q1
+            [1, 1, 0, 0, 0, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 1, 0],
+            [1, 1, 1, 1, 0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(m, expected)
+    # window 2: a query sees positions q-1 and q only (block1 starts at position 4)
+    w = block_attention_mask(points, cache_len=5, block_len=2, dtype=torch.float32, window=2)[0, 0] == 0
+    assert w[3].nonzero().flatten().tolist() == [7, 8]  # positions 4 and 5: its own block only
+    assert w[2].nonzero().flatten().tolist() == [3, 7]  # position 4 sees cache col 3 and itself
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    """Bloom (ALiBi) takes no position ids, so latents cannot be placed: refused up front."""
+    decoder = tiny_decoder("bloom")
+    with pytest.raises(UnsupportedArchitecture, match="bloom.*position_ids"):
+        build_latent_module(decoder, CoprocessorConfig(mode="full"), n_latents=2)
+
+
+def test_sample_points_range_and_errors():
+    g = torch.Generator().manual_seed(0)
+    p = sample_points(64, 30, 8, 5, 4, g)
+    assert p.shape == (64, 8)
+    assert int(p.min()) >= 4 and int(p.max()) <= 25
+    assert all(len(set(row.tolist())) == 8 for row in p)
+    assert torch.equal(p, p.sort(dim=1).values)
+    with pytest.raises(ValueError, match="points_per_sequence=30"):
+        sample_points(1, 30, 30, 5, 4, g)

@@ -1,0 +1,144 @@
+"""Cache records are untrusted input: every kind of damage is a clear error, never a wrong cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cache_aug.augment import augment
+from cache_aug.config import CoprocessorConfig
+from cache_aug.coprocessor import build_latent_module, latent_fingerprint
+from cache_aug.fingerprint import FingerprintMismatch
+from cache_aug.records import CacheRecord, CacheRecordError, decode_payload, encode_record, restore
+from cache_aug.testing import tiny_decoder
+
+
+@pytest.fixture(scope="module")
+def made():
+    decoder = tiny_decoder("llama")
+    module = build_latent_module(decoder, CoprocessorConfig(mode="full"), n_latents=2).eval()
+    fp = latent_fingerprint(decoder, module)
+    aug = augment(decoder, module, [list(range(3, 23))])[0]
+    records = {m: encode_record(aug, doc_id="doc-7", fingerprint=fp, mode=m, dtype="float32", spec=decoder.cache_spec)
+               for m in ("latents", "latent_kv", "full")}
+    return decoder, fp, records
+
+
+def _with_payload(record: CacheRecord, payload: bytes, fix_checksum: bool = True) -> CacheRecord:
+    digest = hashlib.sha256(payload).hexdigest() if fix_checksum else record.payload_sha256
+    return dataclasses.replace(record, payload=payload, payload_sha256=digest)
+
+
+def _rewrite_header(payload: bytes, edit) -> bytes:
+    (n,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + payload[8 + n :]
+
+
+def test_valid_records_load(made):
+    decoder, fp, records = made
+    for record in records.values():
+        assert restore(record, decoder, fp).seq_len == 22
+
+
+def test_fingerprint_mismatch(made):
+    decoder, fp, records = made
+    other = tiny_decoder("llama", seed=1)  # same shapes, other weights
+    other_fp = latent_fingerprint(other, build_latent_module(other, CoprocessorConfig(), 2))
+    assert other_fp != fp
+    with pytest.raises(FingerprintMismatch, match="doc-7"):
+        restore(records["full"], other, other_fp)
+
+
+@pytest.mark.parametrize("mode", ["latents", "latent_kv", "full"])
+def test_truncated_payload(made, mode):
+    decoder, fp, records = made
+    record = records[mode]
+    for cut in (0, 5, 8, 40, len(record.payload) // 2, len(record.payload) - 1):
+        bad = _with_payload(record, record.payload[:cut])
+        with pytest.raises(CacheRecordError, match="doc-7"):
+            restore(bad, decoder, fp)
+
+
+def test_bit_flip_is_caught_by_checksum(made):
+    decoder, fp, records = made
+    record = records["latent_kv"]
+    flipped = bytearray(record.payload)
+    flipped[-3] ^= 0x10
+    with pytest.raises(CacheRecordError, match="checksum"):
+        restore(_with_payload(record, bytes(flipped), fix_checksum=False), decoder, fp)
+
+
+def test_wrong_shapes_and_dtypes(made):
+    decoder, fp, records = made
+    record = records["full"]
+
+    def grow(h):
+        h["k.0"]["shape"][1] = 10**9  # a huge declared shape: refused before any allocation
+
+    def dtype(h):
+        h["k.0"]["dtype"] = "F64"
+
+    def offsets(h):
+        h["k.0"]["data_offsets"] = [0, 10**12]
+
+    for edit, msg in ((grow, "shape"), (dtype, "dtype"), (offsets, "byte range")):
+        bad = _with_payload(record, _rewrite_header(record.payload, edit))
+        with pytest.raises(CacheRecordError, match=msg):
+            restore(bad, decoder, fp)
+    # the header length itself altered
+    bad = _with_payload(record, struct.pack("<Q", 2**60) + record.payload[8:])
+    with pytest.raises(CacheRecordError, match="header length"):
+        restore(bad, decoder, fp)
+    # a record whose stated lengths disagree with its tensors
+    with pytest.raises(CacheRecordError, match="shape"):
+        restore(dataclasses.replace(record, doc_tokens=19, seq_len=21), decoder, fp)
+    with pytest.raises(CacheRecordError, match="inconsistent lengths"):
+        restore(dataclasses.replace(record, seq_len=99), decoder, fp)
+    # another model's cache: right fingerprint claimed, wrong layer shapes
+    wide = tiny_decoder("llama", num_key_value_heads=4)
+    with pytest.raises(CacheRecordError, match="shape"):
+        decode_payload(record, wide.cache_spec, fp)
+
+
+def test_wrong_mode_dtype_and_missing_fields(made):
+    decoder, fp, records = made
+    with pytest.raises(CacheRecordError, match="mode"):
+        restore(dataclasses.replace(records["full"], mode="everything"), decoder, fp)
+    with pytest.raises(CacheRecordError, match="dtype"):
+        restore(dataclasses.replace(records["full"], dtype="int8"), decoder, fp)
+    with pytest.raises(CacheRecordError, match="latents"):  # a latents payload claimed as full
+        restore(dataclasses.replace(records["latents"], mode="full"), decoder, fp)
+    row = records["full"].to_row()
+    del row["payload"]
+    with pytest.raises(CacheRecordError, match="payload"):
+        CacheRecord.from_row(row)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_random_damage_never_passes_silently(made, data):
+    """Any mutation of the payload bytes (checksum recomputed) is refused or loads exactly what was written."""
+    decoder, fp, records = made
+    record = records[data.draw(st.sampled_from(["latents", "latent_kv", "full"]))]
+    payload = bytearray(record.payload)
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(payload) - 1))
+        payload[i] = data.draw(st.integers(0, 255))
+    bad = _with_payload(record, bytes(payload))
+    try:
+        tensors = decode_payload(bad, decoder.cache_spec, fp)
+    except CacheRecordError:
+        return
+    # accepted: only possible when the header is intact, so every tensor has its declared shape
+    good = decode_payload(record, decoder.cache_spec, fp)
+    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in good.items()}

@@ -118,7 +118,7 @@ def train_local(
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.1f}s")
     return losses

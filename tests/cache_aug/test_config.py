@@ -12,11 +12,8 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The package may not be installed into the venv; make the checkout importable.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from cache_aug.config import (  # noqa: E402
+from cache_aug.config import (
     AugmentationConfig,
     CacheAugConfig,
     ConfigError,

@@ -1,0 +1,172 @@
+"""`cache-aug` command line: each subcommand is a plain typed function; `--help` comes from its docstring.
+
+    cache-aug pretrain-tiny                      build (or reuse) the embedded default decoder
+    cache-aug train-local --steps 300            train a coprocessor locally (no Ray) and evaluate it
+    cache-aug config                             print the default configuration with every field documented
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+
+def pretrain_tiny(name: str = "tiny-kjv", force: bool = False) -> None:
+    """Build (or reuse) an embedded default decoder, pretrained on the KJV Bible (Debian bible-kjv-text).
+
+    Args:
+        name: preset to build (tiny-kjv: ~4M parameters, ~20 min on one core; test: seconds).
+        force: rebuild even if a cached build exists.
+    """
+    from cache_aug.tiny import ensure_tiny_decoder
+
+    path = ensure_tiny_decoder(name, force=force)
+    stats = json.loads((path / "pretrain.json").read_text())
+    print(f"{name}: {path}")
+    print(json.dumps({k: stats[k] for k in stats if k != "spec"}, indent=2, default=str))
+
+
+def train_local(
+    config: str | None = None,
+    set: list[str] | None = None,
+    data: str | None = None,
+    steps: int = 300,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    eval_blocks: int = 64,
+    output: str = "runs/local-coprocessor",
+    threads: int = 0,
+) -> None:
+    """Train a coprocessor (or pause tokens) in this process, report held-out ahead-token loss, save it.
+
+    The distributed job is `jobs/train.py`; this is the same math on one process, for a quick check.
+
+    Args:
+        config: YAML config file (the cache_aug config tree); defaults when omitted.
+        set: config overrides as dotted key=value, e.g. augmentation.n_latents=16.
+        data: plain-text corpus (file with blank-line-separated documents, or a dir of .txt files);
+            default: the KJV Bible with the embedded decoder's held-out chapters.
+        steps: optimizer steps.
+        lr: AdamW learning rate.
+        batch_size: sequences per step.
+        seq_len: tokens per training sequence.
+        eval_blocks: held-out sequences evaluated before and after training.
+        output: directory the trained module is saved to.
+        threads: torch CPU threads (0: torch's default).
+    """
+    import torch
+
+    from cache_aug.config import dump_config, load_config
+    from cache_aug.coprocessor import build_latent_module, save_latent_module
+    from cache_aug.corpus import load_kjv, load_text_documents, split_heldout
+    from cache_aug.decoder import load_decoder
+    from cache_aug.tiny import TINY_SPECS
+    from cache_aug.training import evaluate, iterate_batches, pack_blocks, train_local as run
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_config(config, overrides=set or ())
+    print(dump_config(cfg))
+    decoder = load_decoder(cfg.model)
+    every = TINY_SPECS[cfg.model.path].heldout_every if cfg.model.path in TINY_SPECS else 20
+    docs = load_text_documents(data) if data else load_kjv()
+    train_docs, heldout_docs = split_heldout(docs, every)
+    tok = decoder.tokenizer
+    train = pack_blocks((tok.encode(d.text) for d in train_docs), seq_len, tok.eos_token_id)
+    heldout = pack_blocks((tok.encode(d.text) for d in heldout_docs), seq_len, tok.eos_token_id)[:eval_blocks]
+    module = build_latent_module(decoder, cfg.coprocessor, cfg.augmentation.n_latents)
+    before = evaluate(decoder, module, heldout, cfg.augmentation)
+    run(decoder, module, iterate_batches(train, batch_size, seed=cfg.coprocessor.seed), cfg.augmentation,
+        steps=steps, lr=lr, warmup_steps=min(50, steps // 10))
+    after = evaluate(decoder, module, heldout, cfg.augmentation)
+    path = save_latent_module(module, decoder, output)
+    print(f"held-out ahead-token perplexity (N_A={cfg.augmentation.n_ahead}, {after.n_targets} targets):")
+    print(f"  none (decoder alone)      {after.ppl_none:8.3f}")
+    print(f"  {cfg.coprocessor.mode:<6} at step 0          {before.ppl_augmented:8.3f}")
+    print(f"  {cfg.coprocessor.mode:<6} after {steps:<5} steps   {after.ppl_augmented:8.3f}")
+    print(f"saved to {path}")
+
+
+def config(file: str | None = None, set: list[str] | None = None) -> None:
+    """Print the resolved configuration as YAML, each field with its documentation.
+
+    Args:
+        file: YAML config file to load; defaults when omitted.
+        set: overrides as dotted key=value.
+    """
+    from cache_aug.config import CacheAugConfig, dump_config, field_docs, load_config
+
+    cfg = load_config(file, overrides=set or ())
+    for f in dataclasses.fields(CacheAugConfig):
+        section = getattr(cfg, f.name)
+        print(f"# {f.name}:")
+        for name, doc in field_docs(type(section)).items():
+            print(f"#   {name}: {' '.join(doc.split())}")
+    print(dump_config(cfg))
+
+
+COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "config": config}
+
+
+def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:
+    """(summary, {arg: help}) from a Google-style docstring."""
+    doc = inspect.getdoc(fn) or ""
+    summary, _, rest = doc.partition("\nArgs:\n")
+    helps: dict[str, str] = {}
+    current = None
+    for line in rest.splitlines():
+        m = re.match(r"^\s{4}(\w+): (.*)$", line)
+        if m:
+            current = m.group(1)
+            helps[current] = m.group(2)
+        elif current and line.strip():
+            helps[current] += " " + line.strip()
+    return summary.strip(), helps
+
+
+def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
+    hints = typing.get_type_hints(fn)
+    _, helps = _arg_docs(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        hint = hints[name]
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict = {"help": helps.get(name, ""), "default": param.default, "dest": name}
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kwargs.update(action="append", type=typing.get_args(base)[0], metavar="KEY=VALUE")
+        else:
+            kwargs["type"] = base
+        if param.default is not None and hint is not bool:
+            kwargs["help"] += f" (default: {param.default})"
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cache-aug", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in COMMANDS.items():
+        summary, _ = _arg_docs(fn)
+        p = sub.add_parser(name, help=summary.splitlines()[0], description=summary, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_arguments(p, fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    fn = COMMANDS[args.pop("command")]
+    fn(**args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

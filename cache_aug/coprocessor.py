@@ -57,26 +57,42 @@ def init_soft_tokens(decoder: Decoder, n_latents: int, how: str, seed: int) -> t
         return torch.randn(n_latents, table.shape[-1], generator=g) * table.std().cpu()
 
 
-class Coprocessor(nn.Module):
-    """C: D's trunk (a trainable copy) run over N_L soft tokens on top of D's cache."""
+class LatentModule(nn.Module):
+    """N_L trainable soft tokens; subclasses turn them into latents z."""
 
-    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, mode: str, lora: dict | None = None):
+    mode: str
+    uses_cache: bool  # whether forward reads D's cache (pass 2 runs only then)
+
+    def __init__(self, soft_tokens: torch.Tensor):
         super().__init__()
-        self.trunk = trunk
         self.soft_tokens = nn.Parameter(soft_tokens)  # (N_L, d)
-        self.mode = mode
-        self.lora = lora
 
     @property
     def n_latents(self) -> int:
         return self.soft_tokens.shape[0]
 
+    def tiled_soft_tokens(self, n_rows: int, n_blocks: int) -> torch.Tensor:
+        """The soft tokens once per block and row: (n_rows, n_blocks*N_L, d)."""
+        return self.soft_tokens.repeat(n_blocks, 1)[None].expand(n_rows, -1, -1)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a trained module consists of (saved, and hashed into the fingerprint)."""
+        return {"soft_tokens": self.soft_tokens}
+
+
+class Coprocessor(LatentModule):
+    """C: D's trunk (a trainable copy, or frozen with LoRA adapters) over N_L soft tokens on D's cache."""
+
     uses_cache = True
 
+    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, mode: str, lora: dict | None = None):
+        super().__init__(soft_tokens)
+        self.trunk = trunk
+        self.mode = mode
+        self.lora = lora
+
     def forward(self, past_key_values, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
-        N = position_ids.shape[0]
-        x = self.soft_tokens.repeat(n_blocks, 1)  # (n_blocks*N_L, d)
-        x = x[None].expand(N, -1, -1).to(self.trunk.dtype)  # (N, n_blocks*N_L, d)
+        x = self.tiled_soft_tokens(position_ids.shape[0], n_blocks).to(self.trunk.dtype)  # (N, n_blocks*N_L, d)
         out = self.trunk(
             inputs_embeds=x,
             past_key_values=past_key_values,
@@ -87,42 +103,23 @@ class Coprocessor(nn.Module):
         return out.last_hidden_state  # (N, n_blocks*N_L, d)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What a trained coprocessor consists of (saved, and hashed into the fingerprint)."""
-        table = {id(p) for p in self.trunk.get_input_embeddings().parameters()}
+        table = {id(p) for p in self.trunk.get_input_embeddings().parameters()}  # unused by C, not saved
         trunk = {n: p for n, p in self.trunk.named_parameters() if id(p) not in table}
-        trunk |= {n: b for n, b in self.trunk.named_buffers() if n in self.trunk.state_dict()}
         if self.mode == "lora":
             trunk = {k: v for k, v in trunk.items() if "lora_" in k}
-        return {**{f"trunk.{k}": v for k, v in trunk.items()}, "soft_tokens": self.soft_tokens}
+        return {**{f"trunk.{k}": v for k, v in trunk.items()}, **super().trainable_state()}
 
 
-    def trainable_state_keys(self) -> set[str]:
-        return {k.removeprefix("trunk.") for k in self.trainable_state()}
-
-
-class PauseTokens(nn.Module):
-    """The pause-token baseline: N_L trainable embeddings used directly as z."""
+class PauseTokens(LatentModule):
+    """The pause-token baseline: the N_L trainable embeddings are z, fed straight into D."""
 
     mode = "pause"
     uses_cache = False
 
-    def __init__(self, soft_tokens: torch.Tensor):
-        super().__init__()
-        self.soft_tokens = nn.Parameter(soft_tokens)  # (N_L, d)
-
-    @property
-    def n_latents(self) -> int:
-        return self.soft_tokens.shape[0]
-
     def forward(self, past_key_values, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
-        N = position_ids.shape[0]
-        return self.soft_tokens.repeat(n_blocks, 1)[None].expand(N, -1, -1)  # (N, n_blocks*N_L, d)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {"soft_tokens": self.soft_tokens}
+        return self.tiled_soft_tokens(position_ids.shape[0], n_blocks)  # (N, n_blocks*N_L, d)
 
 
-LatentModule = Coprocessor | PauseTokens
 
 
 def _lora_config(cfg: CoprocessorConfig) -> dict:
@@ -227,7 +224,8 @@ def load_latent_module(directory: str | Path, decoder: Decoder) -> LatentModule:
         state = load_file(directory / "model.safetensors", device=str(decoder.device))
         trunk_state = {k.removeprefix("trunk."): v for k, v in state.items()}
         missing, unexpected = module.trunk.load_state_dict(trunk_state, strict=False)
-        expected_missing = [k for k in module.trunk.state_dict() if k not in module.trainable_state_keys()]
+        saved = {k.removeprefix("trunk.") for k in module.trainable_state()}
+        expected_missing = [k for k in module.trunk.state_dict() if k not in saved]
         if unexpected or sorted(missing) != sorted(expected_missing):
             raise ValueError(f"{directory}: weights do not fit the decoder (missing {missing[:5]}, unexpected {unexpected[:5]})")
     module = module.eval()

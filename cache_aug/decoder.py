@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -36,12 +36,11 @@ class Decoder:
     model: PreTrainedModel
     tokenizer: object
     source: str = ""
-    _fingerprint: str | None = field(default=None, repr=False)
 
     @cached_property
     def fingerprint(self) -> str:
         """Identifies weights + tokenizer + dtype (computed once)."""
-        return self._fingerprint or decoder_fingerprint(self.model, self.tokenizer)
+        return decoder_fingerprint(self.model, self.tokenizer)
 
     @cached_property
     def cache_spec(self) -> CacheSpec:

@@ -37,6 +37,9 @@ __all__ = [
     "AugmentationConfig",
     "CoprocessorConfig",
     "StorageConfig",
+    "S3Config",
+    "DataConfig",
+    "TrainConfig",
     "CacheAugConfig",
     "from_dict",
     "to_dict",
@@ -177,6 +180,141 @@ class StorageConfig:
 
 
 @dataclass(kw_only=True)
+class S3Config:
+    """How ``s3://`` paths are reached: AWS itself, or any S3-compatible endpoint.
+
+    Keys are never written in config files: they come from the environment variables named here.
+    """
+
+    endpoint_url: str | None = None
+    """S3 endpoint, e.g. "http://127.0.0.1:8333"; None uses AWS_ENDPOINT_URL if set, else AWS."""
+
+    region: str | None = None
+    """Region; None uses AWS_REGION / AWS_DEFAULT_REGION, else "us-east-1"."""
+
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    """Name of the environment variable holding the access key id."""
+
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    """Name of the environment variable holding the secret access key."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Pretraining text for the coprocessor, read with Ray Data."""
+
+    paths: list[str] = field(default_factory=lambda: ["embedded:kjv/train"])
+    """Files, directories or globs (local or ``s3://``) of training shards; "embedded:kjv/train" is the
+    KJV Bible's training chapters, written to Parquet on first use."""
+
+    format: Literal["parquet", "jsonl", "text"] = "parquet"
+    """Shard format: Parquet or JSON-lines with a text column, or plain text (one document per line)."""
+
+    text_column: str = "text"
+    """Column holding the document text (Parquet and JSONL)."""
+
+    eval_paths: list[str] = field(default_factory=lambda: ["embedded:kjv/heldout"])
+    """Held-out shards for evaluation; empty means a stable hash split of ``paths`` (see heldout_fraction)."""
+
+    heldout_fraction: float = 0.02
+    """Share of documents held out by a hash of their text when ``eval_paths`` is empty."""
+
+    seq_len: int = 256
+    """Tokens per packed training sequence (documents are joined with EOS, then cut)."""
+
+    docs_per_batch: int = 256
+    """Documents tokenized and packed together in one Ray Data batch (the tail of each batch is dropped)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.paths), "paths", "must name at least one shard", self.paths)
+        _require(0 <= self.heldout_fraction < 1, "heldout_fraction", "must be in [0, 1)", self.heldout_fraction)
+        _at_least("seq_len", self.seq_len, 2)
+        _at_least("docs_per_batch", self.docs_per_batch, 1)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The distributed training job (Ray Train + DeepSpeed)."""
+
+    run_name: str = "coprocessor"
+    """Run name under ``storage_path``; re-running with the same name resumes from its latest checkpoint."""
+
+    storage_path: str = "runs"
+    """Where checkpoints and the exported coprocessor go: a local directory or ``s3://bucket/prefix``."""
+
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+
+    use_gpu: bool = False
+    """One GPU per worker (bf16 + NCCL with the GPU DeepSpeed config)."""
+
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per worker. Keep it below a whole CPU on small machines so Ray Data's tasks
+    always find a CPU while the workers hold theirs (otherwise the pipeline can deadlock)."""
+
+    torch_threads: int = 1
+    """torch intra-op threads per worker (CPU training); 0 keeps torch's default."""
+
+    deepspeed_config: str = "cluster/deepspeed/cpu.json"
+    """DeepSpeed JSON (ZeRO stage, precision, optimizer); batch sizes, lr and schedule are filled in from here."""
+
+    zero_stage: int | None = None
+    """Override of the JSON's ZeRO stage (0-3)."""
+
+    micro_batch_size: int = 8
+    """Sequences per worker per micro-step."""
+
+    grad_accum_steps: int = 1
+    """Micro-steps accumulated per optimizer step."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+
+    warmup_steps: int = 50
+    """Linear warmup steps, then cosine decay to max_steps."""
+
+    max_steps: int = 1000
+    """Optimizer steps in the whole run (a resumed run continues up to it)."""
+
+    grad_clip: float = 1.0
+    """Gradient-norm clipping."""
+
+    checkpoint_every: int = 100
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+
+    eval_every: int = 100
+    """Optimizer steps between held-out evaluations (one is always run at the end)."""
+
+    eval_batches: int = 4
+    """Held-out batches per evaluation, per worker."""
+
+    max_failures: int = 2
+    """Worker-group restarts Ray Train allows; each resumes from the latest checkpoint."""
+
+    checkpoints_to_keep: int = 2
+    """Latest checkpoints kept in storage."""
+
+    export_path: str | None = None
+    """Where the trained coprocessor is exported in cache_aug format; None: <storage_path>/<run_name>/export."""
+
+    seed: int = 0
+    """Seed for augmentation points and data order."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'", self.run_name)
+        _at_least("num_workers", self.num_workers, 1)
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0", self.cpus_per_worker)
+        _at_least("torch_threads", self.torch_threads, 0)
+        if self.zero_stage is not None:
+            _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be None or 0-3", self.zero_stage)
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "eval_every", "eval_batches", "checkpoints_to_keep"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _at_least("max_failures", self.max_failures, 0)
+        _require(self.lr > 0, "lr", "must be > 0", self.lr)
+
+
+@dataclass(kw_only=True)
 class CacheAugConfig:
     """Root of the configuration tree."""
 
@@ -191,6 +329,15 @@ class CacheAugConfig:
 
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Format of precomputed augmentations."""
+
+    s3: S3Config = field(default_factory=S3Config)
+    """How s3:// paths are reached."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The distributed training job."""
 
 
 # --------------------------------------------------------------------------- #

@@ -66,10 +66,8 @@ class LatentModule(nn.Module):
     def __init__(self, soft_tokens: torch.Tensor):
         super().__init__()
         self.soft_tokens = nn.Parameter(soft_tokens)  # (N_L, d)
-
-    @property
-    def n_latents(self) -> int:
-        return self.soft_tokens.shape[0]
+        # kept as plain ints: under ZeRO-3 a parameter's own shape is empty outside forward
+        self.n_latents, self.hidden_size = soft_tokens.shape
 
     def tiled_soft_tokens(self, n_rows: int, n_blocks: int) -> torch.Tensor:
         """The soft tokens once per block and row: (n_rows, n_blocks*N_L, d)."""
@@ -191,7 +189,7 @@ def save_latent_module(module: LatentModule, decoder: Decoder, directory: str | 
         "version": FORMAT_VERSION,
         "mode": module.mode,
         "n_latents": module.n_latents,
-        "hidden_size": module.soft_tokens.shape[1],
+        "hidden_size": module.hidden_size,
         "dtype": str(decoder.dtype).removeprefix("torch."),
         "lora": getattr(module, "lora", None),
         "decoder_model_type": decoder.config.model_type,

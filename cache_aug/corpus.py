@@ -187,3 +187,44 @@ def split_heldout(
     if not heldout and len(train) >= 2:
         heldout.append(train.pop())
     return train, heldout
+
+
+EMBEDDED_CORPORA = ("kjv",)
+EMBEDDED_PREFIX = "embedded:"
+
+
+def ensure_embedded_corpus(name: str = "kjv", *, root: str | Path | None = None, heldout_every: int = 20) -> Path:
+    """Write an embedded corpus once as Parquet (`train.parquet`, `heldout.parquet`; columns doc_id, text).
+
+    The split is the one the embedded decoder was pretrained with, so held-out chapters stay unseen.
+    """
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cache_aug.tiny import tiny_home
+
+    if name not in EMBEDDED_CORPORA:
+        raise ValueError(f"unknown embedded corpus {name!r} (known: {', '.join(EMBEDDED_CORPORA)})")
+    out = (Path(root) if root else tiny_home()) / "corpora" / f"{name}-every{heldout_every}"
+    if (out / "heldout.parquet").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    train, heldout = split_heldout(load_kjv(), heldout_every)
+    for split, docs in (("train", train), ("heldout", heldout)):
+        table = pa.table({"doc_id": [d.doc_id for d in docs], "text": [d.text for d in docs]})
+        tmp = out / f".{split}.{os.getpid()}.parquet"
+        pq.write_table(table, tmp)
+        tmp.rename(out / f"{split}.parquet")  # atomic: readers never see half a file
+    return out
+
+
+def resolve_embedded_path(path: str) -> str:
+    """"embedded:kjv/train" -> the local Parquet file; any other path is returned unchanged."""
+    if not path.startswith(EMBEDDED_PREFIX):
+        return path
+    name, _, split = path.removeprefix(EMBEDDED_PREFIX).partition("/")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"{path}: expected {EMBEDDED_PREFIX}<corpus>/train or /heldout")
+    return str(ensure_embedded_corpus(name) / f"{split}.parquet")

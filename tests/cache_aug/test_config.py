@@ -358,7 +358,7 @@ def test_field_docs_model_config():
 
 def test_every_field_in_tree_is_documented():
     classes = _sections(CacheAugConfig)
-    assert set(classes) == {CacheAugConfig, ModelConfig, AugmentationConfig, CoprocessorConfig, StorageConfig}
+    assert {ModelConfig, AugmentationConfig, CoprocessorConfig, StorageConfig} < set(classes)
     for cls in classes:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):

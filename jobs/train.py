@@ -1,0 +1,42 @@
+# Train a coprocessor for a frozen decoder with Ray Train + DeepSpeed.
+#
+#   ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/tiny_cpu.yaml
+#   ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/tiny_cpu.yaml --debug-steps 4
+#
+# Without a running cluster (no RAY_ADDRESS) it starts a local one. Re-running with the same
+# train.run_name and train.storage_path resumes from the latest checkpoint.
+"""Entrypoint of the training job: loads the config, runs `pipelines.train`, prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cache_aug.config import dump_config, load_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description="Train a coprocessor with Ray Train + DeepSpeed.")
+    ap.add_argument("--config", help="YAML config (the cache_aug config tree)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.max_steps=100")
+    ap.add_argument("--debug-steps", type=int, default=0, help="smoke run: only this many optimizer steps")
+    ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local cluster started here")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from pipelines.train import apply_debug_steps, run_training
+
+    cfg = load_config(args.config, overrides=args.set)
+    if args.debug_steps:
+        cfg = apply_debug_steps(cfg, args.debug_steps)
+    print(dump_config(cfg), flush=True)
+    ray.init(num_cpus=args.num_cpus, ignore_reinit_error=True)
+    result = run_training(cfg)
+    summary = {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    print(json.dumps(summary, indent=2, default=str), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Ray Data: pretraining shards -> tokenized, packed blocks of `seq_len` tokens, streamed into training.
+
+    ds = read_documents(["s3://bucket/shards/"], "parquet", "text", s3)   # one column: text
+    train = pack_dataset(ds, tokenizer, seq_len=256, docs_per_batch=256)  # one column: input_ids
+
+Nothing is materialised: Ray Train workers pull blocks as they go. Held-out text comes from
+`eval_paths`, or from a stable hash split of the training shards.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import ray
+
+from cache_aug.config import DataConfig, S3Config
+from cache_aug.corpus import resolve_embedded_path
+from pipelines.storage import resolve
+
+
+def read_documents(paths: list[str], fmt: str, text_column: str, s3: S3Config) -> ray.data.Dataset:
+    """Read shards (Parquet, JSONL, or plain text lines; local or s3://) into a dataset with a `text` column."""
+    paths = [resolve_embedded_path(p) for p in paths]
+    filesystems = {type(resolve(p, s3)[0]) for p in paths}
+    if len(filesystems) > 1:
+        raise ValueError(f"data paths mix local and s3:// locations: {paths}")
+    fs = resolve(paths[0], s3)[0]
+    targets = [resolve(p, s3)[1] for p in paths]
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(targets, filesystem=fs)
+    elif fmt == "jsonl":
+        ds = ray.data.read_json(targets, filesystem=fs, lines=True)
+    elif fmt == "text":
+        return ray.data.read_text(targets, filesystem=fs)
+    else:
+        raise ValueError(f"data.format: unknown format {fmt!r}")
+    if text_column != "text":
+        ds = ds.rename_columns({text_column: "text"})
+    return ds.select_columns(["text"])
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """Stable membership of a document in the hash-split held-out set."""
+    return zlib.crc32(text.encode("utf-8", "surrogatepass")) % 1_000_000 < fraction * 1_000_000
+
+
+class TokenizeAndPack:
+    """map_batches function: documents -> (n, seq_len) int32 blocks (EOS between documents).
+
+    Null or non-string texts are skipped (training data, not the corpus job: nothing to account for).
+    `split` keeps only "train" or "heldout" documents of a hash split; None keeps all.
+    """
+
+    def __init__(self, tokenizer, seq_len: int, split: str | None = None, heldout_fraction: float = 0.0):
+        self.tokenizer = tokenizer
+        self.tokenizer.model_max_length = 1 << 60  # documents are packed here, any length is fine
+        self.seq_len = seq_len
+        self.split = split
+        self.fraction = heldout_fraction
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [t for t in batch["text"] if isinstance(t, str) and t]
+        if self.split is not None:
+            texts = [t for t in texts if is_heldout(t, self.fraction) == (self.split == "heldout")]
+        eos = self.tokenizer.eos_token_id
+        flat: list[int] = []
+        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+            flat.extend(ids)
+            if eos is not None:
+                flat.append(eos)
+        n = len(flat) // self.seq_len
+        blocks = np.asarray(flat[: n * self.seq_len], dtype=np.int32).reshape(n, self.seq_len)
+        return {"input_ids": blocks}
+
+
+def pack_dataset(ds: ray.data.Dataset, tokenizer, seq_len: int, docs_per_batch: int, split: str | None = None,
+                 heldout_fraction: float = 0.0) -> ray.data.Dataset:
+    return ds.map_batches(
+        TokenizeAndPack(tokenizer, seq_len, split, heldout_fraction),
+        batch_size=docs_per_batch,
+        batch_format="numpy",
+    )
+
+
+def training_datasets(cfg: DataConfig, s3: S3Config, tokenizer) -> dict[str, ray.data.Dataset]:
+    """{"train": packed training blocks, "eval": packed held-out blocks}."""
+    docs = read_documents(cfg.paths, cfg.format, cfg.text_column, s3)
+    if cfg.eval_paths:
+        train = pack_dataset(docs, tokenizer, cfg.seq_len, cfg.docs_per_batch)
+        heldout_docs = read_documents(cfg.eval_paths, cfg.format, cfg.text_column, s3)
+        heldout = pack_dataset(heldout_docs, tokenizer, cfg.seq_len, cfg.docs_per_batch)
+    else:
+        train = pack_dataset(docs, tokenizer, cfg.seq_len, cfg.docs_per_batch, "train", cfg.heldout_fraction)
+        heldout = pack_dataset(docs, tokenizer, cfg.seq_len, cfg.docs_per_batch, "heldout", cfg.heldout_fraction)
+    return {"train": train, "eval": heldout}

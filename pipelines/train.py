@@ -1,0 +1,266 @@
+"""Ray Train + DeepSpeed: train the coprocessor against a frozen decoder, with checkpoints and resume.
+
+Each worker builds the frozen decoder and the trainable latent module, and wraps only the latter
+with `deepspeed.initialize`. It streams its shard of packed blocks from Ray Data, samples B
+augmentation points per sequence and takes the one-pass ahead-token loss from `cache_aug`.
+
+Checkpoints: every rank calls `engine.save_checkpoint` into a temp dir, then `ray.train.report`
+with it; Ray Train uploads them to `storage_path/run_name` (local or s3://). Re-running with the
+same run name resumes from the latest checkpoint at the same optimizer step (the data stream
+restarts from its beginning). A failed worker group is restarted up to `max_failures` times, from
+the latest checkpoint. At the end, rank 0 exports the trained module in cache_aug format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cache_aug.config import CacheAugConfig, from_dict, to_dict
+from cache_aug.coprocessor import build_latent_module, latent_fingerprint, save_latent_module
+from cache_aug.decoder import load_decoder
+from cache_aug.losses import one_pass_loss, plain_ahead_loss, sample_points
+from pipelines.data import training_datasets
+from pipelines.storage import fsspec_options, resolve, upload_dir
+
+CKPT_TAG = "ckpt"
+FAIL_ONCE_ENV = "CACHE_AUG_FAIL_ONCE"  # "STEP:MARKER_PATH": raise once at STEP (fault-injection tests)
+
+
+def deepspeed_config(cfg: CacheAugConfig) -> dict:
+    """The JSON from `train.deepspeed_config`, with batch sizes, lr, schedule and clipping filled in."""
+    t = cfg.train
+    path = Path(t.deepspeed_config)
+    if not path.exists():
+        raise FileNotFoundError(f"train.deepspeed_config: {path} does not exist (cwd {os.getcwd()})")
+    ds = json.loads(path.read_text())
+    ds.update(
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        train_batch_size=t.micro_batch_size * t.grad_accum_steps * t.num_workers,
+        gradient_clipping=t.grad_clip,
+        steps_per_print=10**9,
+    )
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    ds["optimizer"].setdefault("params", {})["lr"] = t.lr
+    ds["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": t.max_steps,
+            "warmup_num_steps": max(1, t.warmup_steps),
+            "warmup_type": "linear",
+            "cos_min_ratio": 0.1,
+        },
+    }
+    if t.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
+    return ds
+
+
+def _skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory op (~90 s) on first use; gloo needs none of it."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _maybe_fail(step: int) -> None:
+    spec = os.environ.get(FAIL_ONCE_ENV)
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if step == int(at) and not os.path.exists(marker):
+        Path(marker).write_text(f"failed at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def _evaluate(decoder, engine, cfg: CacheAugConfig, rank: int, world: int, device) -> dict:
+    """Held-out ahead loss with and without augmentation, at the same seeded points, over all ranks."""
+    aug, t = cfg.augmentation, cfg.train
+    shard = ray.train.get_dataset_shard("eval")
+    g = torch.Generator().manual_seed(t.seed + 7)
+    sums = [0.0, 0.0, 0.0]  # augmented loss * n, none loss * n, n
+    engine.eval()
+    for i, batch in enumerate(shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long)):
+        if i >= t.eval_batches * world:
+            break
+        if i % world != rank:
+            continue
+        ids = batch["input_ids"].to(device)
+        points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(device)
+        a = one_pass_loss(decoder, engine, ids, points, aug.n_ahead)
+        n = plain_ahead_loss(decoder, ids, points, aug.n_ahead)
+        sums[0] += float(a.loss) * a.n_targets
+        sums[1] += float(n.loss) * n.n_targets
+        sums[2] += a.n_targets
+    engine.train()
+    tot_a, tot_n, count = _all_reduce_sum(sums, device)
+    if count == 0:
+        return {}
+    return {
+        "eval_ahead_loss": tot_a / count,
+        "eval_ahead_loss_none": tot_n / count,
+        "eval_ppl": math.exp(tot_a / count),
+        "eval_ppl_none": math.exp(tot_n / count),
+        "eval_targets": int(count),
+    }
+
+
+def _export(engine, module, decoder, cfg: CacheAugConfig, rank: int) -> str | None:
+    """Rank 0 writes the trained module in cache_aug format to the export path (all ranks gather under ZeRO-3)."""
+    import deepspeed
+
+    dest = cfg.train.export_path or f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.run_name}/export"
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        if rank != 0:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_latent_module(module, decoder, tmp)
+            upload_dir(tmp, dest, cfg.s3)
+    return dest
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+
+    cfg: CacheAugConfig = from_dict(CacheAugConfig, loop_config["config"])
+    t, aug = cfg.train, cfg.augmentation
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    if not t.use_gpu:
+        _skip_cpu_shm_build()
+
+    decoder = load_decoder(cfg.model, device=device, storage_options=fsspec_options(cfg.s3))
+    module = build_latent_module(decoder, cfg.coprocessor, aug.n_latents)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=module, model_parameters=trainable, config=loop_config["deepspeed"])
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=CKPT_TAG)
+    step = engine.global_steps
+    start_step = step
+    if rank == 0:
+        print(f"[train] rank 0/{world}: {'resumed at' if checkpoint else 'starting at'} step {step}; "
+              f"trainable {sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} params ({module.mode}), decoder {decoder.source}", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    g = torch.Generator().manual_seed(t.seed * 1_000_003 + rank * 7919 + step)
+    interval_loss, interval_n, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+    micro = 0
+    while step < t.max_steps:
+        for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long, drop_last=True):
+            ids = batch["input_ids"].to(device)
+            points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(device)
+            loss = one_pass_loss(decoder, engine, ids, points, aug.n_ahead).loss
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            interval_loss += loss.item()
+            interval_n += 1
+            tokens += ids.numel()
+            if micro % t.grad_accum_steps:
+                continue
+            step = engine.global_steps
+            _maybe_fail(step)
+            last = step >= t.max_steps
+            if step % t.checkpoint_every and step % t.eval_every and not last:
+                continue
+            elapsed = time.perf_counter() - t0
+            loss_sum, n_sum, tok_sum = _all_reduce_sum([interval_loss, interval_n, tokens], device)
+            metrics = {
+                "step": step,
+                "loss": loss_sum / max(n_sum, 1),
+                "tokens_per_s": tok_sum / elapsed,
+                "lr": scheduler.get_last_lr()[0] if scheduler else t.lr,
+                "resumed_from_step": start_step,
+            }
+            if step % t.eval_every == 0 or last:
+                metrics |= _evaluate(decoder, engine, cfg, rank, world, device)
+            if step % t.checkpoint_every == 0 or last:
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+            if rank == 0:
+                print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+            interval_loss, interval_n, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+            if last:
+                break
+
+    export = _export(engine, module, decoder, cfg, rank)
+    if rank == 0:
+        print(f"[train] exported coprocessor ({latent_fingerprint(decoder, module)}) to {export}", flush=True)
+
+
+def build_trainer(cfg: CacheAugConfig, *, datasets: dict | None = None, tokenizer=None, worker_env: dict | None = None) -> TorchTrainer:
+    """A TorchTrainer for the config (datasets built from cfg.data unless given).
+
+    worker_env: extra environment variables for the training workers.
+    """
+    t = cfg.train
+    if datasets is None:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from cache_aug.decoder import resolve_checkpoint
+
+            local = resolve_checkpoint(cfg.model.path, cfg.model.revision_cache_dir, fsspec_options(cfg.s3))
+            tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=cfg.model.trust_remote_code)
+        datasets = training_datasets(cfg.data, cfg.s3, tokenizer)
+    fs, storage = resolve(t.storage_path, cfg.s3)
+    resources = {"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "deepspeed": deepspeed_config(cfg)},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=t.run_name,
+            storage_path=storage,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
+        ),
+    )
+
+
+def run_training(cfg: CacheAugConfig, **kwargs):
+    """Fit, and return Ray Train's Result (metrics of the last report, latest checkpoint)."""
+    return build_trainer(cfg, **kwargs).fit()
+
+
+def apply_debug_steps(cfg: CacheAugConfig, steps: int) -> CacheAugConfig:
+    """A smoke-run variant: `steps` optimizer steps, evaluated and checkpointed at the end."""
+    import dataclasses
+
+    train = dataclasses.replace(cfg.train, max_steps=steps, checkpoint_every=steps, eval_every=steps, eval_batches=1,
+                                warmup_steps=min(cfg.train.warmup_steps, steps))
+    return dataclasses.replace(cfg, train=train)

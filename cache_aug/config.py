@@ -225,6 +225,9 @@ class DataConfig:
     docs_per_batch: int = 256
     """Documents tokenized and packed together in one Ray Data batch (the tail of each batch is dropped)."""
 
+    preserve_order: bool = True
+    """Feed blocks in a deterministic order (reproducible runs); False lets Ray Data reorder for throughput."""
+
     def __post_init__(self) -> None:
         _require(bool(self.paths), "paths", "must name at least one shard", self.paths)
         _require(0 <= self.heldout_fraction < 1, "heldout_fraction", "must be in [0, 1)", self.heldout_fraction)

@@ -218,6 +218,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[train] exported coprocessor ({latent_fingerprint(decoder, module)}) to {export}", flush=True)
 
 
+def _ingest_config(cfg: CacheAugConfig) -> DataConfig:
+    """Split only the training stream; keep block order when the config asks for reproducible runs."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.preserve_order
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
 def build_trainer(cfg: CacheAugConfig, *, datasets: dict | None = None, tokenizer=None, worker_env: dict | None = None) -> TorchTrainer:
     """A TorchTrainer for the config (datasets built from cfg.data unless given).
 
@@ -240,7 +247,7 @@ def build_trainer(cfg: CacheAugConfig, *, datasets: dict | None = None, tokenize
         train_loop_config={"config": to_dict(cfg), "deepspeed": deepspeed_config(cfg)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=_ingest_config(cfg),
         run_config=RunConfig(
             name=t.run_name,
             storage_path=storage,

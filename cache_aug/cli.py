@@ -2,6 +2,7 @@
 
     cache-aug pretrain-tiny                      build (or reuse) the embedded default decoder
     cache-aug train-local --steps 300            train a coprocessor locally (no Ray) and evaluate it
+    cache-aug train --config jobs/configs/tiny_cpu.yaml   train on a Ray cluster (Ray Train + DeepSpeed)
     cache-aug config                             print the default configuration with every field documented
 """
 
@@ -95,6 +96,22 @@ def train_local(
     print(f"saved to {path}")
 
 
+def train(config: str | None = None, set: list[str] | None = None, debug_steps: int = 0, num_cpus: int | None = None) -> None:
+    """Train a coprocessor on a Ray cluster with Ray Train + DeepSpeed (same as `python -m jobs.train`).
+
+    Joins the cluster named by RAY_ADDRESS, or starts a local one.
+
+    Args:
+        config: YAML config file, e.g. jobs/configs/tiny_cpu.yaml; defaults when omitted.
+        set: config overrides as dotted key=value, e.g. train.storage_path=s3://bucket/runs.
+        debug_steps: smoke run with only this many optimizer steps (0: the configured max_steps).
+        num_cpus: logical CPUs of a local cluster started here (default: all).
+    """
+    from pipelines.train import train_job
+
+    train_job(config, set or [], debug_steps, num_cpus)
+
+
 def config(file: str | None = None, set: list[str] | None = None) -> None:
     """Print the resolved configuration as YAML, each field with its documentation.
 
@@ -113,7 +130,7 @@ def config(file: str | None = None, set: list[str] | None = None) -> None:
     print(dump_config(cfg))
 
 
-COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "config": config}
+COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "config": config}
 
 
 def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:

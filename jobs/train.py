@@ -5,14 +5,11 @@
 #
 # Without a running cluster (no RAY_ADDRESS) it starts a local one. Re-running with the same
 # train.run_name and train.storage_path resumes from the latest checkpoint.
-"""Entrypoint of the training job: loads the config, runs `pipelines.train`, prints the result."""
+"""Entrypoint of the training job (same as `cache-aug train`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-
-from cache_aug.config import dump_config, load_config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -23,19 +20,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local cluster started here")
     args = ap.parse_args(argv)
 
-    import ray
+    from pipelines.train import train_job
 
-    from pipelines.train import apply_debug_steps, run_training
-
-    cfg = load_config(args.config, overrides=args.set)
-    if args.debug_steps:
-        cfg = apply_debug_steps(cfg, args.debug_steps)
-    print(dump_config(cfg), flush=True)
-    ray.init(num_cpus=args.num_cpus, ignore_reinit_error=True)
-    result = run_training(cfg)
-    summary = {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
-    print(json.dumps(summary, indent=2, default=str), flush=True)
-    return summary
+    return train_job(args.config, args.set, args.debug_steps, args.num_cpus)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ def read_documents(paths: list[str], fmt: str, text_column: str, s3: S3Config) -
         return ray.data.read_text(targets, filesystem=fs)
     else:
         raise ValueError(f"data.format: unknown format {fmt!r}")
+    columns = ds.schema().names  # reads file metadata only (Parquet footers, or the first JSON block)
+    if text_column not in columns:
+        raise ValueError(f"data.text_column: column {text_column!r} not found in {paths} (columns: {columns})")
     if text_column != "text":
         ds = ds.rename_columns({text_column: "text"})
     return ds.select_columns(["text"])

@@ -271,3 +271,22 @@ def apply_debug_steps(cfg: CacheAugConfig, steps: int) -> CacheAugConfig:
     train = dataclasses.replace(cfg.train, max_steps=steps, checkpoint_every=steps, eval_every=steps, eval_batches=1,
                                 warmup_steps=min(cfg.train.warmup_steps, steps))
     return dataclasses.replace(cfg, train=train)
+
+
+def train_job(config: str | None, overrides: list[str], debug_steps: int = 0, num_cpus: int | None = None) -> dict:
+    """The training job as `ray job submit` and `cache-aug train` run it; returns the final metrics."""
+    from cache_aug.config import dump_config, load_config
+
+    cfg = load_config(config, overrides=overrides)
+    if debug_steps:
+        cfg = apply_debug_steps(cfg, debug_steps)
+    print(dump_config(cfg), flush=True)
+    ray.init(num_cpus=num_cpus, ignore_reinit_error=True)  # joins RAY_ADDRESS's cluster when set
+    result = run_training(cfg)
+    summary = {
+        "metrics": result.metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "export": cfg.train.export_path or f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.run_name}/export",
+    }
+    print(json.dumps(summary, indent=2, default=str), flush=True)
+    return summary

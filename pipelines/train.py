@@ -85,6 +85,10 @@ def _maybe_fail(step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
 
 
+def _has_frozen(module) -> bool:
+    return any(not p.requires_grad for p in module.parameters())
+
+
 def _all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
@@ -161,7 +165,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=CKPT_TAG)
+            # frozen weights (LoRA's base copy) are not in the checkpoint: they are rebuilt from the decoder
+            engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=not _has_frozen(module))
     step = engine.global_steps
     start_step = step
     if rank == 0:
@@ -203,7 +208,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics |= _evaluate(decoder, engine, cfg, rank, world, device)
             if step % t.checkpoint_every == 0 or last:
                 with tempfile.TemporaryDirectory() as tmp:
-                    engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+                    engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step}, exclude_frozen_parameters=True)
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)

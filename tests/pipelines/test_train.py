@@ -91,9 +91,15 @@ def test_zero_stages_0_1_3_give_the_same_loss(tiny_default_dir, corpus_bucket, t
 
 
 def test_worker_failure_restarts_from_checkpoint(tiny_default_dir, corpus_bucket, tmp_path):
+    """LoRA run killed at step 2: restarted from the step-1 checkpoint, which holds only the trainable weights."""
     marker = tmp_path / "failed-once"
     cfg = _cfg(tiny_default_dir, corpus_bucket, "faulty", str(tmp_path), zero_stage=2, max_steps=3, checkpoint_every=1, eval_every=3, max_failures=1)
+    cfg = dataclasses.replace(cfg, coprocessor=dataclasses.replace(cfg.coprocessor, mode="lora", lora_rank=4))
     result = run_training(cfg, worker_env={FAIL_ONCE_ENV: f"2:{marker}"})
     assert marker.read_text() == "failed at step 2\n"  # the failure really happened
     assert result.metrics["step"] == 3
     assert result.metrics["resumed_from_step"] == 1  # restarted from the step-1 checkpoint, not from scratch
+    states = torch.load(next(tmp_path.glob("faulty/checkpoint_*/ckpt/mp_rank_00_model_states.pt")), weights_only=False)["module"]
+    assert states and all("lora_" in k or k == "soft_tokens" for k in states), sorted(states)[:5]
+    exported = load_latent_module(str(tmp_path / "faulty" / "export"), load_decoder(ModelConfig(path=str(tiny_default_dir))))
+    assert exported.mode == "lora"

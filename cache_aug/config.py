@@ -40,6 +40,7 @@ __all__ = [
     "S3Config",
     "DataConfig",
     "TrainConfig",
+    "CorpusConfig",
     "CacheAugConfig",
     "from_dict",
     "to_dict",
@@ -318,6 +319,60 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class CorpusConfig:
+    """The corpus augmentation job: documents in, stored augmented caches out (incremental)."""
+
+    input_paths: list[str] = field(default_factory=lambda: ["embedded:kjv/heldout"])
+    """Parquet/Arrow files or directories (local or ``s3://``), one row per document."""
+
+    id_column: str = "doc_id"
+    """Column holding each document's unique id."""
+
+    text_column: str = "text"
+    """Column holding the document text (UTF-8)."""
+
+    output: str = "runs/caches"
+    """Output prefix (local or ``s3://``): records, errors and skip ledger under runs/, manifests/ beside."""
+
+    coprocessor: str | None = None
+    """Trained coprocessor directory (local or ``s3://``): the training job's export. Required by the job."""
+
+    max_tokens: int = 2048
+    """Longest document (in tokens) that is augmented."""
+
+    truncate: bool = False
+    """Cut longer documents to max_tokens (the record says so) instead of sending them to the errors table."""
+
+    batch_size: int = 64
+    """Documents per Ray Data batch handed to an augmentation actor (sorted by length inside)."""
+
+    augment_batch_size: int = 8
+    """Documents augmented together in one forward pass (similar lengths, right-padded)."""
+
+    num_actors: int = 1
+    """Augmentation actors in the pool (each holds decoder + coprocessor)."""
+
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per augmentation actor."""
+
+    gpus_per_actor: float = 0.0
+    """GPUs per augmentation actor (0 on CPU clusters)."""
+
+    max_rows_per_file: int = 256
+    """Upper bound on records per output Parquet file (bounded file sizes)."""
+
+    index_buckets: int = 64
+    """Records are partitioned by a hash of doc_id into this many buckets, so one lookup reads one bucket."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.input_paths), "input_paths", "must name at least one input", self.input_paths)
+        for name in ("max_tokens", "batch_size", "augment_batch_size", "num_actors", "max_rows_per_file", "index_buckets"):
+            _at_least(name, getattr(self, name), 1)
+        _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0", self.cpus_per_actor)
+        _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0", self.gpus_per_actor)
+
+
+@dataclass(kw_only=True)
 class CacheAugConfig:
     """Root of the configuration tree."""
 
@@ -341,6 +396,9 @@ class CacheAugConfig:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     """The distributed training job."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus augmentation job."""
 
 
 # --------------------------------------------------------------------------- #

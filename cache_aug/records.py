@@ -62,6 +62,8 @@ RECORD_SCHEMA = pa.schema(
         pa.field("payload", pa.large_binary(), nullable=False),
         pa.field("payload_sha256", pa.string(), nullable=False),
         pa.field("format_version", pa.int16(), nullable=False),
+        pa.field("content_sha256", pa.string()),
+        pa.field("truncated", pa.bool_()),
     ]
 )
 
@@ -81,6 +83,8 @@ class CacheRecord:
     payload: bytes
     payload_sha256: str
     format_version: int = FORMAT_VERSION
+    content_sha256: str | None = None  # sha256 of the document's UTF-8 text (incremental runs compare it)
+    truncated: bool = False  # the document was cut to the configured maximum before augmentation
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -88,13 +92,15 @@ class CacheRecord:
     @classmethod
     def from_row(cls, row: dict) -> "CacheRecord":
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in row or row[n] is None]
+        optional = {"content_sha256", "truncated"}
+        missing = [n for n in names if n not in optional and (n not in row or row[n] is None)]
         if missing:
             raise CacheRecordError(f"record {row.get('doc_id')!r}: missing field(s) {', '.join(missing)}")
-        return cls(**{n: row[n] for n in names})
+        return cls(**{n: row[n] for n in names if n in row and row[n] is not None})
 
 
-def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: str, dtype: str, spec: CacheSpec) -> CacheRecord:
+def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: str, dtype: str, spec: CacheSpec,
+                  content_sha256: str | None = None, truncated: bool = False) -> CacheRecord:
     """Serialise one augmented cache in the given storage mode and dtype."""
     if mode not in MODES:
         raise ValueError(f"storage mode {mode!r} not in {MODES}")
@@ -126,6 +132,8 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
         shapes=json.dumps({k: list(t.shape) for k, t in tensors.items()}, sort_keys=True),
         payload=payload,
         payload_sha256=hashlib.sha256(payload).hexdigest(),
+        content_sha256=content_sha256,
+        truncated=truncated,
     )
 
 

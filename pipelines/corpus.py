@@ -1,0 +1,215 @@
+"""Ray Data job: precompute augmented caches for a document corpus, incrementally.
+
+    read_parquet(input) -> PrepareRows (tasks: validate, hash, tokenize, decide)
+                        -> Augmenter (actor pool: decoder + coprocessor, batches sorted by length)
+                        -> write_parquet(<output>/runs/<run_id>, partitioned by kind and bucket)
+
+Each input row becomes exactly one ledger row: a `record`, `skipped` (a record with this content
+hash and model fingerprint exists), or an `error` with its reason (missing id, duplicate id,
+null/empty/invalid UTF-8 text, too long). A re-run processes only new or changed documents, or
+all of them when the models' fingerprint changed; a run that crashed part-way is finished by the
+next one without redoing what it wrote. Layout and reader: `cache_aug.store`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+
+from cache_aug.config import CacheAugConfig, to_dict
+from cache_aug.corpus import resolve_embedded_path
+from cache_aug.documents import DocumentError, prepare_document
+from cache_aug.records import RECORD_SCHEMA
+from cache_aug.store import MANIFESTS, NO_BUCKET, RUNS, bucket_of, done_documents, new_run_id, read_kind
+from pipelines.storage import download_dir, resolve
+
+FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
+
+LEDGER_SCHEMA = pa.schema(
+    [pa.field("doc_id", pa.string()), pa.field("kind", pa.string()), pa.field("reason", pa.string()), pa.field("bucket", pa.string()),
+     pa.field("run_id", pa.string())]
+    + [f.with_nullable(True) for f in RECORD_SCHEMA if f.name != "doc_id"]
+)
+
+
+def _empty_ledger(n: int) -> dict[str, list]:
+    return {name: [None] * n for name in LEDGER_SCHEMA.names}
+
+
+def prepare_rows(batch: pa.Table, *, id_column: str, text_column: str, tokenizer, max_tokens: int, truncate: bool,
+                 duplicates: set, done: set, n_buckets: int, run_id: str) -> pa.Table:
+    """Decide each row's fate; rows to augment carry their token ids."""
+    ids = batch.column(id_column).to_pylist()
+    texts = batch.column(text_column).cast(pa.large_binary()).to_pylist()  # raw bytes: invalid UTF-8 stays detectable
+    out = _empty_ledger(len(ids)) | {"input_ids": [None] * len(ids)}
+    for i, (doc_id, raw) in enumerate(zip(ids, texts)):
+        out["doc_id"][i] = None if doc_id is None else str(doc_id)
+        out["run_id"][i] = run_id
+        out["bucket"][i] = NO_BUCKET
+        try:
+            if doc_id is not None and str(doc_id) in duplicates:
+                raise DocumentError(f"duplicate doc_id: appears {duplicates[str(doc_id)]} times in the input")
+            doc = prepare_document(doc_id, raw, tokenizer, max_tokens=max_tokens, truncate=truncate)
+        except DocumentError as e:
+            out["kind"][i], out["reason"][i] = "error", str(e)
+            continue
+        out["content_sha256"][i], out["truncated"][i] = doc.content_sha256, doc.truncated
+        if (doc.doc_id, doc.content_sha256) in done:
+            out["kind"][i], out["reason"][i] = "skipped", "up to date"
+        else:
+            out["kind"][i], out["bucket"][i] = "process", bucket_of(doc.doc_id, n_buckets)
+            out["input_ids"][i] = np.asarray(doc.input_ids, dtype=np.int32)
+    schema = LEDGER_SCHEMA.append(pa.field("input_ids", pa.list_(pa.int32())))
+    return pa.Table.from_pydict(out, schema=schema)
+
+
+class Augmenter:
+    """Actor: holds decoder + coprocessor; turns `process` rows into `record` rows."""
+
+    def __init__(self, config: dict, coprocessor_dir: str):
+        import torch
+
+        from cache_aug.config import from_dict
+        from cache_aug.coprocessor import latent_fingerprint, load_latent_module
+        from cache_aug.decoder import load_decoder
+        from pipelines.storage import fsspec_options
+
+        self.cfg = from_dict(CacheAugConfig, config)
+        self.device = "cuda" if self.cfg.corpus.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(self.cfg.corpus.cpus_per_actor)))
+        self.decoder = load_decoder(self.cfg.model, device=self.device, storage_options=fsspec_options(self.cfg.s3))
+        self.module = load_latent_module(coprocessor_dir, self.decoder)
+        self.fingerprint = latent_fingerprint(self.decoder, self.module)
+        self.done_docs = 0
+
+    def _maybe_fail(self, n: int) -> None:
+        spec = os.environ.get(FAIL_AFTER_ENV)
+        if spec:
+            after, _, marker = spec.partition(":")
+            if self.done_docs + n > int(after) and not os.path.exists(marker):
+                Path(marker).write_text(f"actor killed after {self.done_docs} documents\n")
+                os._exit(1)  # a real process death, not a Python exception
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from cache_aug.augment import augment
+        from cache_aug.records import encode_record
+
+        rows = batch.to_pylist()
+        todo = sorted((i for i, r in enumerate(rows) if r["kind"] == "process"), key=lambda i: len(rows[i]["input_ids"]))
+        self._maybe_fail(len(todo))
+        step = self.cfg.corpus.augment_batch_size
+        for start in range(0, len(todo), step):  # neighbours in length order: little padding
+            chunk = todo[start : start + step]
+            augs = augment(self.decoder, self.module, [rows[i]["input_ids"] for i in chunk])
+            for i, aug in zip(chunk, augs):
+                rec = encode_record(
+                    aug, doc_id=rows[i]["doc_id"], fingerprint=self.fingerprint, mode=self.cfg.storage.mode,
+                    dtype=self.cfg.storage.dtype, spec=self.decoder.cache_spec,
+                    content_sha256=rows[i]["content_sha256"], truncated=bool(rows[i]["truncated"]),
+                )
+                rows[i] |= rec.to_row() | {"kind": "record"}
+        self.done_docs += len(todo)
+        for r in rows:
+            r.pop("input_ids", None)
+        return pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
+
+
+def _input_dataset(cfg: CacheAugConfig) -> tuple[ray.data.Dataset, list[str]]:
+    c = cfg.corpus
+    paths = [resolve_embedded_path(p) for p in c.input_paths]
+    fs = resolve(paths[0], cfg.s3)[0]
+    targets = [resolve(p, cfg.s3)[1] for p in paths]
+    try:
+        ds = ray.data.read_parquet(targets, filesystem=fs)
+        names = ds.schema().names
+    except Exception as e:
+        raise RuntimeError(f"corpus.input_paths: cannot read {paths}: {e}") from e
+    missing = [col for col in (c.id_column, c.text_column) if col not in names]
+    if missing:
+        raise ValueError(f"corpus: column(s) {missing} not found in {paths} (columns: {names})")
+    return ds.select_columns([c.id_column, c.text_column]), paths
+
+
+def _duplicate_ids(ds: ray.data.Dataset, id_column: str) -> dict[str, int]:
+    counts: Counter = Counter()
+    for batch in ds.select_columns([id_column]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        counts.update(str(x) for x in batch.column(id_column).to_pylist() if x is not None)
+    return {k: v for k, v in counts.items() if v > 1}
+
+
+def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dict:
+    """Run one incremental pass over the corpus; returns (and writes) the run manifest."""
+    from cache_aug.coprocessor import latent_fingerprint, load_latent_module
+    from cache_aug.decoder import load_decoder
+    from pipelines.storage import fsspec_options
+
+    c = cfg.corpus
+    if not c.coprocessor:
+        raise ValueError("corpus.coprocessor: a trained coprocessor directory is required (the training job's export)")
+    t0 = time.time()
+    run_id = new_run_id()
+    out_fs, out_root = resolve(c.output.rstrip("/"), cfg.s3)
+    out_fs = out_fs or pafs.LocalFileSystem()
+
+    local_cop = tempfile.mkdtemp(prefix="cache-aug-coprocessor-")
+    download_dir(c.coprocessor, local_cop, cfg.s3)
+    decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver checks the fingerprint once
+    fingerprint = latent_fingerprint(decoder, load_latent_module(local_cop, decoder))
+    tokenizer = decoder.tokenizer
+    del decoder
+
+    ds, paths = _input_dataset(cfg)
+    n_input = ds.count()
+    duplicates = _duplicate_ids(ds, c.id_column)
+    done = done_documents(out_fs, out_root, fingerprint)
+    print(f"[corpus] run {run_id}: {n_input} input rows, {len(duplicates)} duplicated ids, {len(done)} documents already stored "
+          f"for fingerprint {fingerprint}", flush=True)
+
+    manifest = {"run_id": run_id, "fingerprint": fingerprint, "status": "running", "input_paths": paths, "output": c.output,
+                "config": {k: to_dict(getattr(cfg, k)) for k in ("model", "augmentation", "storage", "corpus")}}
+    prepared = ds.map_batches(
+        prepare_rows, batch_format="pyarrow", batch_size=c.batch_size, num_cpus=0.25,
+        fn_kwargs=dict(id_column=c.id_column, text_column=c.text_column, tokenizer=tokenizer, max_tokens=c.max_tokens,
+                       truncate=c.truncate, duplicates=duplicates, done=done, n_buckets=c.index_buckets, run_id=run_id),
+    )
+    augmented = prepared.map_batches(
+        Augmenter, batch_format="pyarrow", batch_size=c.batch_size,
+        fn_constructor_kwargs={"config": to_dict(cfg), "coprocessor_dir": local_cop},
+        compute=ray.data.ActorPoolStrategy(size=c.num_actors),
+        num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor or None,
+        **({"runtime_env": {"env_vars": dict(actor_env)}} if actor_env else {}),
+    )
+    try:
+        augmented.write_parquet(f"{out_root}/{RUNS}/{run_id}", filesystem=out_fs, partition_cols=["kind", "bucket"],
+                                max_rows_per_file=c.max_rows_per_file)
+    except Exception as e:
+        manifest |= {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+        _write_manifest(out_fs, out_root, manifest, t0)
+        raise
+
+    counts = {kind: read_kind(out_fs, out_root, kind, ["doc_id"], run_id).num_rows for kind in ("record", "skipped", "error")}
+    manifest |= {"status": "succeeded", "counts": {"read": n_input, "written": counts["record"], "skipped": counts["skipped"], "failed": counts["error"]}}
+    if sum(counts.values()) != n_input:
+        manifest["status"] = "accounting_mismatch"
+    _write_manifest(out_fs, out_root, manifest, t0)
+    if manifest["status"] != "succeeded":
+        raise RuntimeError(f"run {run_id}: {n_input} rows read but {counts} accounted for")
+    print(f"[corpus] run {run_id}: {json.dumps(manifest['counts'])} in {manifest['timings']['seconds']:.1f}s", flush=True)
+    return manifest
+
+
+def _write_manifest(fs, root: str, manifest: dict, t0: float) -> None:
+    manifest["timings"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "seconds": time.time() - t0}
+    fs.create_dir(f"{root}/{MANIFESTS}", recursive=True)
+    with fs.open_output_stream(f"{root}/{MANIFESTS}/{manifest['run_id']}.json") as f:
+        f.write((json.dumps(manifest, indent=2, default=str) + "\n").encode())

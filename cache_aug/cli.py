@@ -3,6 +3,7 @@
     cache-aug pretrain-tiny                      build (or reuse) the embedded default decoder
     cache-aug train-local --steps 300            train a coprocessor locally (no Ray) and evaluate it
     cache-aug train --config jobs/configs/tiny_cpu.yaml   train on a Ray cluster (Ray Train + DeepSpeed)
+    cache-aug augment --config jobs/configs/augment_tiny.yaml   precompute caches for a corpus (Ray Data)
     cache-aug config                             print the default configuration with every field documented
 """
 
@@ -112,6 +113,21 @@ def train(config: str | None = None, set: list[str] | None = None, debug_steps: 
     train_job(config, set or [], debug_steps, num_cpus)
 
 
+def augment(config: str | None = None, set: list[str] | None = None, num_cpus: int | None = None) -> None:
+    """Precompute augmented caches for a corpus with Ray Data (same as `python -m jobs.augment`).
+
+    Incremental: only new or changed documents, or all after a model change, are augmented.
+
+    Args:
+        config: YAML config file, e.g. jobs/configs/augment_tiny.yaml; defaults when omitted.
+        set: config overrides as dotted key=value, e.g. corpus.output=s3://bucket/caches.
+        num_cpus: logical CPUs of a local cluster started here (default: all).
+    """
+    from pipelines.corpus import augment_job
+
+    augment_job(config, set or [], num_cpus)
+
+
 def config(file: str | None = None, set: list[str] | None = None) -> None:
     """Print the resolved configuration as YAML, each field with its documentation.
 
@@ -130,7 +146,7 @@ def config(file: str | None = None, set: list[str] | None = None) -> None:
     print(dump_config(cfg))
 
 
-COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "config": config}
+COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "config": config}
 
 
 def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:

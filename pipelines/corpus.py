@@ -167,11 +167,14 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     fingerprint = latent_fingerprint(decoder, load_latent_module(local_cop, decoder))
     tokenizer = decoder.tokenizer
     del decoder
+    phases = {"setup_s": time.time() - t0}
 
+    t1 = time.time()
     ds, paths = _input_dataset(cfg)
     n_input = ds.count()
     duplicates = _duplicate_ids(ds, c.id_column)
     done = done_documents(out_fs, out_root, fingerprint)
+    phases["scan_s"] = time.time() - t1
     print(f"[corpus] run {run_id}: {n_input} input rows, {len(duplicates)} duplicated ids, {len(done)} documents already stored "
           f"for fingerprint {fingerprint}", flush=True)
 
@@ -189,15 +192,20 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
         num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor or None,
         **({"runtime_env": {"env_vars": dict(actor_env)}} if actor_env else {}),
     )
+    t1 = time.time()
     try:
         augmented.write_parquet(f"{out_root}/{RUNS}/{run_id}", filesystem=out_fs, partition_cols=["kind", "bucket"],
                                 max_rows_per_file=c.max_rows_per_file)
+        phases["process_s"] = time.time() - t1
     except Exception as e:
         manifest |= {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
         _write_manifest(out_fs, out_root, manifest, t0)
         raise
 
+    t1 = time.time()
     counts = {kind: read_kind(out_fs, out_root, kind, ["doc_id"], run_id).num_rows for kind in ("record", "skipped", "error")}
+    phases["account_s"] = time.time() - t1
+    manifest["phases"] = phases
     manifest |= {"status": "succeeded", "counts": {"read": n_input, "written": counts["record"], "skipped": counts["skipped"], "failed": counts["error"]}}
     if sum(counts.values()) != n_input:
         manifest["status"] = "accounting_mismatch"
@@ -213,3 +221,15 @@ def _write_manifest(fs, root: str, manifest: dict, t0: float) -> None:
     fs.create_dir(f"{root}/{MANIFESTS}", recursive=True)
     with fs.open_output_stream(f"{root}/{MANIFESTS}/{manifest['run_id']}.json") as f:
         f.write((json.dumps(manifest, indent=2, default=str) + "\n").encode())
+
+
+def augment_job(config: str | None, overrides: list[str], num_cpus: int | None = None) -> dict:
+    """The corpus job as `ray job submit` and `cache-aug augment` run it; returns the run manifest."""
+    from cache_aug.config import dump_config, load_config
+
+    cfg = load_config(config, overrides=overrides)
+    print(dump_config(cfg), flush=True)
+    ray.init(num_cpus=num_cpus, ignore_reinit_error=True)  # joins RAY_ADDRESS's cluster when set
+    manifest = run_corpus_job(cfg)
+    print(json.dumps({k: manifest[k] for k in ("run_id", "fingerprint", "status", "counts", "timings")}, indent=2), flush=True)
+    return manifest

@@ -35,3 +35,44 @@ def test_deepspeed_json_accepted_by_deepspeed(path):
     ds = DeepSpeedConfig(raw)  # world size 1 without a process group; raises on anything DeepSpeed rejects
     assert ds.zero_optimization_stage == raw["zero_optimization"]["stage"]
     assert ds.bfloat16_config.enabled == raw.get("bf16", {}).get("enabled", False)
+
+
+def _entrypoints(doc) -> list[str]:
+    """Every `entrypoint` string anywhere in a manifest (nested RayJob templates included)."""
+    import yaml
+
+    found = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k == "entrypoint" and isinstance(v, str):
+                found.append(v)
+            elif isinstance(v, str) and k.endswith(".yaml"):
+                found += _entrypoints(yaml.safe_load(v))
+            else:
+                found += _entrypoints(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            found += _entrypoints(v)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "cluster" / "kuberay").glob("*.yaml")), ids=lambda p: p.name)
+def test_kuberay_manifests_name_real_entrypoints(path):
+    import shlex
+
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    kinds = {d["kind"] for d in docs}
+    assert kinds & {"RayCronJob", "CronJob", "RayJob", "RayService", "RayCluster"}
+    entrypoints = _entrypoints(docs)
+    assert entrypoints, "no entrypoint found"
+    for entry in entrypoints:
+        argv = shlex.split(entry)
+        assert argv[:2] == ["python", "-m"] and (ROOT / (argv[2].replace(".", "/") + ".py")).exists(), entry
+        config = argv[argv.index("--config") + 1]
+        overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        load_config(ROOT / config, overrides=overrides)  # the job config and its overrides are valid
+    if "RayCronJob" in kinds:
+        cron = next(d for d in docs if d["kind"] == "RayCronJob")
+        assert cron["apiVersion"] == "ray.io/v1" and cron["spec"]["schedule"] and cron["spec"]["jobTemplate"]["rayClusterSpec"]

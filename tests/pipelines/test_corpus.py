@@ -160,3 +160,15 @@ def test_killed_actor_then_rerun_finishes_exactly(setup, tmp_path):
     ids = read_kind(LocalFileSystem(), str(tmp_path / "out"), "record", ["doc_id"]).column("doc_id").to_pylist()
     assert sorted(ids) == sorted(d for d, _ in docs)  # every document exactly once over both runs
     assert final["counts"]["written"] + final["counts"]["skipped"] == 120
+
+
+def test_missing_column_or_unreadable_file_fails_at_once(setup, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), inp / "p.parquet")
+    with pytest.raises(ValueError, match=r"\['doc_id'\] not found"):
+        run_corpus_job(_cfg(setup, str(tmp_path / "out"), inputs=str(inp)))
+    (inp / "p.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(RuntimeError, match="cannot read"):
+        run_corpus_job(_cfg(setup, str(tmp_path / "out"), inputs=str(inp)))
+    assert not (tmp_path / "out").exists()  # nothing half-done was written

@@ -140,11 +140,18 @@ def _input_dataset(cfg: CacheAugConfig) -> tuple[ray.data.Dataset, list[str]]:
     return ds.select_columns([c.id_column, c.text_column]), paths
 
 
-def _duplicate_ids(ds: ray.data.Dataset, id_column: str) -> dict[str, int]:
+def _scan_ids(paths: list[str], cfg: CacheAugConfig) -> tuple[int, dict[str, int]]:
+    """(row count, {duplicated id: occurrences}) from the id column alone, read on the driver (no Ray job)."""
+    import pyarrow.dataset as pads
+
     counts: Counter = Counter()
-    for batch in ds.select_columns([id_column]).iter_batches(batch_format="pyarrow", batch_size=65536):
-        counts.update(str(x) for x in batch.column(id_column).to_pylist() if x is not None)
-    return {k: v for k, v in counts.items() if v > 1}
+    n = 0
+    for p in paths:
+        fs, target = resolve(p, cfg.s3)
+        table = pads.dataset(target, filesystem=fs, format="parquet").to_table(columns=[cfg.corpus.id_column])
+        n += table.num_rows
+        counts.update(str(x) for x in table.column(0).to_pylist() if x is not None)
+    return n, {k: v for k, v in counts.items() if v > 1}
 
 
 def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dict:
@@ -171,8 +178,7 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
 
     t1 = time.time()
     ds, paths = _input_dataset(cfg)
-    n_input = ds.count()
-    duplicates = _duplicate_ids(ds, c.id_column)
+    n_input, duplicates = _scan_ids(paths, cfg)
     done = done_documents(out_fs, out_root, fingerprint)
     phases["scan_s"] = time.time() - t1
     print(f"[corpus] run {run_id}: {n_input} input rows, {len(duplicates)} duplicated ids, {len(done)} documents already stored "

@@ -58,9 +58,10 @@ def s3_server(tmp_path_factory):
     (root / "s3.json").write_text(json.dumps({"identities": [{
         "name": "test", "credentials": [{"accessKey": key, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    # every bucket grows its own volumes (7 each): leave room for all the buckets a session creates
     master, volume, filer, s3 = (_free_port_pair() for _ in range(4))
     cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-metricsIp=127.0.0.1", f"-dir={root}",
-           "-volume.max=30", "-master.volumeSizeLimitMB=64", "-master.telemetry=false", f"-master.port={master}",
+           "-volume.max=300", "-master.volumeSizeLimitMB=64", "-master.telemetry=false", f"-master.port={master}",
            f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}", f"-s3.config={root / 's3.json'}"]
     log = open(root / "weed.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -11,8 +11,6 @@ bench/results/augment.json with {"ray_vs_bare", "docs_per_s", "bytes_per_doc", .
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +18,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "augment.json"
+from bench.results_io import write_result
+
 
 
 def main() -> None:
@@ -102,11 +101,8 @@ def main() -> None:
         "ray_phases_s": manifest["phases"],
         "bytes_per_doc": bytes_per_doc,
         "setup": "Ray: local cluster with 2 CPUs, 1 augmentation actor (1 CPU, 1 torch thread); bare: 1 thread, same batches",
-        "machine": {"platform": platform.platform(), "torch": torch.__version__},
     }
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("augment", result)
 
 
 if __name__ == "__main__":

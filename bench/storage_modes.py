@@ -12,13 +12,12 @@ bench/results/storage_modes.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from bench.results_io import write_result
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from cache_aug.augment import augment, decode_steps
@@ -28,7 +27,6 @@ from cache_aug.decoder import Decoder, freeze
 from cache_aug.records import encode_record, restore
 from cache_aug.testing import byte_tokenizer
 
-RESULTS = Path(__file__).parent / "results" / "storage_modes.json"
 
 
 def tiny_kjv_shaped_decoder() -> Decoder:
@@ -103,17 +101,13 @@ def main() -> None:
         for k, v in row["modes"].items():
             print(f"  {k:<20} {v['payload_bytes']:>10,} B  ttft {v['ttft_s'] * 1e3:7.1f} ms  ({v['ttft_vs_plain']:.2f}x plain)")
 
-    result = {
+    write_result("storage_modes", {
         "bench": "storage_modes",
         "decoder": "random Llama with the tiny-kjv shape (4 layers, d=256, 4 KV heads x 32, vocab 4096)",
         "n_latents": args.n_latents,
         "threads": args.threads,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
         "rows": rows,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    })
 
 
 if __name__ == "__main__":

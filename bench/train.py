@@ -10,13 +10,12 @@ bench/results/train.json with {"tokens_per_s", "B", "one_pass_speedup", ...}.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from bench.results_io import write_result
 
 from cache_aug.config import CoprocessorConfig, ModelConfig
 from cache_aug.coprocessor import build_latent_module
@@ -25,7 +24,6 @@ from cache_aug.decoder import load_decoder
 from cache_aug.losses import one_pass_loss, reference_loss, sample_points
 from cache_aug.training import pack_blocks
 
-RESULTS = Path(__file__).parent / "results" / "train.json"
 
 
 def step_seconds(fn, decoder, module, ids, points, n_ahead, repeats) -> tuple[float, float]:
@@ -79,11 +77,8 @@ def main() -> None:
         "loss_one_pass": fast_loss,
         "loss_loop": slow_loss,
         "device": "cpu",
-        "machine": {"platform": platform.platform(), "torch": torch.__version__},
     }
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("train", result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import re
 import sys
 import typing
 from collections.abc import Callable
-from pathlib import Path
 
 
 def pretrain_tiny(name: str = "tiny-kjv", force: bool = False) -> None:

@@ -8,7 +8,6 @@ import json
 import struct
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,6 @@ import dataclasses
 import io
 import uuid
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch

@@ -4,6 +4,7 @@
     cache-aug train-local --steps 300            train a coprocessor locally (no Ray) and evaluate it
     cache-aug train --config jobs/configs/tiny_cpu.yaml   train on a Ray cluster (Ray Train + DeepSpeed)
     cache-aug augment --config jobs/configs/augment_tiny.yaml   precompute caches for a corpus (Ray Data)
+    cache-aug serve --config jobs/configs/serve_tiny.yaml       OpenAI-compatible completions endpoint (Ray Serve)
     cache-aug config                             print the default configuration with every field documented
 """
 
@@ -127,6 +128,24 @@ def augment(config: str | None = None, set: list[str] | None = None, num_cpus: i
     augment_job(config, set or [], num_cpus)
 
 
+def serve(config: str | None = None, set: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
+          num_cpus: int | None = None) -> None:
+    """Serve OpenAI-compatible completions over stored augmented caches with Ray Serve, until interrupted.
+
+    Same as `python -m jobs.serve`; `serve run cluster/serve/serve_tiny.yaml` deploys the same app.
+
+    Args:
+        config: YAML config file, e.g. jobs/configs/serve_tiny.yaml; defaults when omitted.
+        set: config overrides as dotted key=value, e.g. serve.cache_prefix=s3://bucket/caches.
+        host: address the HTTP proxy binds (0.0.0.0 only on a private network).
+        port: HTTP port.
+        num_cpus: logical CPUs of a local cluster started here (default: all).
+    """
+    from pipelines.serve import serve_job
+
+    serve_job(config, set or [], host, port, num_cpus)
+
+
 def config(file: str | None = None, set: list[str] | None = None) -> None:
     """Print the resolved configuration as YAML, each field with its documentation.
 
@@ -145,7 +164,7 @@ def config(file: str | None = None, set: list[str] | None = None) -> None:
     print(dump_config(cfg))
 
 
-COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "config": config}
+COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "serve": serve, "config": config}
 
 
 def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:

@@ -373,6 +373,85 @@ class CorpusConfig:
 
 
 @dataclass(kw_only=True)
+class ServeConfig:
+    """The HTTP endpoint (Ray Serve): completions decoded against stored augmented caches, with fallback."""
+
+    model_name: str = "cache-aug"
+    """Model name the endpoint lists at /v1/models and accepts in a request's "model" field."""
+
+    cache_prefix: str | None = None
+    """Output prefix of the corpus job to read cache records from (local or ``s3://``); None: ``corpus.output``."""
+
+    coprocessor: str | None = None
+    """Trained coprocessor directory (local or ``s3://``) the stored caches were made with; None:
+    ``corpus.coprocessor``. Without one, stored caches cannot be checked and are never used."""
+
+    online: bool = True
+    """Hold the coprocessor in memory for online augmentation (the fallback for a missing or refused cache);
+    False loads only its fingerprint, so the replica needs memory for the decoder alone."""
+
+    fallback: Literal["online", "none"] = "online"
+    """What a request whose document has no usable stored cache gets: "online" augments the document now
+    (needs ``online``), "none" decodes after the plain document. Either way the response says which."""
+
+    documents: list[str] | None = None
+    """Where document texts are looked up by id when a cache is missing (Parquet, local or ``s3://``, with
+    ``corpus.id_column``/``corpus.text_column``); None: ``corpus.input_paths``; [] disables the lookup
+    (then only a request's own "document" text can be augmented online)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the replica runs the models; "auto" takes a GPU when the replica was given one."""
+
+    max_tokens: int = 256
+    """Largest ``max_tokens`` a request may ask for (larger requests get 400)."""
+
+    default_max_tokens: int = 16
+    """``max_tokens`` of a request that names none (OpenAI's default)."""
+
+    max_prompt_tokens: int = 2048
+    """Longest prompt in tokens (longer requests get 400)."""
+
+    max_document_tokens: int = 4096
+    """Longest document text a request may send for online augmentation (longer ones get 400)."""
+
+    max_request_bytes: int = 1 << 20
+    """Largest request body in bytes (larger requests get 413)."""
+
+    cache_entries: int = 64
+    """Restored caches held in the replica's LRU (by document id)."""
+
+    cache_bytes: int = 1 << 30
+    """Upper bound on the bytes of tensors held in that LRU; the least recently used are evicted first."""
+
+    cache_ttl_s: float = 300.0
+    """Seconds an LRU entry is trusted before the cache prefix is read again (a newer corpus run may replace it)."""
+
+    batch_size: int = 8
+    """Most documents augmented (or prefilled) together in one forward pass when requests arrive together."""
+
+    batch_wait_s: float = 0.005
+    """How long a request waits for others to share its augmentation batch."""
+
+    max_ongoing_requests: int = 8
+    """Requests a replica works on at once (Ray Serve's ``max_ongoing_requests``)."""
+
+    max_queued_requests: int = 64
+    """Requests waiting for a replica beyond those; more are refused with 503 instead of queueing without bound."""
+
+    auth_token_env: str = "CACHE_AUG_API_TOKEN"
+    """Environment variable holding the bearer token that requests must send; unset or empty: no auth."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_name), "model_name", "must be non-empty", self.model_name)
+        for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_document_tokens", "max_request_bytes",
+                     "cache_entries", "cache_bytes", "batch_size", "max_ongoing_requests", "max_queued_requests"):
+            _at_least(name, getattr(self, name), 1)
+        _require(self.default_max_tokens <= self.max_tokens, "default_max_tokens", "must be <= max_tokens", self.default_max_tokens)
+        _require(self.cache_ttl_s >= 0, "cache_ttl_s", "must be >= 0", self.cache_ttl_s)
+        _require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0", self.batch_wait_s)
+
+
+@dataclass(kw_only=True)
 class CacheAugConfig:
     """Root of the configuration tree."""
 
@@ -399,6 +478,9 @@ class CacheAugConfig:
 
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """The corpus augmentation job."""
+
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """The HTTP endpoint."""
 
 
 # --------------------------------------------------------------------------- #

@@ -230,3 +230,15 @@ def load_latent_module(directory: str | Path, decoder: Decoder) -> LatentModule:
     if latent_fingerprint(decoder, module) != meta["fingerprint"]:
         raise FingerprintMismatch(f"{directory}: weights do not match the fingerprint recorded in latents.json")
     return module
+
+
+def saved_fingerprint(directory: str | Path, decoder: Decoder) -> str:
+    """The fingerprint recorded for a saved module, without loading its weights (for checking stored caches)."""
+    meta_path = Path(directory) / "latents.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{directory}: no latents.json (not a saved coprocessor)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("decoder_fingerprint") != decoder.fingerprint:
+        raise FingerprintMismatch(f"{directory}: trained against decoder {meta.get('decoder_fingerprint')}, "
+                                  f"but the loaded decoder is {decoder.fingerprint} ({decoder.source})")
+    return meta["fingerprint"]

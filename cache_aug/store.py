@@ -97,18 +97,26 @@ class AugmentedCacheReader:
     def __init__(self, fs: pafs.FileSystem, root: str, n_buckets: int, list_ttl_s: float = 30.0):
         self.fs, self.root, self.n_buckets, self.list_ttl_s = fs, root.rstrip("/"), n_buckets, list_ttl_s
         self._runs: list[str] = []
+        self._files: dict[tuple[str, str], list[str]] = {}  # (run, bucket) -> readable files, until the next listing
         self._listed_at = float("-inf")
 
     def _run_ids(self) -> list[str]:
         if time.monotonic() - self._listed_at > self.list_ttl_s:
             self._runs, self._listed_at = run_ids(self.fs, self.root), time.monotonic()
+            self._files = {}
         return self._runs
+
+    def _bucket_files(self, run: str, bucket: str) -> list[str]:
+        key = (run, bucket)
+        if key not in self._files:
+            self._files[key] = kind_files(self.fs, self.root, "record", run, bucket)
+        return self._files[key]
 
     def get(self, doc_id: str) -> CacheRecord | None:
         """The newest run's record of `doc_id`, or None if no run stored one."""
         bucket = bucket_of(doc_id, self.n_buckets)
         for run in reversed(self._run_ids()):
-            files = kind_files(self.fs, self.root, "record", run, bucket)
+            files = self._bucket_files(run, bucket)
             if not files:
                 continue
             table = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(filter=pads.field("doc_id") == doc_id)

@@ -176,6 +176,11 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     del decoder
     phases = {"setup_s": time.time() - t0}
 
+    total_cpus = ray.cluster_resources().get("CPU", 0)
+    if total_cpus and c.num_actors * c.cpus_per_actor > total_cpus - 1:
+        print(f"[corpus] WARNING: corpus.num_actors x corpus.cpus_per_actor = {c.num_actors * c.cpus_per_actor:g} leaves less than "
+              f"one of the cluster's {total_cpus:g} CPUs to Ray Data's listing, read and write tasks; unless the cluster "
+              "grows, the job stalls. Lower corpus.cpus_per_actor or corpus.num_actors.", flush=True)
     t1 = time.time()
     ds, paths = _input_dataset(cfg)
     n_input, duplicates = _scan_ids(paths, cfg)

@@ -1,0 +1,198 @@
+"""Serve endpoint latency: stored cache vs plain decoding vs online augmentation, side by side in one run.
+
+    python -m bench.serve [--docs 24] [--doc-tokens 1000] [--max-tokens 16] [--clients 8] [--load-s 30]
+
+Local Ray (2 CPUs), the embedded tiny-kjv decoder and a coprocessor, KJV chapters cut to ~1,000 tokens,
+caches written by the corpus job (latent_kv and full modes). Requests go over loopback HTTP with
+streaming, so time to first token (TTFT) is the first text chunk. Every request names a different
+document than the last of its kind and the replica's LRU is off (cache_ttl_s=0): stored means
+read + check + restore each time, the cold path. Conditions rotate request by request:
+
+    stored   document_id with a record (latent_kv: prefill the document + append the latents' KV)
+    plain    the document's text + prompt as a plain prompt: what a server without augmentation does
+    online   document_id with no record + the text in `document`: augmented on the request path
+    full     document_id with a `full`-mode record (nothing recomputed), against `plain` for the same text
+
+Then 8 concurrent clients send stored requests for --load-s seconds: p50/p99 latency, requests/s,
+errors. Writes bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+
+def stream_once(url: str, body: dict) -> tuple[float, float, str, str]:
+    """(ttft_s, total_s, text, source) of one streamed completion."""
+    t0 = time.perf_counter()
+    ttft, text, source = None, [], None
+    with requests.post(f"{url}/v1/completions", json=body | {"stream": True}, stream=True, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            source = source or chunk.get("cache_aug", {}).get("source")
+            piece = chunk["choices"][0]["text"] if chunk.get("choices") else ""
+            if ttft is None and (piece or chunk["choices"] and chunk["choices"][0]["finish_reason"]):
+                ttft = time.perf_counter() - t0
+            text.append(piece)
+    return ttft, time.perf_counter() - t0, "".join(text), source
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=24, help="documents per condition")
+    ap.add_argument("--doc-tokens", type=int, default=1000, help="documents are cut to this many tokens")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--load-s", type=float, default=30.0)
+    ap.add_argument("--n-latents", type=int, default=8)
+    args = ap.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from ray import serve
+
+    from cache_aug.config import load_config, to_dict
+    from cache_aug.coprocessor import build_latent_module, save_latent_module
+    from cache_aug.corpus import ensure_embedded_corpus
+    from cache_aug.decoder import load_decoder
+    from pipelines.corpus import run_corpus_job
+    from pipelines.serve import CompletionServer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    base = [f"augmentation.n_latents={args.n_latents}", f"corpus.max_tokens={args.doc_tokens}", "corpus.truncate=true",
+            f"corpus.input_paths=[{work / 'in'}]", f"corpus.coprocessor={work / 'cop'}", "storage.dtype=bfloat16"]
+    cfg = load_config(None, overrides=base)
+    decoder = load_decoder(cfg.model)
+    tok = decoder.tokenizer
+    save_latent_module(build_latent_module(decoder, cfg.coprocessor, args.n_latents).eval(), decoder, work / "cop")
+
+    # the longest chapters, cut to doc_tokens: stored docs, online docs (never stored), load docs
+    rows = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").to_pylist()
+    rows = sorted(rows, key=lambda r: -len(r["text"]))[: 2 * args.docs]
+    texts = {r["doc_id"]: tok.decode(tok.encode(r["text"], add_special_tokens=False)[: args.doc_tokens]) for r in rows}
+    ids = list(texts)
+    stored_ids, online_ids = ids[: args.docs], ids[args.docs :]
+    (work / "in").mkdir()
+    pq.write_table(pa.table({"doc_id": stored_ids, "text": [texts[i] for i in stored_ids]}), work / "in" / "docs.parquet")
+    doc_tokens = statistics.mean(len(tok.encode(texts[i], add_special_tokens=False)) for i in ids)
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    for mode in ("latent_kv", "full"):
+        job = load_config(None, overrides=base + [f"storage.mode={mode}", f"corpus.output={work / mode}"])
+        assert run_corpus_job(job)["counts"]["written"] == len(stored_ids)
+
+    port = 8123
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+
+    def deploy(mode: str) -> None:
+        c = load_config(None, overrides=base + [f"serve.cache_prefix={work / mode}", "serve.cache_ttl_s=0", "serve.documents=[]",
+                                                f"serve.max_prompt_tokens={args.doc_tokens + 64}", f"serve.max_document_tokens={args.doc_tokens}"])
+        serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug", route_prefix="/")
+
+    prompt = " And the LORD said"
+    common = {"model": "cache-aug", "max_tokens": args.max_tokens, "temperature": 0}
+    bodies = {
+        "stored": lambda i: common | {"prompt": prompt, "document_id": stored_ids[i]},
+        "plain": lambda i: common | {"prompt": texts[stored_ids[i]] + prompt},
+        "online": lambda i: common | {"prompt": prompt, "document_id": online_ids[i], "document": texts[online_ids[i]]},
+    }
+
+    def measure(mode: str, conditions: list[str]) -> dict[str, list[tuple[float, float]]]:
+        deploy(mode)
+        for name in conditions:  # warm-up: one request of each kind
+            stream_once(url, bodies[name](0))
+        out: dict[str, list[tuple[float, float]]] = {n: [] for n in conditions}
+        for i in range(1, args.docs):
+            for k in range(len(conditions)):  # rotate the order so no condition always goes first
+                name = conditions[(i + k) % len(conditions)]
+                ttft, total, _, source = stream_once(url, bodies[name](i))
+                assert source == ("stored" if name == "stored" else "online" if name == "online" else "none"), (name, source)
+                out[name].append((ttft, total))
+        return out
+
+    lat = measure("latent_kv", ["stored", "plain", "online"])
+    full = measure("full", ["stored", "plain"])
+
+    # load: concurrent clients over the stored path
+    deploy("latent_kv")
+    lats: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + args.load_s
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        nonlocal errors
+        i = c
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            try:
+                r = requests.post(f"{url}/v1/completions", json=bodies["stored"](i % args.docs), timeout=300)
+                ok = r.status_code == 200 and r.json()["cache_aug"]["source"] == "stored"
+            except requests.RequestException:
+                ok = False
+            with lock:
+                if ok:
+                    lats.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+            i += args.clients
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    serve.shutdown()
+    ray.shutdown()
+
+    med = lambda xs, j: statistics.median(x[j] for x in xs)  # noqa: E731
+    ttft = {name: med(v, 0) for name, v in lat.items()}
+    total = {name: med(v, 1) for name, v in lat.items()}
+    result = {
+        "bench": "serve",
+        "decoder": "tiny-kjv",
+        "doc_tokens_mean": doc_tokens,
+        "max_tokens": args.max_tokens,
+        "n_latents": args.n_latents,
+        "requests_per_condition": args.docs - 1,
+        "ttft_s": ttft,
+        "total_s": total,
+        "stored_vs_plain_ttft": ttft["stored"] / ttft["plain"],
+        "online_vs_stored_ttft": ttft["online"] / ttft["stored"],
+        "full_1k_ttft_s": {"stored_full": med(full["stored"], 0), "plain": med(full["plain"], 0)},
+        "full_1k_ttft_speedup": med(full["plain"], 0) / med(full["stored"], 0),
+        "load": {"clients": args.clients, "seconds": wall, "requests": len(lats)},
+        "p50_s": pct(lats, 0.5) if lats else None,
+        "p99_s": pct(lats, 0.99) if lats else None,
+        "rps": len(lats) / wall,
+        "errors": errors,
+        "setup": ("local Ray, 2 CPUs; one replica (1 CPU, 1 torch thread); streaming over loopback HTTP; LRU off "
+                  "(every stored request reads, checks and restores its record); medians over the requests"),
+    }
+    from bench.results_io import write_result
+
+    write_result("serve", result)
+
+
+if __name__ == "__main__":
+    main()

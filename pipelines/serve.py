@@ -1,0 +1,235 @@
+"""Ray Serve application: OpenAI-compatible completions decoded against stored augmented caches.
+
+    serve run cluster/serve/serve_tiny.yaml         # or `serve deploy`, or the RayService manifest
+    cache-aug serve --config jobs/configs/serve_tiny.yaml
+
+    POST /v1/completions   {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed",
+                            "document_id", "document"}   (the openai client sends the last two via extra_body)
+    GET  /v1/models, GET /healthz
+
+Each response carries a `cache_aug` block saying how it was produced: `stored` (the corpus job's
+record for the document), `online` (augmented now: the record was missing or refused) or `none`
+(plain decoding). Requests that need a document augmented or prefilled are batched together
+(`@serve.batch`); decoding runs off the event loop so streams and health checks stay responsive.
+"""
+
+
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` type of the routes.
+import asyncio
+import hmac
+import json
+import os
+import tempfile
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from cache_aug.config import CacheAugConfig, from_dict, load_config, to_dict
+from cache_aug.serving import CompletionEngine, CompletionRequest, Plan, RequestError, parse_request, response_meta
+
+api = FastAPI(title="cache-aug", description="Completions decoded against augmented KV caches")
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+def _next(gen):
+    """next() that can cross a thread boundary (StopIteration cannot)."""
+    try:
+        return False, next(gen)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
+    """Load the models, the stored-cache reader and the document lookup a replica serves with."""
+    import pyarrow.fs as pafs
+    import torch
+
+    from cache_aug.coprocessor import latent_fingerprint, load_latent_module, saved_fingerprint
+    from cache_aug.corpus import resolve_embedded_path
+    from cache_aug.decoder import load_decoder
+    from cache_aug.serving import DocumentTexts
+    from cache_aug.store import AugmentedCacheReader
+    from pipelines.storage import download_dir, fsspec_options, resolve
+
+    s = cfg.serve
+    device = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
+    decoder = load_decoder(cfg.model, device=device, storage_options=fsspec_options(cfg.s3))
+    module, fingerprint = None, None
+    cop = s.coprocessor or cfg.corpus.coprocessor
+    if cop:
+        local = download_dir(cop, tempfile.mkdtemp(prefix="cache-aug-coprocessor-"), cfg.s3)
+        if s.online:
+            module = load_latent_module(local, decoder)
+            fingerprint = latent_fingerprint(decoder, module)
+        else:
+            fingerprint = saved_fingerprint(local, decoder)
+    records = None
+    prefix = s.cache_prefix or cfg.corpus.output
+    if fingerprint and prefix:
+        fs, root = resolve(prefix.rstrip("/"), cfg.s3)
+        records = AugmentedCacheReader(fs or pafs.LocalFileSystem(), root, cfg.corpus.index_buckets)
+    doc_paths = cfg.corpus.input_paths if s.documents is None else s.documents
+    documents = None
+    if doc_paths:
+        paths = [resolve_embedded_path(p) for p in doc_paths]
+        fs = resolve(paths[0], cfg.s3)[0]
+        documents = DocumentTexts([resolve(p, cfg.s3)[1] for p in paths], filesystem=fs,
+                                  id_column=cfg.corpus.id_column, text_column=cfg.corpus.text_column)
+    return CompletionEngine(decoder, module, fingerprint or "", s, records=records, documents=documents,
+                            max_document_tokens=min(s.max_document_tokens, cfg.corpus.max_tokens), truncate=cfg.corpus.truncate)
+
+
+@serve.deployment(name="CompletionServer")
+@serve.ingress(api)
+class CompletionServer:
+    """One replica: decoder (+ coprocessor), cache reader with its LRU, and the HTTP routes."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        import ray
+
+        self.cfg = from_dict(CacheAugConfig, config)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        self.engine = build_engine(self.cfg)
+        self.token = os.environ.get(self.cfg.serve.auth_token_env) or None
+        self._prepare.set_max_batch_size(self.cfg.serve.batch_size)
+        self._prepare.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_s)
+        self.started = int(time.time())
+
+    def _denied(self, request: Request) -> JSONResponse | None:
+        if self.token is None:
+            return None
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+            return _error(401, "missing or wrong bearer token", code="invalid_api_key")
+        return None
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        e = self.engine
+        return {"status": "ok", "model": self.cfg.serve.model_name, "fingerprint": e.fingerprint,
+                "coprocessor": e.module is not None, "served": dict(e.counts),
+                "lru": {"entries": len(e.lru), "bytes": e.lru.bytes, "hits": e.lru.hits, "misses": e.lru.misses}}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return {"object": "list", "data": [{"id": self.cfg.serve.model_name, "object": "model", "created": self.started,
+                                            "owned_by": "cache-aug"}]}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _prepare(self, plans: list[Plan]) -> list:
+        """Augment (or prefill) the documents of requests that arrived together, in shared forward passes."""
+        return await asyncio.to_thread(self.engine.prepare, plans)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        if (denied := self._denied(request)) is not None:
+            return denied
+        limit = self.cfg.serve.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return _error(413, f"request body over {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return _error(413, f"request body over {limit} bytes")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return _error(400, f"body is not valid JSON: {e}")
+        try:
+            req = parse_request(data, self.engine.decoder.tokenizer, self.cfg.serve)
+            plan = await asyncio.to_thread(self.engine.plan, req)
+        except RequestError as e:
+            return _error(e.status, e.message, e.param, e.code)
+        cache = plan.cache if plan.cache is not None else await self._prepare(plan)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return StreamingResponse(self._events(plan, cache, req, cid, created), media_type="text/event-stream")
+        out = await asyncio.to_thread(self.engine.run, plan, cache, req)
+        return {
+            "id": cid, "object": "text_completion", "created": created, "model": req.model,
+            "choices": [{"text": out["text"], "index": 0, "logprobs": None, "finish_reason": out["finish_reason"]}],
+            "usage": self._usage(req, len(out["token_ids"])),
+            "cache_aug": response_meta(plan, req) | {"token_ids": out["token_ids"]},
+        }
+
+    @staticmethod
+    def _usage(req: CompletionRequest, n: int) -> dict:
+        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n, "total_tokens": len(req.prompt_ids) + n}
+
+    async def _events(self, plan: Plan, cache, req: CompletionRequest, cid: str, created: int):
+        """Server-sent events in the format the openai client reads, ending with `data: [DONE]`."""
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        def chunk(text: str, finish: str | None, **extra) -> str:
+            return event({"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                          "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]} | extra)
+
+        gen = self.engine.stream(plan, cache, req)
+        n = 0
+        yield chunk("", None, cache_aug=response_meta(plan, req))
+        try:
+            while True:
+                done, value = await asyncio.to_thread(_next, gen)
+                if done:
+                    yield chunk("", value)
+                    break
+                delta, token = value
+                n += token >= 0
+                if delta:
+                    yield chunk(delta, None)
+        except Exception as e:  # the status line is already sent: report in-band
+            yield event({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}})
+            return
+        if req.include_usage:
+            yield event({"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [],
+                         "usage": self._usage(req, n)})
+        yield "data: [DONE]\n\n"
+
+
+def _config_source(config):
+    """A config path as given, else relative to the repository root (the builder may run in another directory)."""
+    from pathlib import Path
+
+    if isinstance(config, str) and not os.path.isabs(config) and not os.path.exists(config):
+        candidate = Path(__file__).resolve().parents[1] / config
+        if candidate.exists():
+            return str(candidate)
+    return config
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve application builder (`import_path: pipelines.serve:build_app`).
+
+    args: {"config": the cache_aug config tree: a YAML path (relative ones are also looked up in the repository
+    that holds this package) or the tree itself, inline; optional. "overrides": ["serve.max_tokens=128", ...]}
+    """
+    cfg = load_config(_config_source(args.get("config")), overrides=list(args.get("overrides") or []))
+    s = cfg.serve
+    return CompletionServer.options(max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests).bind(
+        to_dict(cfg))
+
+
+def serve_job(config: str | None, overrides: list[str], host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None) -> None:
+    """Run the endpoint on the cluster named by RAY_ADDRESS (or a local one) until interrupted."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app({"config": config, "overrides": overrides}), name="cache-aug", route_prefix="/", blocking=True)

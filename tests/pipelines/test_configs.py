@@ -103,7 +103,8 @@ def test_job_config_loads_and_names_existing_files(path, monkeypatch):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     header = _header(path)
-    assert header and "python -m jobs." in header, "each config opens with the command that launches it"
+    launch = re.search(r"python -m jobs\.|serve (run|deploy) |cache-aug [a-z]", header)
+    assert launch, "each config opens with the command that launches it"
     cfg = load_config(path)
     if "python -m jobs.train" not in header:
         return

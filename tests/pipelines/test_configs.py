@@ -191,13 +191,14 @@ def _kube_docs(path: Path) -> list[dict]:
     return docs
 
 
-def _serve_configs() -> list[tuple[str, dict, str | None]]:
-    """(name, Serve config, the WORKDIR of the image it runs in, if it runs in a RayService)."""
-    found = [(p.name, yaml.safe_load(p.read_text()), None) for p in SERVE_FILES]
+def _serve_configs() -> list:
+    """(Serve config, the WORKDIR of the image it runs in if it runs in a RayService), one param per config."""
+    found = [pytest.param(yaml.safe_load(p.read_text()), None, id=p.name) for p in SERVE_FILES]
     for path in KUBE_MANIFESTS:
         for d in _kube_docs(path):
             if d["kind"] == "RayService":
-                found.append((f"{path.name}:serveConfigV2", yaml.safe_load(d["spec"]["serveConfigV2"]), _dockerfile()[1]))
+                config = yaml.safe_load(d["spec"]["serveConfigV2"])
+                found.append(pytest.param(config, _dockerfile()[1], id=f"{path.name}:serveConfigV2"))
     return found
 
 
@@ -215,8 +216,8 @@ def _defines(module_file: Path, name: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("name,config,workdir", _serve_configs(), ids=lambda v: v if isinstance(v, str) else "")
-def test_serve_config_passes_serve_schema_and_imports_repo_code(name, config, workdir):
+@pytest.mark.parametrize("config,workdir", _serve_configs())
+def test_serve_config_passes_serve_schema_and_imports_repo_code(config, workdir):
     from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
     ServeDeploySchema.model_validate(config)

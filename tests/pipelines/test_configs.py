@@ -89,8 +89,9 @@ def test_pinned_versions_agree():
 
 
 def _header(path: Path) -> str:
+    """The comment block a file opens with."""
     lines = path.read_text().splitlines()
-    return "\n".join(line for line in lines[: next((i for i, l in enumerate(lines) if not l.startswith("#")), 0)])
+    return "\n".join(lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))])
 
 
 def _export_path(cfg) -> str:

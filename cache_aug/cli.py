@@ -5,6 +5,7 @@
     cache-aug train --config jobs/configs/tiny_cpu.yaml   train on a Ray cluster (Ray Train + DeepSpeed)
     cache-aug augment --config jobs/configs/augment_tiny.yaml   precompute caches for a corpus (Ray Data)
     cache-aug serve --config jobs/configs/serve_tiny.yaml       OpenAI-compatible completions endpoint (Ray Serve)
+    cache-aug demo                               the whole system once: train, augment, serve, ask (local Ray)
     cache-aug config                             print the default configuration with every field documented
 """
 
@@ -146,6 +147,29 @@ def serve(config: str | None = None, set: list[str] | None = None, host: str = "
     serve_job(config, set or [], host, port, num_cpus)
 
 
+def demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port: int = 8000, num_cpus: int = 2,
+         set: list[str] | None = None) -> None:
+    """Run the whole system once on the embedded default: train, augment a corpus, serve, ask.
+
+    Builds (or reuses) the tiny decoder, starts a local Ray cluster, trains a coprocessor with Ray Train +
+    DeepSpeed, precomputes caches for a few held-out chapters with the Ray Data job, starts the Serve
+    endpoint, asks it for one chapter's continuation with and without the stored cache, prints both and
+    the held-out perplexity with and without augmentation, then stops Serve and Ray.
+
+    Args:
+        storage: where every artefact goes: a local directory, or s3://bucket/prefix (endpoint and keys from
+            the AWS_* variables or s3.* overrides).
+        steps: coprocessor training steps.
+        docs: held-out chapters augmented by the corpus job.
+        port: HTTP port of the endpoint on 127.0.0.1.
+        num_cpus: logical CPUs of the local Ray cluster.
+        set: further config overrides as dotted key=value, e.g. augmentation.n_latents=4.
+    """
+    from pipelines.demo import run_demo
+
+    run_demo(storage, steps, docs, port, num_cpus, set or [])
+
+
 def config(file: str | None = None, set: list[str] | None = None) -> None:
     """Print the resolved configuration as YAML, each field with its documentation.
 
@@ -164,7 +188,7 @@ def config(file: str | None = None, set: list[str] | None = None) -> None:
     print(dump_config(cfg))
 
 
-COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "serve": serve, "config": config}
+COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "serve": serve, "demo": demo, "config": config}
 
 
 def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:

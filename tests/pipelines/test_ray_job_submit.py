@@ -55,21 +55,24 @@ def _wait_job(job_id: str, env: dict, address: str, timeout: float = 900) -> str
 
 @pytest.fixture
 def head(tmp_path):
+    import tempfile
+
     """A Ray head on 127.0.0.1 with token auth; stopped (only this cluster) at the end."""
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                         "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
     gcs, dash = _port(), _port()
+    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     proc = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                             f"--temp-dir={tmp_path / 'ray'}"],
+                             f"--temp-dir={temp_dir}"],
                             cwd=REPO, env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while True:
         try:
-            if requests.get(f"{address}/api/version", timeout=2).ok:
+            if requests.get(f"{address}/api/version", timeout=2).status_code < 500:  # 401 without the token: up
                 break
         except requests.RequestException:
             pass
@@ -83,6 +86,7 @@ def head(tmp_path):
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_path):
@@ -106,7 +110,7 @@ def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_pat
     augment_id = f"augment-{int(time.time())}"
     _run(submit + ["--submission-id", augment_id, "--", "python", "-m", "jobs.augment", "--config", "jobs/configs/augment_tiny.yaml",
                    *common, f"--set=corpus.input_paths=[{work / 'in'}]", f"--set=corpus.output={work / 'caches'}",
-                   f"--set=corpus.coprocessor={export}"], env)
+                   f"--set=corpus.coprocessor={export}", "--set=corpus.truncate=true"], env)
     logs = _wait_job(augment_id, env, address)
     manifest = json.loads(next((work / "caches" / "manifests").glob("*.json")).read_text())
     assert manifest["counts"] == {"read": 12, "written": 12, "skipped": 0, "failed": 0}, manifest

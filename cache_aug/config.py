@@ -158,6 +158,13 @@ class CoprocessorConfig:
     """Initialisation of the trainable soft tokens: "vocab" copies embeddings of random vocabulary tokens,
     "normal" samples from a normal distribution with the embedding matrix's std."""
 
+    first_ahead_from: Literal["last_latent", "last_token"] = "last_latent"
+    """Which slot predicts the first token after an augmentation point: "last_latent" (the paper's rule:
+    the logits at the last latent), or "last_token" (the document's last token is fed once more after the
+    latents, and its logits predict the next token). With "last_token" the augmented cache holds one more
+    position, T + N_L + 1, and the next real token takes that position. Saved with the trained module, so
+    training, corpus augmentation and serving all follow it."""
+
     seed: int = 0
     """Seed for the random initialisation of soft tokens and adapters."""
 

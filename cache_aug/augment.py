@@ -9,6 +9,10 @@ document only and the output equals the decoder's own `generate`.
 Position rule (method.md): the document takes positions 0..T-1, the latents T..T+N_L-1 and the
 next real token T+N_L. The logits at the last latent position predict the first token after the
 document; they are kept as `next_logits`, so decoding can start with an empty prompt.
+
+A module trained with first_ahead_from="last_token" (`module.reread == 1`) has the document's last
+token fed once more after the latents, at position T+N_L: its logits are `next_logits`, the cache
+holds T+N_L+1 positions and the next real token takes position T+N_L+1 (`seq_len` says so).
 """
 
 from __future__ import annotations
@@ -34,19 +38,25 @@ class AugmentedCache:
     next_logits: torch.Tensor  # (V,) prediction of the first token after the cache
     n_latents: int  # N_L; 0 for the plain (fallback) cache
     latents: torch.Tensor | None = None  # (N_L, d) z, None for the fallback
+    n_reread: int = 0  # 1 when the document's last token was fed again after the latents
 
     @property
     def doc_len(self) -> int:
         return self.input_ids.shape[0]
 
     @property
+    def n_added(self) -> int:
+        """Positions after the document: the latents, and the re-read last token if any."""
+        return self.n_latents + self.n_reread
+
+    @property
     def seq_len(self) -> int:
         """Positions held: the next real token takes this position."""
-        return self.doc_len + self.n_latents
+        return self.doc_len + self.n_added
 
     def latent_kv(self) -> list[KV]:
-        """KV of the N_L latent positions per layer: (1, H_kv, N_L, D) each."""
-        n = self.n_latents
+        """KV of the positions after the document per layer: (1, H_kv, N_L (+1 re-read), D) each."""
+        n = self.n_added
         return [(k[:, :, k.shape[2] - n :], v[:, :, v.shape[2] - n :]) for k, v in self.layers]
 
     def to_model_cache(self, config) -> DynamicCache:
@@ -93,12 +103,13 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
             for i in range(N)
         ]
 
-    L = module.n_latents
+    L, r = module.n_latents, module.reread
     points = lengths[:, None]  # (N, 1): one augmentation point, at the end of each document
     prefix, _ = prefill(decoder, ids, attn)
     z = latent_pass(decoder, module, prefix, points)  # (N, L, d)
-    keep = torch.tensor([L - 1], device=ids.device)
-    logits, layers = decoder_pass(decoder, prefix, points, z, L, keep)  # (N, 1, V); T + L columns
+    embeds = added_embeds(decoder, z, ids.gather(1, lengths[:, None] - 1), r)  # (N, L+r, d)
+    keep = torch.tensor([L + r - 1], device=ids.device)
+    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, keep)  # (N, 1, V); T + L + r columns
     out = []
     for i in range(N):
         n = int(lengths[i])
@@ -112,9 +123,18 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
                 next_logits=logits[i, 0],
                 n_latents=L,
                 latents=z[i],
+                n_reread=r,
             )
         )
     return out
+
+
+def added_embeds(decoder: Decoder, z: torch.Tensor, last_ids: torch.Tensor, reread: int) -> torch.Tensor:
+    """What follows a document in the cache: z (N, L, d), then its last token (N, 1) again if reread."""
+    if not reread:
+        return z
+    last = decoder.embed(last_ids)  # (N, 1, d)
+    return torch.cat([z.to(last.dtype), last], dim=1)  # (N, L+1, d)
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@
     cache-aug augment --config jobs/configs/augment_tiny.yaml   precompute caches for a corpus (Ray Data)
     cache-aug serve --config jobs/configs/serve_tiny.yaml       OpenAI-compatible completions endpoint (Ray Serve)
     cache-aug demo                               the whole system once: train, augment, serve, ask (local Ray)
+    cache-aug eval --config jobs/configs/eval_tiny.yaml   none / pause / coprocessor at the same held-out points
+    cache-aug sweep --set sweep.steps=1000       train and evaluate pause and coprocessor at N_L = 4, 8, 16
     cache-aug config                             print the default configuration with every field documented
 """
 
@@ -170,6 +172,60 @@ def demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port: int
     run_demo(storage, steps, docs, port, num_cpus, set or [])
 
 
+def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool = False, num_cpus: int | None = None) -> None:
+    """Evaluate none / pause / coprocessor on held-out text at the same sampled points; write JSON, Markdown and a PNG.
+
+    Reports ahead-token perplexity per ahead position (1..eval.max_ahead), overall (1..N_A) and
+    relative to none, with bootstrap confidence intervals over the points, to eval.output.
+
+    Args:
+        config: YAML config file, e.g. jobs/configs/eval_tiny.yaml; defaults when omitted.
+        set: config overrides as dotted key=value, e.g. eval.coprocessor=runs/sweep/nl8-coprocessor/module.
+        ray: spread the documents over a Ray Data actor pool (same as `python -m jobs.evaluate`); default: this process.
+        num_cpus: logical CPUs of a local Ray cluster started here (with --ray).
+    """
+    from cache_aug.config import dump_config, load_config
+
+    if ray:
+        from pipelines.evaluate import eval_job
+
+        eval_job(config, set or [], num_cpus)
+        return
+    from cache_aug.evaluate import markdown_table, run_eval
+
+    cfg = load_config(config, overrides=set or ())
+    print(dump_config(cfg))
+    report = run_eval(cfg)
+    print(markdown_table(report))
+    print(f"written to {cfg.eval.output} in {report['wall_s']:.1f}s")
+
+
+def sweep(config: str | None = None, set: list[str] | None = None, threads: int = 0) -> None:
+    """Train pause tokens and a coprocessor at each N_L of sweep.n_latents with one budget, and evaluate all three.
+
+    Resumable: re-running skips trained conditions and resumes interrupted ones. The Ray Train
+    variant is `python -m jobs.sweep` (sweep.trainer=ray).
+
+    Args:
+        config: YAML config file; defaults when omitted.
+        set: config overrides as dotted key=value, e.g. sweep.steps=2000 or eval.device=cuda.
+        threads: torch CPU threads (0: torch's default).
+    """
+    import torch
+
+    from cache_aug.config import dump_config, load_config
+    from cache_aug.sweep import run_sweep, sweep_table
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_config(config, overrides=set or ())
+    if cfg.sweep.trainer != "local":
+        raise SystemExit("sweep.trainer=ray runs through `python -m jobs.sweep`")
+    print(dump_config(cfg))
+    reports = run_sweep(cfg)
+    print(sweep_table(reports))
+
+
 def config(file: str | None = None, set: list[str] | None = None) -> None:
     """Print the resolved configuration as YAML, each field with its documentation.
 
@@ -188,7 +244,10 @@ def config(file: str | None = None, set: list[str] | None = None) -> None:
     print(dump_config(cfg))
 
 
-COMMANDS: dict[str, Callable] = {"pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "serve": serve, "demo": demo, "config": config}
+COMMANDS: dict[str, Callable] = {
+    "pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "serve": serve,
+    "demo": demo, "eval": evaluate, "sweep": sweep, "config": config,
+}
 
 
 def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:

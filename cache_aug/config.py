@@ -41,6 +41,8 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "CorpusConfig",
+    "EvalConfig",
+    "SweepConfig",
     "CacheAugConfig",
     "from_dict",
     "to_dict",
@@ -157,6 +159,13 @@ class CoprocessorConfig:
     soft_token_init: Literal["vocab", "normal"] = "vocab"
     """Initialisation of the trainable soft tokens: "vocab" copies embeddings of random vocabulary tokens,
     "normal" samples from a normal distribution with the embedding matrix's std."""
+
+    first_ahead_from: Literal["last_latent", "last_token"] = "last_latent"
+    """Which slot predicts the first token after an augmentation point: "last_latent" (the paper's rule:
+    the logits at the last latent), or "last_token" (the document's last token is fed once more after the
+    latents, and its logits predict the next token). With "last_token" the augmented cache holds one more
+    position, T + N_L + 1, and the next real token takes that position. Saved with the trained module, so
+    training, corpus augmentation and serving all follow it."""
 
     seed: int = 0
     """Seed for the random initialisation of soft tokens and adapters."""
@@ -452,6 +461,127 @@ class ServeConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation (`cache-aug eval`): none / pause / coprocessor at the same sampled points."""
+
+    paths: list[str] = field(default_factory=lambda: ["embedded:kjv/heldout"])
+    """Held-out documents: Parquet files or directories (local or ``s3://``), one row per document;
+    "embedded:kjv/heldout" is the embedded decoder's held-out chapters, never seen in training."""
+
+    id_column: str = "doc_id"
+    """Column holding each document's id; without one, a document is named by the hash of its text."""
+
+    text_column: str = "text"
+    """Column holding the document text."""
+
+    pause: str | None = None
+    """Trained pause-token module (a directory, local or ``s3://``); None leaves the pause condition out."""
+
+    coprocessor: str | None = None
+    """Trained coprocessor (a directory, local or ``s3://``); None leaves the coprocessor condition out."""
+
+    window: int = 256
+    """Documents are cut into windows of at most this many tokens; each window is evaluated on its own
+    (the prefix of a point is the window up to it), as training sequences are."""
+
+    points_per_window: int = 16
+    """Augmentation points sampled per window, uniformly over positions that leave max_ahead tokens ahead
+    (fewer when a short window has fewer such positions). The same points serve every condition."""
+
+    max_ahead: int = 32
+    """Ahead positions measured at each point (1..max_ahead); the headline perplexity averages
+    positions 1..augmentation.n_ahead, the range the modules were trained on."""
+
+    max_documents: int = 0
+    """Evaluate only the first this many documents (in id order); 0: all."""
+
+    batch_size: int = 8
+    """Windows evaluated together in one forward pass."""
+
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples of the points for the confidence intervals."""
+
+    confidence: float = 0.95
+    """Level of the bootstrap confidence intervals."""
+
+    seed: int = 0
+    """Seed of the point sampling (per document and window, so any split of the documents over workers
+    gives the same points) and of the bootstrap."""
+
+    device: str = "cpu"
+    """torch device of a local evaluation, e.g. "cuda"; Ray actors use the GPU when gpus_per_actor > 0."""
+
+    output: str = "runs/eval"
+    """Output directory (local or ``s3://``): eval.json, eval.md, positions.json and the PNG plot."""
+
+    num_actors: int = 1
+    """Evaluation actors in the Ray Data pool (each holds the decoder and the modules)."""
+
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per evaluation actor."""
+
+    gpus_per_actor: float = 0.0
+    """GPUs per evaluation actor (0 on CPU clusters)."""
+
+    docs_per_batch: int = 8
+    """Documents handed to an evaluation actor at a time."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.paths), "paths", "must name at least one input", self.paths)
+        for name in ("window", "points_per_window", "max_ahead", "batch_size", "bootstrap_samples", "num_actors", "docs_per_batch"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("max_documents", self.max_documents, 0)
+        _require(0 < self.confidence < 1, "confidence", "must be in (0, 1)", self.confidence)
+        _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0", self.cpus_per_actor)
+        _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0", self.gpus_per_actor)
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """The N_L sweep (`cache-aug sweep`): train pause and coprocessor at each N_L with one budget, evaluate each."""
+
+    n_latents: list[int] = field(default_factory=lambda: [4, 8, 16])
+    """The N_L values swept."""
+
+    trainer: Literal["local", "ray"] = "local"
+    """"local": the library's own loop in this process (one device); "ray": the Ray Train + DeepSpeed
+    job (train.* settings), one run per condition. Both take the same one-pass loss."""
+
+    steps: int = 1000
+    """Optimizer steps per condition (the same budget for pause and coprocessor)."""
+
+    batch_size: int = 32
+    """Sequences per optimizer step (local trainer; the Ray trainer uses train.micro_batch_size)."""
+
+    lr: float = 1e-3
+    """Peak learning rate (linear warmup, then cosine decay to 10%)."""
+
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+
+    checkpoint_every: int = 200
+    """Local trainer: steps between checkpoints; a re-run resumes a condition from its latest one."""
+
+    curve_every: int = 0
+    """Local trainer: steps between held-out checks of the training loss curve (0: none)."""
+
+    work_dir: str = "runs/sweep"
+    """Where trained modules and checkpoints go, one directory per N_L and condition."""
+
+    results_dir: str = "docs/results"
+    """Where each N_L's eval JSON / Markdown / plot and the sweep summary go."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.n_latents) and all(n >= 1 for n in self.n_latents), "n_latents",
+                 "must list N_L values >= 1", self.n_latents)
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _at_least("curve_every", self.curve_every, 0)
+        _require(self.lr > 0, "lr", "must be > 0", self.lr)
+
+
+@dataclass(kw_only=True)
 class CacheAugConfig:
     """Root of the configuration tree."""
 
@@ -481,6 +611,12 @@ class CacheAugConfig:
 
     serve: ServeConfig = field(default_factory=ServeConfig)
     """The HTTP endpoint."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation of the three conditions."""
+
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The N_L sweep."""
 
 
 # --------------------------------------------------------------------------- #

@@ -8,8 +8,13 @@ computation goes through `forward`, so DeepSpeed (ZeRO-3 included) can wrap it w
   reading N_L soft tokens on top of D's cache; z = its final hidden states.
 - `PauseTokens`: N_L soft tokens fed straight into D (Goyal et al. 2023); same loss, no C.
 
+Either module also fixes which slot predicts the first token after the latents
+(`CoprocessorConfig.first_ahead_from`): the last latent (`reread = 0`), or the document's last
+token fed once more after the latents (`reread = 1`). Losses, `augment` and `restore` read
+`module.reread`, so a trained module carries its rule into corpus augmentation and serving.
+
 A trained module is saved as a directory:
-    latents.json          mode, N_L, hidden size, LoRA config, decoder fingerprint, fingerprint
+    latents.json          mode, N_L, first_ahead_from, hidden size, LoRA config, decoder fingerprint, fingerprint
     model.safetensors     trunk weights (full) or adapter weights (lora); absent for pause
     soft_tokens.safetensors
 """
@@ -32,6 +37,7 @@ from cache_aug.masks import UnsupportedArchitecture
 
 FORMAT = "cache-aug/latents"
 FORMAT_VERSION = 1
+REREAD = {"last_latent": 0, "last_token": 1}  # first_ahead_from -> tokens fed again after the latents
 
 
 def check_architecture(model) -> None:
@@ -63,11 +69,13 @@ class LatentModule(nn.Module):
     mode: str
     uses_cache: bool  # whether forward reads D's cache (pass 2 runs only then)
 
-    def __init__(self, soft_tokens: torch.Tensor):
+    def __init__(self, soft_tokens: torch.Tensor, first_ahead_from: str = "last_latent"):
         super().__init__()
         self.soft_tokens = nn.Parameter(soft_tokens)  # (N_L, d)
         # kept as plain ints: under ZeRO-3 a parameter's own shape is empty outside forward
         self.n_latents, self.hidden_size = soft_tokens.shape
+        self.first_ahead_from = first_ahead_from
+        self.reread = REREAD[first_ahead_from]  # 1: the last real token is fed again after the latents
 
     def tiled_soft_tokens(self, n_rows: int, n_blocks: int) -> torch.Tensor:
         """The soft tokens once per block and row: (n_rows, n_blocks*N_L, d)."""
@@ -83,8 +91,9 @@ class Coprocessor(LatentModule):
 
     uses_cache = True
 
-    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, mode: str, lora: dict | None = None):
-        super().__init__(soft_tokens)
+    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, mode: str, lora: dict | None = None,
+                 first_ahead_from: str = "last_latent"):
+        super().__init__(soft_tokens, first_ahead_from)
         self.trunk = trunk
         self.mode = mode
         self.lora = lora
@@ -160,10 +169,10 @@ def build_latent_module(decoder: Decoder, cfg: CoprocessorConfig, n_latents: int
     check_architecture(decoder.model)
     soft = init_soft_tokens(decoder, n_latents, cfg.soft_token_init, cfg.seed).to(decoder.device, decoder.dtype)
     if cfg.mode == "pause":
-        module = PauseTokens(soft)
+        module = PauseTokens(soft, cfg.first_ahead_from)
     else:
         lora = _lora_config(cfg) if cfg.mode == "lora" else None
-        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, cfg.mode, lora)
+        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, cfg.mode, lora, cfg.first_ahead_from)
     return module.train()
 
 
@@ -172,7 +181,8 @@ def latent_fingerprint(decoder: Decoder, module: LatentModule | None) -> str:
     if module is None:
         return augmentation_fingerprint(decoder.fingerprint, None, "none", 0, decoder.dtype)
     return augmentation_fingerprint(
-        decoder.fingerprint, module.trainable_state(), module.mode, module.n_latents, decoder.dtype
+        decoder.fingerprint, module.trainable_state(), module.mode, module.n_latents, decoder.dtype,
+        first_ahead_from=module.first_ahead_from,
     )
 
 
@@ -189,6 +199,7 @@ def save_latent_module(module: LatentModule, decoder: Decoder, directory: str | 
         "version": FORMAT_VERSION,
         "mode": module.mode,
         "n_latents": module.n_latents,
+        "first_ahead_from": module.first_ahead_from,
         "hidden_size": module.hidden_size,
         "dtype": str(decoder.dtype).removeprefix("torch."),
         "lora": getattr(module, "lora", None),
@@ -215,10 +226,13 @@ def load_latent_module(directory: str | Path, decoder: Decoder) -> LatentModule:
             f"but the loaded decoder is {decoder.fingerprint} ({decoder.source})"
         )
     soft = load_file(directory / "soft_tokens.safetensors")["soft_tokens"].to(decoder.device)
+    first = meta.get("first_ahead_from", "last_latent")  # modules saved before the option existed
+    if first not in REREAD:
+        raise ValueError(f"{meta_path}: unknown first_ahead_from {first!r}")
     if meta["mode"] == "pause":
-        module = PauseTokens(soft)
+        module = PauseTokens(soft, first)
     else:
-        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, meta["mode"], meta["lora"])
+        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, meta["mode"], meta["lora"], first)
         state = load_file(directory / "model.safetensors", device=str(decoder.device))
         trunk_state = {k.removeprefix("trunk."): v for k, v in state.items()}
         missing, unexpected = module.trunk.load_state_dict(trunk_state, strict=False)

@@ -57,8 +57,10 @@ def decoder_fingerprint(model, tokenizer) -> str:
 
 
 def augmentation_fingerprint(decoder_fp: str, latent_state: Mapping[str, torch.Tensor] | None,
-                             mode: str, n_latents: int, dtype: torch.dtype) -> str:
-    """Identifies decoder + tokenizer + coprocessor (or pause tokens) + N_L + dtype."""
+                             mode: str, n_latents: int, dtype: torch.dtype, *, first_ahead_from: str = "last_latent") -> str:
+    """Identifies decoder + tokenizer + coprocessor (or pause tokens) + N_L + dtype + first-ahead slot."""
+    # the paper's slot adds nothing, so fingerprints of modules made before the option stay valid
+    extra = {} if first_ahead_from == "last_latent" else {"first_ahead_from": first_ahead_from}
     return combine(
         kind="augmentation",
         decoder=decoder_fp,
@@ -66,4 +68,5 @@ def augmentation_fingerprint(decoder_fp: str, latent_state: Mapping[str, torch.T
         latents=tensor_digest(latent_state) if latent_state is not None else None,
         n_latents=n_latents,
         dtype=str(dtype),
+        **extra,
     )

@@ -3,7 +3,12 @@
 For a point p (prefix length) the loss is D's cross-entropy on the N_A ahead tokens
 x_{p+1..p+N_A} given the augmented cache: the logits at the last latent predict x_{p+1}, the
 logits at x_{p+k} predict x_{p+k+1} (method.md). Only N_A-1 ahead tokens are fed, since the
-last one is only ever a target.
+last one is only ever a target. A module with `reread = 1` (first_ahead_from="last_token") is
+fed x_p once more right after its latents, and x_p's logits there predict x_{p+1}: the trace is
+[z, x_p, x_{p+1}, .., x_{p+N_A-1}].
+
+The `*_ce` functions return every target's cross-entropy (N, B, N_A), for evaluation; the
+`*_loss` functions reduce it for training.
 
 - `one_pass_loss`: three passes for all points of all rows (block-diagonal masks).
 - `reference_loss`: the naive loop, one prefill per point, default causal masks; the
@@ -53,44 +58,63 @@ def ahead_targets(input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int) -
     return torch.gather(input_ids[:, None, :].expand(-1, points.shape[1], -1), 2, idx)
 
 
-def _reduce(logits: torch.Tensor, targets: torch.Tensor) -> AheadLoss:
-    """logits (N, B, N_A, V), targets (N, B, N_A)."""
-    ce = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), reduction="none").view(targets.shape)
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (N, B, N_A, V), targets (N, B, N_A) -> per-target cross-entropy (N, B, N_A), float32."""
+    return F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def _reduce(ce: torch.Tensor) -> AheadLoss:
+    """ce (N, B, N_A)."""
     return AheadLoss(loss=ce.mean(), per_position=ce.mean(dim=(0, 1)), n_targets=ce.numel())
+
+
+def one_pass_ce(decoder: Decoder, module, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int) -> torch.Tensor:
+    """Cross-entropy (N, B, N_A) of every ahead target at every point, with three passes.
+
+    input_ids (N, T) unpadded blocks; points (N, B) prefix lengths with p + n_ahead <= T.
+    `module=None` is the plain decoder. Gradients reach `module` only.
+    """
+    if module is None:
+        return plain_ahead_ce(decoder, input_ids, points, n_ahead)
+    N, B = points.shape
+    targets = ahead_targets(input_ids, points, n_ahead)  # (N, B, N_A)
+
+    L, r = module.n_latents, module.reread
+    block = L + r + n_ahead - 1
+    prefix, _ = prefill(decoder, input_ids)  # T columns, no grad
+    z = latent_pass(decoder, module, prefix, points)  # (N, B*L, d)
+    fed = ahead_targets(input_ids, points - r, n_ahead - 1 + r)  # (N, B, r+N_A-1): [x_p if r,] x_{p+1..p+N_A-1}
+    ahead_in = decoder.embed(fed)  # (N, B, r+N_A-1, d)
+    traces = torch.cat([z.view(N, B, L, -1).to(ahead_in.dtype), ahead_in], dim=2).view(N, B * block, -1)  # (N, B*block, d)
+    first = L - 1 + r  # index in a trace of the query that predicts x_{p+1}
+    keep = (torch.arange(B, device=points.device)[:, None] * block + first + torch.arange(n_ahead, device=points.device)).flatten()
+    logits, _ = decoder_pass(decoder, prefix, points, traces, block, keep)  # (N, B*N_A, V)
+    return _cross_entropy(logits.view(N, B, n_ahead, -1), targets)
 
 
 def one_pass_loss(
     decoder: Decoder, module, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int
 ) -> AheadLoss:
-    """The ahead loss at every point of every row with three passes; gradients reach `module` only.
-
-    input_ids (N, T) unpadded blocks; points (N, B) prefix lengths with p + n_ahead <= T.
-    """
-    if module is None:
-        return plain_ahead_loss(decoder, input_ids, points, n_ahead)
-    N, B = points.shape
-    targets = ahead_targets(input_ids, points, n_ahead)  # (N, B, N_A)
-
-    L = module.n_latents
-    block = L + n_ahead - 1
-    prefix, _ = prefill(decoder, input_ids)  # T columns, no grad
-    z = latent_pass(decoder, module, prefix, points)  # (N, B*L, d)
-    ahead_in = decoder.embed(targets[:, :, : n_ahead - 1])  # (N, B, N_A-1, d)
-    traces = torch.cat([z.view(N, B, L, -1).to(ahead_in.dtype), ahead_in], dim=2).view(N, B * block, -1)  # (N, B*block, d)
-    keep = (torch.arange(B, device=points.device)[:, None] * block + L - 1 + torch.arange(n_ahead, device=points.device)).flatten()
-    logits, _ = decoder_pass(decoder, prefix, points, traces, block, keep)  # (N, B*N_A, V)
-    return _reduce(logits.view(N, B, n_ahead, -1), targets)
+    """The ahead loss at every point of every row with three passes; gradients reach `module` only."""
+    return _reduce(one_pass_ce(decoder, module, input_ids, points, n_ahead))
 
 
 @torch.no_grad()
-def plain_ahead_loss(decoder: Decoder, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int) -> AheadLoss:
-    """The 'none' baseline: D alone, same targets (logits at x_{p+k} predict x_{p+k+1})."""
+def plain_ahead_ce(decoder: Decoder, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int) -> torch.Tensor:
+    """The 'none' baseline (N, B, N_A): D alone, same targets (logits at x_{p+k} predict x_{p+k+1})."""
     N, B = points.shape
     targets = ahead_targets(input_ids, points, n_ahead)  # (N, B, N_A)
-    logits = decoder.model(input_ids=input_ids).logits  # (N, T, V)
     idx = (points[:, :, None] - 1 + torch.arange(n_ahead, device=points.device)).flatten(1)  # (N, B*N_A)
-    picked = torch.gather(logits, 1, idx[:, :, None].expand(-1, -1, logits.shape[-1]))  # (N, B*N_A, V)
-    return _reduce(picked.view(N, B, n_ahead, -1), targets)
+    keep = torch.unique(idx)  # only the positions some target needs go through the LM head
+    logits = logits_at(decoder, keep, input_ids=input_ids)  # (N, |keep|, V)
+    col = torch.searchsorted(keep, idx)  # (N, B*N_A)
+    picked = torch.gather(logits, 1, col[:, :, None].expand(-1, -1, logits.shape[-1]))  # (N, B*N_A, V)
+    return _cross_entropy(picked.view(N, B, n_ahead, -1), targets)
+
+
+def plain_ahead_loss(decoder: Decoder, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int) -> AheadLoss:
+    """The 'none' baseline, reduced."""
+    return _reduce(plain_ahead_ce(decoder, input_ids, points, n_ahead))
 
 
 def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int) -> AheadLoss:
@@ -101,7 +125,7 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
     """
     model = decoder.model
     N, B = points.shape
-    L = module.n_latents
+    L, r = module.n_latents, module.reread
     targets = ahead_targets(input_ids, points, n_ahead)  # (N, B, N_A)
     all_logits = []
     for n in range(N):
@@ -113,10 +137,10 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
             kv = layer_kv(cache)
             positions = torch.arange(p, p + L, device=input_ids.device)[None]  # (1, L)
             z = module(model_cache(kv, model.config, p), positions, None, n_blocks=1)  # (1, L, d)
-            ahead_in = decoder.embed(targets[n : n + 1, b, : n_ahead - 1])  # (1, N_A-1, d)
-            embeds = torch.cat([z.to(ahead_in.dtype), ahead_in], dim=1)  # (1, L+N_A-1, d)
-            trace_pos = torch.arange(p, p + L + n_ahead - 1, device=input_ids.device)[None]
-            keep = torch.arange(L - 1, L - 1 + n_ahead, device=input_ids.device)
+            ahead_in = decoder.embed(input_ids[n : n + 1, p - r : p + n_ahead - 1])  # (1, r+N_A-1, d)
+            embeds = torch.cat([z.to(ahead_in.dtype), ahead_in], dim=1)  # (1, L+r+N_A-1, d)
+            trace_pos = torch.arange(p, p + L + r + n_ahead - 1, device=input_ids.device)[None]
+            keep = torch.arange(L - 1 + r, L - 1 + r + n_ahead, device=input_ids.device)
             logits = logits_at(
                 decoder,
                 keep,
@@ -127,4 +151,4 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
             )  # (1, N_A, V)
             all_logits.append(logits[0])
     logits = torch.stack(all_logits).view(N, B, n_ahead, -1)
-    return _reduce(logits, targets)
+    return _reduce(_cross_entropy(logits, targets))

@@ -12,6 +12,10 @@ Payload tensors by storage mode (H_i, D_i: layer i's KV heads and head dim):
     full        k.i, v.i (H_i, S_i, D_i)        the whole augmented KV; S_i = T+N_L, or the
                 next_logits (V,)                window-1 last columns of a sliding layer
 
+A module with first_ahead_from="last_token" adds one more position after the latents (the re-read
+last token): seq_len = T+N_L+1, and latent_kv holds N_L+1 columns. `restore` reads the count off
+seq_len - doc_tokens - n_latents (0 or 1).
+
 Stored data is untrusted input: `decode_payload` checks fingerprint, checksum, and every
 tensor's name, dtype, shape and byte range against what the loaded decoder implies before
 anything is allocated, and raises `CacheRecordError` (or `FingerprintMismatch`) naming the
@@ -31,7 +35,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from cache_aug.augment import AugmentedCache
+from cache_aug.augment import AugmentedCache, added_embeds
 from cache_aug.decoder import Decoder, torch_dtype
 from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.kv import CacheSpec
@@ -115,7 +119,7 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
     else:
         layers = aug.latent_kv() if mode == "latent_kv" else aug.layers
         for i, (k, v) in enumerate(layers):
-            keep = aug.n_latents if mode == "latent_kv" else spec.stored_len(i, aug.seq_len)
+            keep = aug.n_added if mode == "latent_kv" else spec.stored_len(i, aug.seq_len)
             tensors[f"k.{i}"] = k[0, :, k.shape[2] - keep :].to(tdtype)
             tensors[f"v.{i}"] = v[0, :, v.shape[2] - keep :].to(tdtype)
         tensors["next_logits"] = aug.next_logits.to(tdtype)
@@ -145,7 +149,7 @@ def expected_tensors(record: CacheRecord, spec: CacheSpec) -> dict[str, tuple[st
         out["latents"] = (st, (record.n_latents, spec.hidden_size))
         return out
     for i in range(len(spec.layers)):
-        s = record.n_latents if record.mode == "latent_kv" else spec.stored_len(i, record.seq_len)
+        s = record.seq_len - record.doc_tokens if record.mode == "latent_kv" else spec.stored_len(i, record.seq_len)
         out[f"k.{i}"] = out[f"v.{i}"] = (st, spec.kv_shape(i, s))
     out["next_logits"] = (st, (spec.vocab_size,))
     return out
@@ -204,7 +208,7 @@ def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> di
         raise CacheRecordError(f"{where}: mode {record.mode!r} not in {MODES}")
     if record.dtype not in STORE_DTYPES:
         raise CacheRecordError(f"{where}: dtype {record.dtype!r} not in {STORE_DTYPES}")
-    if record.doc_tokens < 1 or record.n_latents < 1 or record.seq_len != record.doc_tokens + record.n_latents:
+    if record.doc_tokens < 1 or record.n_latents < 1 or record.seq_len - record.doc_tokens - record.n_latents not in (0, 1):
         raise CacheRecordError(
             f"{where}: inconsistent lengths (doc_tokens={record.doc_tokens}, n_latents={record.n_latents}, seq_len={record.seq_len})"
         )
@@ -224,21 +228,23 @@ def restore(record: CacheRecord, decoder: Decoder, fingerprint: str) -> Augmente
     device, dtype = decoder.device, decoder.dtype
     ids = tensors["input_ids"].to(device, torch.long)  # (T,)
     L = record.n_latents
+    r = record.seq_len - record.doc_tokens - L  # 1: the last token was re-read after the latents
     if record.mode == "full":
         layers = [(tensors[f"k.{i}"][None].to(device, dtype), tensors[f"v.{i}"][None].to(device, dtype))
                   for i in range(len(decoder.cache_spec.layers))]
-        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L)
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L, n_reread=r)
     prefix, _ = prefill(decoder, ids[None])  # the document's KV, recomputed: (1, H, T, D) per layer
     if record.mode == "latent_kv":
         layers = [
             (torch.cat([k, tensors[f"k.{i}"][None].to(device, dtype)], 2), torch.cat([v, tensors[f"v.{i}"][None].to(device, dtype)], 2))
             for i, (k, v) in enumerate(prefix)
         ]
-        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L)
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L, n_reread=r)
     z = tensors["latents"].to(device, dtype)  # (N_L, d)
     points = torch.tensor([[ids.shape[0]]], device=device)
-    logits, layers = decoder_pass(decoder, prefix, points, z[None], L, torch.tensor([L - 1], device=device))
-    return AugmentedCache(ids, layers, logits[0, 0], L, latents=z)
+    embeds = added_embeds(decoder, z[None], ids[None, -1:], r)  # (1, L+r, d)
+    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, torch.tensor([L + r - 1], device=device))
+    return AugmentedCache(ids, layers, logits[0, 0], L, latents=z, n_reread=r)
 
 
 def records_to_table(records: list[CacheRecord]) -> pa.Table:

@@ -7,9 +7,11 @@ plain-torch version used for local runs, tests and as the reference for the dist
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -100,16 +102,53 @@ def train_local(
     seed: int = 0,
     log_every: int = 10,
     log: Callable[[str], None] = print,
+    cosine: bool = False,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """AdamW on the module's trainable parameters only; returns the training loss per step."""
+    """AdamW on the module's trainable parameters only; returns the training loss per step.
+
+    Warmup is linear; with `cosine` the rate then decays to 10% at `steps`. With `checkpoint_path`,
+    the module, optimizer, schedule, point sampler and losses are saved every `checkpoint_every`
+    steps and at the end, and a call that finds the file resumes from it (the batch stream is
+    advanced past the batches already used, so a resumed run sees the same data as an unbroken one).
+    `on_step(step)` runs after each optimizer step (held-out curves).
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+    def rate(s: int) -> float:
+        warm = min(1.0, (s + 1) / max(1, warmup_steps))
+        if not cosine or s < warmup_steps:
+            return warm
+        progress = (s - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     g = torch.Generator().manual_seed(seed)
     module.train()
-    losses = []
+    losses: list[float] = []
+    start = 0
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = torch.load(checkpoint_path, map_location=decoder.device, weights_only=False)
+        module.load_state_dict(state["module"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        g.set_state(state["sampler"])
+        losses, start = state["losses"], state["step"]
+        for _ in range(start):  # the batches the saved steps consumed
+            next(batches)
+        log(f"resumed at step {start} from {checkpoint_path}")
+
+    def save(step: int) -> None:
+        tmp = f"{checkpoint_path}.tmp"
+        torch.save({"module": module.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                    "sampler": g.get_state(), "losses": losses, "step": step}, tmp)
+        os.replace(tmp, checkpoint_path)  # atomic: a crash never leaves half a checkpoint
+
     t0 = time.perf_counter()
-    for step in range(steps):
+    for step in range(start, steps):
         batch = next(batches).to(decoder.device)
         points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(decoder.device)
         loss = one_pass_loss(decoder, module, batch, points, aug.n_ahead).loss
@@ -121,4 +160,8 @@ def train_local(
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.1f}s")
+        if on_step is not None:
+            on_step(step + 1)
+        if checkpoint_path is not None and ((checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == steps):
+            save(step + 1)
     return losses

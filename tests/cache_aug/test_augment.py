@@ -13,13 +13,17 @@ from cache_aug.records import encode_record, read_records, restore, write_record
 from cache_aug.testing import tiny_decoder
 
 ARCHS = ["llama", "gemma2", "gpt2", "qwen2-sliding", "mistral"]
+# (architecture, which slot predicts the first ahead token): the paper's rule everywhere, the re-read
+# last token on the architectures with embedding scaling (gemma2) and sliding layers
+SETUPS = [(a, "last_latent") for a in ARCHS] + [(a, "last_token") for a in ("llama", "gemma2", "qwen2-sliding")]
 N_L = 3
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=SETUPS, ids=lambda s: "-".join(s))
 def setup(request):
-    decoder = tiny_decoder(request.param)
-    module = build_latent_module(decoder, CoprocessorConfig(mode="full"), n_latents=N_L).eval()
+    arch, first = request.param
+    decoder = tiny_decoder(arch)
+    module = build_latent_module(decoder, CoprocessorConfig(mode="full", first_ahead_from=first), n_latents=N_L).eval()
     return decoder, module, latent_fingerprint(decoder, module)
 
 
@@ -45,7 +49,8 @@ def test_stored_equals_computed(setup, mode, tmp_path):
     assert loaded == record
     restored = restore(loaded, decoder, fp)
 
-    assert restored.seq_len == aug.seq_len == 30 + N_L
+    assert restored.seq_len == aug.seq_len == 30 + N_L + module.reread
+    assert restored.n_reread == aug.n_reread == module.reread
     got = _steps(decoder, restored, [5, 6, 7])
     assert [t for t, _ in got] == [t for t, _ in expected]
     for (_, a), (_, b) in zip(got, expected):
@@ -88,7 +93,7 @@ def test_batched_augment_equals_one_by_one(setup):
     batch = augment(decoder, module, docs)
     for doc, got in zip(docs, batch):
         want = augment(decoder, module, [doc])[0]
-        assert got.seq_len == want.seq_len == len(doc) + N_L
+        assert got.seq_len == want.seq_len == len(doc) + N_L + module.reread
         assert torch.equal(got.input_ids, want.input_ids)
         for (k, v), (k2, v2) in zip(got.layers, want.layers):
             torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)

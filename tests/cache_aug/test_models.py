@@ -59,15 +59,16 @@ def test_coprocessor_is_a_copy_initialised_from_the_decoder():
     assert module.trunk.get_input_embeddings().weight.shape[0] == 1
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "pause"])
-def test_save_load_round_trip(mode, tmp_path):
+@pytest.mark.parametrize("mode,first", [("full", "last_latent"), ("lora", "last_latent"), ("pause", "last_latent"),
+                                        ("full", "last_token"), ("pause", "last_token")])
+def test_save_load_round_trip(mode, first, tmp_path):
     decoder = tiny_decoder("qwen2")
-    module = build_latent_module(decoder, CoprocessorConfig(mode=mode, lora_rank=4), n_latents=3)
+    module = build_latent_module(decoder, CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first), n_latents=3)
     _step(decoder, module)  # trained weights differ from the decoder's
     module.eval()
     path = save_latent_module(module, decoder, tmp_path / "cop")
     meta = json.loads((path / "latents.json").read_text())
-    assert meta["n_latents"] == 3 and meta["mode"] == mode
+    assert meta["n_latents"] == 3 and meta["mode"] == mode and meta["first_ahead_from"] == first
     assert meta["decoder_fingerprint"] == decoder.fingerprint
     assert (path / "soft_tokens.safetensors").exists()
     assert (path / "model.safetensors").exists() == (mode != "pause")
@@ -77,6 +78,7 @@ def test_save_load_round_trip(mode, tmp_path):
     doc = [list(range(5, 25))]
     a, b = augment(decoder, module, doc)[0], augment(decoder, loaded, doc)[0]
     assert torch.equal(a.latents, b.latents) and torch.equal(a.next_logits, b.next_logits)
+    assert loaded.reread == module.reread and a.seq_len == b.seq_len == 20 + 3 + module.reread
 
 
 def test_load_refuses_other_decoder(tmp_path):
@@ -113,6 +115,10 @@ def test_fingerprint_covers_each_part():
     # N_L and mode
     assert latent_fingerprint(decoder, build_latent_module(decoder, CoprocessorConfig(mode="full"), 3)) != base
     assert latent_fingerprint(decoder, build_latent_module(decoder, CoprocessorConfig(mode="pause"), 2)) != base
+    # the slot that predicts the first ahead token (same weights, other position rule)
+    reread = build_latent_module(decoder, CoprocessorConfig(mode="full", first_ahead_from="last_token"), 2)
+    reread.load_state_dict(module.state_dict())
+    assert latent_fingerprint(decoder, reread) != latent_fingerprint(decoder, module)
     # dtype
     bf16 = Decoder(freeze(decoder.model.to(torch.bfloat16)), decoder.tokenizer)
     assert decoder_fingerprint(bf16.model, bf16.tokenizer) != decoder.fingerprint

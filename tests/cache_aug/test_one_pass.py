@@ -15,8 +15,8 @@ ARCHS = ["llama", "qwen2", "qwen2-sliding", "mistral", "gpt2", "gemma2", "phi3"]
 T, B, N_L, N_A = 40, 5, 3, 5  # sequences longer than the sliding windows (12-16) of the sliding configs
 
 
-def _module(decoder, mode):
-    module = build_latent_module(decoder, CoprocessorConfig(mode=mode, lora_rank=4), n_latents=N_L).eval()
+def _module(decoder, mode, first="last_latent"):
+    module = build_latent_module(decoder, CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first), n_latents=N_L).eval()
     if mode == "lora":  # fresh LoRA B is zero; make the adapters matter
         for name, p in module.named_parameters():
             if "lora_B" in name:
@@ -31,11 +31,12 @@ def _loss_and_grads(fn, decoder, module, ids, points):
     return out, grads
 
 
+@pytest.mark.parametrize("first", ["last_latent", "last_token"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["full", "lora", "pause"])
-def test_one_pass_equals_reference(arch, mode):
+def test_one_pass_equals_reference(arch, mode, first):
     decoder = tiny_decoder(arch)
-    module = _module(decoder, mode)
+    module = _module(decoder, mode, first)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, decoder.config.vocab_size, (2, T), generator=g)
     points = sample_points(2, T, B, N_A, min_prefix=2, generator=g)
@@ -61,6 +62,8 @@ def test_latents_change_the_loss():
     aug = one_pass_loss(decoder, module, ids, points, N_A).loss.detach()
     none = plain_ahead_loss(decoder, ids, points, N_A).loss
     assert abs(float(aug) - float(none)) > 1e-3
+    reread = one_pass_loss(decoder, _module(decoder, "full", "last_token"), ids, points, N_A).loss.detach()
+    assert abs(float(reread) - float(aug)) > 1e-3  # the slot choice changes what is computed
 
 
 def test_block_mask_layout():

@@ -1,0 +1,120 @@
+"""Ray Data job: evaluate none / pause / coprocessor on held-out documents spread over an actor pool.
+
+    read_parquet(eval.paths) -> DocumentEvaluator (actor pool: decoder + modules; one row per window)
+                             -> collected on the driver -> cache_aug.evaluate.summarise -> report files
+
+Points are sampled per (doc_id, window) inside `cache_aug.evaluate`, so the report does not depend
+on how documents land on actors: it equals the in-process `cache-aug eval` (tests/pipelines).
+The report goes to eval.output, local or s3://.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from cache_aug.config import CacheAugConfig, from_dict, to_dict
+from cache_aug.corpus import resolve_embedded_path
+from pipelines.storage import download_dir, fsspec_options, resolve, upload_dir
+
+
+class DocumentEvaluator:
+    """Actor: holds the decoder and the condition modules; documents in, per-window losses out."""
+
+    def __init__(self, config: dict, module_dirs: dict[str, str]):
+        import torch
+
+        from cache_aug.coprocessor import load_latent_module
+        from cache_aug.decoder import load_decoder
+
+        self.cfg = from_dict(CacheAugConfig, config)
+        ev = self.cfg.eval
+        device = "cuda" if ev.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
+        self.decoder = load_decoder(self.cfg.model, device=device, storage_options=fsspec_options(self.cfg.s3))
+        self.modules = {"none": None} | {name: load_latent_module(d, self.decoder).eval() for name, d in module_dirs.items()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from cache_aug.evaluate import document_rows, evaluate_documents
+
+        ev = self.cfg.eval
+        docs = document_rows(batch.to_pydict(), ev)
+        rows = evaluate_documents(self.decoder, self.modules, docs, ev, self.cfg.augmentation.min_prefix)
+        columns = ["doc_id", "window", "points"] + [f"ce_{name}" for name in self.modules]
+        return pa.table({c: [r[c] for r in rows] for c in columns}) if rows else pa.table({c: [] for c in columns})
+
+
+def _read_documents(cfg: CacheAugConfig) -> ray.data.Dataset:
+    ev = cfg.eval
+    paths = [resolve_embedded_path(p) for p in ev.paths]
+    fs = resolve(paths[0], cfg.s3)[0]
+    ds = ray.data.read_parquet([resolve(p, cfg.s3)[1] for p in paths], filesystem=fs)
+    names = ds.schema().names
+    if ev.text_column not in names:
+        raise ValueError(f"eval.text_column: column {ev.text_column!r} not found in {paths} (columns: {names})")
+    columns = [c for c in (ev.id_column, ev.text_column) if c in names]
+    ds = ds.select_columns(columns)
+    if ev.max_documents:  # the first documents in id order, as the in-process evaluation takes them
+        import pyarrow.dataset as pads
+
+        from cache_aug.evaluate import document_rows
+
+        found = []
+        for p in paths:
+            fs_p, target = resolve(p, cfg.s3)
+            found += document_rows(pads.dataset(target, filesystem=fs_p, format="parquet").to_table(columns=columns).to_pydict(), ev)
+        keep = {doc_id for doc_id, _ in sorted(found)[: ev.max_documents]}
+        ds = ds.filter(lambda row: document_rows({k: [v] for k, v in row.items()}, ev)[0][0] in keep)
+    return ds.repartition(4 * ev.num_actors)  # a single input file is one block: split it so every actor gets work
+
+
+def run_eval_job(cfg: CacheAugConfig) -> dict:
+    """Evaluate with Ray Data and write the report to eval.output; returns the report."""
+    from cache_aug.coprocessor import load_latent_module
+    from cache_aug.decoder import load_decoder
+    from cache_aug.evaluate import module_meta, summarise, write_report
+
+    ev = cfg.eval
+    t0 = time.perf_counter()
+    module_dirs = {}
+    for name in ("pause", "coprocessor"):
+        if getattr(ev, name):
+            module_dirs[name] = download_dir(getattr(ev, name), tempfile.mkdtemp(prefix=f"cache-aug-{name}-"), cfg.s3)
+    decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver describes what is evaluated
+    modules = {"none": None} | {name: load_latent_module(d, decoder) for name, d in module_dirs.items()}
+    meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor})
+    del decoder, modules
+
+    windows = _read_documents(cfg).map_batches(
+        DocumentEvaluator, batch_format="pyarrow", batch_size=ev.docs_per_batch,
+        fn_constructor_kwargs={"config": to_dict(cfg), "module_dirs": module_dirs},
+        compute=ray.data.ActorPoolStrategy(size=ev.num_actors),
+        num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None,
+    )
+    rows = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in windows.take_all()]
+    rows = [r | {k: [list(map(float, x)) for x in r[k]] for k in r if k.startswith("ce_")} | {"points": list(map(int, r["points"]))}
+            for r in rows]
+    report = summarise(rows, ["none", *module_dirs], cfg.augmentation.n_ahead, ev, meta | {"workers": ev.num_actors})
+    report["wall_s"] = round(time.perf_counter() - t0, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(report, rows, tmp)
+        upload_dir(tmp, ev.output, cfg.s3)
+    return report
+
+
+def eval_job(config: str | None, overrides: list[str], num_cpus: int | None = None) -> dict:
+    """The evaluation job as `ray job submit` and `cache-aug eval --ray` run it; returns the report."""
+    from cache_aug.config import dump_config, load_config
+
+    cfg = load_config(config, overrides=overrides)
+    print(dump_config(cfg), flush=True)
+    ray.init(num_cpus=num_cpus, ignore_reinit_error=True)  # joins RAY_ADDRESS's cluster when set
+    report = run_eval_job(cfg)
+    print(json.dumps({k: report[k] for k in ("ppl", "relative_reduction", "points", "wall_s") if k in report}, indent=2), flush=True)
+    return report

@@ -1,0 +1,58 @@
+"""The Ray Data evaluation job (documents on S3, two actors) gives the report of the in-process evaluation."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cache_aug.config import CoprocessorConfig, ModelConfig, load_config
+from cache_aug.coprocessor import build_latent_module, save_latent_module
+from cache_aug.decoder import load_decoder
+from cache_aug.evaluate import run_eval
+from pipelines.evaluate import run_eval_job
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+TEXTS = [
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void.",
+    "And God said, Let there be light: and there was light. And God saw the light, that it was good.",
+    "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures.",
+    "Blessed is the man that walketh not in the counsel of the ungodly, nor standeth in the way of sinners.",
+    "tiny",
+]
+
+
+def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
+    decoder = load_decoder(ModelConfig(path=str(tiny_default_dir)))
+    torch.manual_seed(0)
+    for name, mode in (("pause", "pause"), ("coprocessor", "full")):
+        save_latent_module(build_latent_module(decoder, CoprocessorConfig(mode=mode), n_latents=2), decoder, tmp_path / name)
+    table = pa.table({"doc_id": [f"d{i}" for i in range(len(TEXTS))], "text": TEXTS})
+    pq.write_table(table, tmp_path / "heldout.parquet")
+    client = s3_server["client"]
+    client.create_bucket(Bucket="eval-docs")
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    client.put_object(Bucket="eval-docs", Key="heldout/part-0.parquet", Body=buf.getvalue())
+
+    common = [f"model.path={tiny_default_dir}", f"eval.pause={tmp_path / 'pause'}", f"eval.coprocessor={tmp_path / 'coprocessor'}",
+              "eval.window=32", "eval.max_ahead=5", "eval.points_per_window=3", "augmentation.n_ahead=3",
+              "augmentation.min_prefix=4", "eval.bootstrap_samples=100", "eval.docs_per_batch=2"]
+    local = run_eval(load_config(None, overrides=[*common, f"eval.paths=[{tmp_path / 'heldout.parquet'}]",
+                                                  f"eval.output={tmp_path / 'local'}"]))
+    remote = run_eval_job(load_config(None, overrides=[*common, "eval.paths=[s3://eval-docs/heldout/]", "eval.num_actors=2",
+                                                       "eval.cpus_per_actor=0.5", "eval.output=s3://eval-docs/report"]))
+
+    assert remote["documents"] == local["documents"] == 4 and remote["points"] == local["points"] > 0
+    assert remote["positions_sha256"] == local["positions_sha256"]
+    assert len(set(remote["positions_sha256"].values())) == 1
+    for c in ("none", "pause", "coprocessor"):
+        assert remote["ppl"][c] == pytest.approx(local["ppl"][c], rel=1e-5)
+        assert remote["per_position"][c]["loss"] == pytest.approx(local["per_position"][c]["loss"], rel=1e-5)
+    stored = json.loads(client.get_object(Bucket="eval-docs", Key="report/eval.json")["Body"].read())
+    assert stored["ppl"] == remote["ppl"] and stored["workers"] == 2

@@ -373,9 +373,13 @@ class CorpusConfig:
     index_buckets: int = 64
     """Records are partitioned by a hash of doc_id into this many buckets, so one lookup reads one bucket."""
 
+    rows_per_group: int = 4
+    """Records per Parquet row group. A lookup reads one row group, so this bounds the bytes read per served
+    document (a `full`-mode record holds the document's whole KV cache)."""
+
     def __post_init__(self) -> None:
         _require(bool(self.input_paths), "input_paths", "must name at least one input", self.input_paths)
-        for name in ("max_tokens", "batch_size", "augment_batch_size", "num_actors", "max_rows_per_file", "index_buckets"):
+        for name in ("max_tokens", "batch_size", "augment_batch_size", "num_actors", "max_rows_per_file", "index_buckets", "rows_per_group"):
             _at_least(name, getattr(self, name), 1)
         _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0", self.cpus_per_actor)
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0", self.gpus_per_actor)

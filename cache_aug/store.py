@@ -19,11 +19,10 @@ import zlib
 from collections.abc import Iterable
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cache_aug.records import CacheRecord
+from cache_aug.records import RECORD_SCHEMA, CacheRecord
 
 RUNS, MANIFESTS = "runs", "manifests"
 NO_BUCKET = "-"
@@ -92,34 +91,48 @@ def done_documents(fs: pafs.FileSystem, root: str, fingerprint: str) -> set[tupl
 
 
 class AugmentedCacheReader:
-    """Loads the current record of one document from an output prefix, reading one bucket per run."""
+    """Loads the current record of one document from an output prefix: one bucket per run, one row group.
+
+    The first lookup in a (run, bucket) reads only the doc_id column of that bucket's files and keeps
+    where each document sits (file, row group, row); a lookup then reads the single row group that holds
+    the record, so the bytes read per document are bounded by the job's row-group size, not the file's.
+    Listings and indexes are refreshed every `list_ttl_s` seconds (a new run may have landed).
+    """
 
     def __init__(self, fs: pafs.FileSystem, root: str, n_buckets: int, list_ttl_s: float = 30.0):
         self.fs, self.root, self.n_buckets, self.list_ttl_s = fs, root.rstrip("/"), n_buckets, list_ttl_s
         self._runs: list[str] = []
-        self._files: dict[tuple[str, str], list[str]] = {}  # (run, bucket) -> readable files, until the next listing
+        self._index: dict[tuple[str, str], dict[str, tuple[str, int, int]]] = {}  # (run, bucket) -> doc_id -> place
         self._listed_at = float("-inf")
 
     def _run_ids(self) -> list[str]:
         if time.monotonic() - self._listed_at > self.list_ttl_s:
             self._runs, self._listed_at = run_ids(self.fs, self.root), time.monotonic()
-            self._files = {}
+            self._index = {}
         return self._runs
 
-    def _bucket_files(self, run: str, bucket: str) -> list[str]:
+    def _bucket_index(self, run: str, bucket: str) -> dict[str, tuple[str, int, int]]:
         key = (run, bucket)
-        if key not in self._files:
-            self._files[key] = kind_files(self.fs, self.root, "record", run, bucket)
-        return self._files[key]
+        if key not in self._index:
+            where: dict[str, tuple[str, int, int]] = {}
+            for path in kind_files(self.fs, self.root, "record", run, bucket):
+                with self.fs.open_input_file(path) as f:
+                    pf = pq.ParquetFile(f)
+                    for rg in range(pf.num_row_groups):
+                        for row, doc in enumerate(pf.read_row_group(rg, columns=["doc_id"]).column(0).to_pylist()):
+                            where[doc] = (path, rg, row)
+            self._index[key] = where
+        return self._index[key]
 
     def get(self, doc_id: str) -> CacheRecord | None:
         """The newest run's record of `doc_id`, or None if no run stored one."""
         bucket = bucket_of(doc_id, self.n_buckets)
         for run in reversed(self._run_ids()):
-            files = self._bucket_files(run, bucket)
-            if not files:
+            place = self._bucket_index(run, bucket).get(doc_id)
+            if place is None:
                 continue
-            table = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(filter=pads.field("doc_id") == doc_id)
-            if table.num_rows:
-                return CacheRecord.from_row(table.slice(table.num_rows - 1).to_pylist()[0])
+            path, rg, row = place
+            with self.fs.open_input_file(path) as f:
+                table = pq.ParquetFile(f).read_row_group(rg, columns=RECORD_SCHEMA.names)
+            return CacheRecord.from_row(table.slice(row, 1).to_pylist()[0])
         return None

@@ -206,7 +206,7 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     t1 = time.time()
     try:
         augmented.write_parquet(f"{out_root}/{RUNS}/{run_id}", filesystem=out_fs, partition_cols=["kind", "bucket"],
-                                max_rows_per_file=c.max_rows_per_file)
+                                max_rows_per_file=c.max_rows_per_file, row_group_size=c.rows_per_group)
         phases["process_s"] = time.time() - t1
     except Exception as e:
         manifest |= {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}

@@ -13,11 +13,11 @@ from cache_aug.serving import CacheLRU, CompletionEngine, RequestError, _held_ba
 from cache_aug.testing import tiny_decoder
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=["last_latent", "last_token"])
+def setup(request):
     torch.manual_seed(0)
     dec = tiny_decoder("llama")
-    module = build_latent_module(dec, CoprocessorConfig(), 3).eval()
+    module = build_latent_module(dec, CoprocessorConfig(first_ahead_from=request.param), 3).eval()
     return dec, module, latent_fingerprint(dec, module)
 
 
@@ -88,6 +88,11 @@ def test_sources_and_equivalence(setup):
     docs = {f"d{i}": torch.randint(3, 90, (n,), generator=g).tolist() for i, n in enumerate([9, 14, 6])}
     augs = dict(zip(docs, augment(dec, module, list(docs.values()))))
     good = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode="latent_kv", dtype="float32", spec=dec.cache_spec)
+    for mode in ("latents", "full"):  # every storage mode restores to the same answers
+        rec = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode=mode, dtype="float32", spec=dec.cache_spec)
+        out = engine(setup, Records({"d0": rec})).complete(req(setup, {"prompt": [5, 6], "max_tokens": 6, "temperature": 0,
+                                                                         "document_id": "d0"}))
+        assert out["token_ids"] == generate(dec, augs["d0"], [5, 6], max_new_tokens=6), mode
     forged = encode_record(augs["d1"], doc_id="d1", fingerprint="0" * 32, mode="latent_kv", dtype="float32", spec=dec.cache_spec)
     texts = {"d1": "some text", "d2": "more text"}
     store = Records({"d0": good, "d1": forged})

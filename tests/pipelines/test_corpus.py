@@ -94,6 +94,15 @@ def test_incremental_runs_with_exact_accounting(setup):
     record = reader.get(doc_id)
     assert record is not None and record.doc_id == doc_id and record.fingerprint == first["fingerprint"]
     assert reader.get("no such document") is None
+    # every record of every bucket is found, and a lookup reads one row group of at most rows_per_group rows
+    for d, _ in good[:40]:
+        assert reader.get(d).doc_id == d
+    places = [p for idx in reader._index.values() for p in idx.values()]
+    assert places and all(fs.get_file_info(p).size > 0 for p, _, _ in places)
+    for path in {p for p, _, _ in places}:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        assert all(meta.row_group(i).num_rows <= cfg.corpus.rows_per_group for i in range(meta.num_row_groups))
     stored = restore(record, decoder, latent_fingerprint(decoder, module))
     fresh = augment(decoder, module, [decoder.tokenizer.encode(text)])[0]
     prompt = decoder.tokenizer.encode(" And God said")

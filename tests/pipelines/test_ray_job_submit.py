@@ -39,6 +39,18 @@ def _run(cmd: list[str], env: dict, timeout: float = 600) -> str:
     return out.stdout
 
 
+def _submit(cmd: list[str], env: dict, tries: int = 30) -> str:
+    """`ray job submit`, retried while the head's job agent is still starting (bounded)."""
+    for _ in range(tries):
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if out.returncode == 0:
+            return out.stdout
+        if "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(2)
+    pytest.fail(f"{' '.join(cmd)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
 def _wait_job(job_id: str, env: dict, address: str, timeout: float = 900) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -100,7 +112,7 @@ def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_pat
     submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", runtime_env, "--no-wait"]
 
     train_id = f"train-{int(time.time())}"
-    _run(submit + ["--submission-id", train_id, "--", "python", "-m", "jobs.train", "--config", "jobs/configs/tiny_cpu.yaml",
+    _submit(submit + ["--submission-id", train_id, "--", "python", "-m", "jobs.train", "--config", "jobs/configs/tiny_cpu.yaml",
                    *common, f"--set=train.storage_path={work / 'train'}", "--set=train.run_name=cli", "--debug-steps", "4"], env)
     logs = _wait_job(train_id, env, address)
     assert "[train] exported coprocessor" in logs
@@ -108,7 +120,7 @@ def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_pat
     assert (export / "latents.json").exists()
 
     augment_id = f"augment-{int(time.time())}"
-    _run(submit + ["--submission-id", augment_id, "--", "python", "-m", "jobs.augment", "--config", "jobs/configs/augment_tiny.yaml",
+    _submit(submit + ["--submission-id", augment_id, "--", "python", "-m", "jobs.augment", "--config", "jobs/configs/augment_tiny.yaml",
                    *common, f"--set=corpus.input_paths=[{work / 'in'}]", f"--set=corpus.output={work / 'caches'}",
                    f"--set=corpus.coprocessor={export}", "--set=corpus.truncate=true"], env)
     logs = _wait_job(augment_id, env, address)

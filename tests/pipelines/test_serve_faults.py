@@ -140,7 +140,7 @@ def burst(fn, n: int, timeout: float) -> list:
 
 
 def test_limits_hold_under_concurrency(site):
-    """413 (declared and chunked bodies, documents), 400 for max_tokens / prompt over their caps, mixed with good requests."""
+    """413 (declared and chunked bodies), 400 for max_tokens / prompt / document over their caps, mixed with good requests."""
     url = deploy(site)
     doc = list(site["stored"])[0]
     post = lambda **kw: requests.post(f"{url}/v1/completions", timeout=60, **kw)  # noqa: E731
@@ -150,7 +150,7 @@ def test_limits_hold_under_concurrency(site):
         ("body too large", lambda: post(data=padded, headers={"Content-Type": "application/json"}), 413),
         ("chunked body too large",  # no Content-Length: the limit must hold while reading the stream
          lambda: post(data=(padded[i:i + 512] for i in range(0, len(padded), 512))), 413),
-        ("document too large", lambda: post(json=body(doc, document="x" * 3000)), 413),
+        ("document over token cap", lambda: post(json=body(doc, document="x" * 3000)), 400),
         ("max_tokens over cap", lambda: post(json=body(doc, max_tokens=33)), 400),
         ("prompt over cap", lambda: post(json=body(doc, prompt=" the" * 200)), 400),
     ]

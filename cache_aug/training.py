@@ -131,7 +131,7 @@ def train_local(
     losses: list[float] = []
     start = 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = torch.load(checkpoint_path, map_location=decoder.device, weights_only=False)
+        state = torch.load(checkpoint_path, map_location=decoder.device, weights_only=True)
         module.load_state_dict(state["module"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])

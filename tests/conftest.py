@@ -76,7 +76,8 @@ class SeaweedFS:
         cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-metricsIp=127.0.0.1", f"-dir={root}",
                f"-volume.max={self.max_volumes}", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
                f"-master.port={self.master}", f"-volume.port={self.volume}", f"-filer.port={self.filer}", "-s3",
-               f"-s3.port={self.s3}", f"-s3.config={root / 's3.json'}"]
+               f"-s3.port={self.s3}", f"-s3.config={root / 's3.json'}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fixed default ports: a second server would die on them
         self.starts += 1
         log = open(root / "weed.log", "a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -84,7 +85,8 @@ class SeaweedFS:
         deadline = time.time() + timeout_s
         while True:  # writable once a probe object round-trips
             try:
-                client.create_bucket(Bucket="probe")
+                if "probe" not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:  # a restart keeps it
+                    client.create_bucket(Bucket="probe")
                 client.put_object(Bucket="probe", Key=f"k{self.starts}", Body=b"x")
                 assert client.get_object(Bucket="probe", Key=f"k{self.starts}")["Body"].read() == b"x"
                 return self

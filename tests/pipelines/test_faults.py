@@ -226,13 +226,16 @@ def _wait(cond, timeout_s: float, what: str, every: float = 0.1):
 
 
 def _processes(title: str) -> list:
-    """Live processes whose title (Ray sets it to the actor's class) contains `title`."""
+    """Our cluster's live processes whose title (Ray sets it to the actor's class) contains `title`.
+
+    Only descendants of this process (ray.init started the raylet here): other Ray clusters on the machine are not ours.
+    """
     import psutil
 
     out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if title in " ".join(p.info["cmdline"] or []):
+            if title in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -316,3 +319,65 @@ def test_corpus_job_survives_sigkill_of_the_augmenter_actor(corpus_setup, tmp_pa
     assert sorted(_record_ids_all_runs(fs, str(out))) == corpus_setup["many_ids"]  # each document exactly once
     rerun = run_corpus_job(cfg)
     assert rerun["counts"] == {"read": 480, "written": 0, "skipped": 480, "failed": 0}
+
+
+# ---------------------------------------------------------------- training under SIGKILL
+
+
+def _registered(run_dir: Path) -> list[dict]:
+    """Metrics of the checkpoints Ray Train has registered (its snapshot); files on disk alone do not count."""
+    import json
+
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or caught mid-write
+        return []
+    return [r["metrics"] for r in snap["checkpoint_results"]]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_training_resumes_from_last_checkpoint_after_sigkill_of_a_worker(tiny_default_dir, tmp_path):
+    """SIGKILL one TorchTrainer worker process after a checkpoint: the group restarts from the last one."""
+    from pipelines.train import run_training
+
+    root = ensure_embedded_corpus("kjv")
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "heldout").mkdir()
+    train = pq.read_table(root / "train.parquet").slice(0, 240)
+    for i in range(3):
+        pq.write_table(train.slice(i * 80, 80), data / "train" / f"shard-{i}.parquet")
+    pq.write_table(pq.read_table(root / "heldout.parquet"), data / "heldout" / "part-0.parquet")
+    name = f"sigkill-{uuid.uuid4().hex[:8]}"
+    overrides = {
+        "model.path": str(tiny_default_dir),
+        "augmentation.n_latents": 2, "augmentation.n_ahead": 4, "augmentation.points_per_sequence": 4,
+        "data.paths": f"[{data}/train/]", "data.eval_paths": f"[{data}/heldout/]", "data.seq_len": 64, "data.docs_per_batch": 32,
+        "train.run_name": name, "train.storage_path": str(tmp_path / "runs"), "train.num_workers": 2,
+        "train.micro_batch_size": 2, "train.warmup_steps": 1, "train.eval_batches": 1,
+        "train.deepspeed_config": "cluster/deepspeed/cpu.json", "train.zero_stage": 2, "train.max_steps": 60,
+        "train.checkpoint_every": 20, "train.eval_every": 60, "train.max_failures": 1, "train.checkpoints_to_keep": 10,
+    }
+    cfg = load_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    run_dir = tmp_path / "runs" / name
+    job = _Background(run_training, cfg)
+    # a checkpoint is resumable once Ray Train's controller has registered it; a written but unregistered one is not
+    _wait(lambda: _registered(run_dir), 240, "the step-20 checkpoint to be registered", every=0.05)
+    workers = _processes("RayTrainWorker")
+    assert len(workers) == 2, workers
+    assert job.thread.is_alive()
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    workers[-1].wait(10)
+    job.join(420)
+    assert job.error is None, repr(job.error)
+    result = job.result
+    registered = _registered(run_dir)
+    first = [m["step"] for m in registered if m["resumed_from_step"] == 0]  # the killed group's checkpoints
+    resumed = result.metrics["resumed_from_step"]
+    print(f"checkpoints of the killed group: {first}; resumed_from_step={resumed}; all: {[m['step'] for m in registered]}")
+    assert first and max(first) < 60  # killed mid-run, after at least one checkpoint
+    assert resumed == max(first)  # the restarted group loaded the last registered checkpoint, not step 0
+    assert result.metrics["step"] == 60
+    assert [m["step"] for m in registered if m["resumed_from_step"] == resumed] == list(range(resumed + 20, 61, 20))
+    assert (run_dir / "export" / "latents.json").exists()

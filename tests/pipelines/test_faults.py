@@ -376,6 +376,7 @@ def test_training_resumes_from_last_checkpoint_after_sigkill_of_a_worker(tiny_de
     first = [m["step"] for m in registered if m["resumed_from_step"] == 0]  # the killed group's checkpoints
     resumed = result.metrics["resumed_from_step"]
     print(f"checkpoints of the killed group: {first}; resumed_from_step={resumed}; all: {[m['step'] for m in registered]}")
+    assert resumed > 0, "the restarted group began from scratch"
     assert first and max(first) < 60  # killed mid-run, after at least one checkpoint
     assert resumed == max(first)  # the restarted group loaded the last registered checkpoint, not step 0
     assert result.metrics["step"] == 60

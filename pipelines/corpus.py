@@ -210,7 +210,10 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
         phases["process_s"] = time.time() - t1
     except Exception as e:
         manifest |= {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-        _write_manifest(out_fs, out_root, manifest, t0)
+        try:
+            _write_manifest(out_fs, out_root, manifest, t0)
+        except Exception as m:  # storage down: the write error is the one to report, not the manifest's
+            e.add_note(f"the failed run's manifest could not be written either: {type(m).__name__}: {m}")
         raise
 
     t1 = time.time()

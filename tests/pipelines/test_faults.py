@@ -249,7 +249,8 @@ def _record_ids_all_runs(fs, root) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_corpus_job_through_an_s3_outage(corpus_setup, tmp_path):
-    """S3 stopped while the job writes, started again on the same ports and data: a clear failure, then an exact re-run."""
+    """S3 stopped while the job writes, started again on the same ports and data: the run retries through or fails
+    naming the S3 error; either way the re-run completes exactly, and a cut-short file is never taken for data."""
     (tmp_path / "weed").mkdir()
     server = SeaweedFS(tmp_path / "weed", max_volumes=30).start()
     try:
@@ -270,23 +271,29 @@ def test_corpus_job_through_an_s3_outage(corpus_setup, tmp_path):
         _wait(written, 120, "the first record file on S3")
         server.stop()
         time.sleep(8)
-        # S3 is down: the job cannot have finished (its manifest goes to S3), and it has not given up either
-        assert job.thread.is_alive() and job.error is None
+        assert job.result is None  # it cannot have succeeded with S3 down: its manifest goes there
         server.start()
         job.join(240)
-        # Ray Data retries the failed S3 writes (with backoff) through the outage: the run succeeds, exactly
-        assert job.error is None, repr(job.error)
-        assert job.result["status"] == "succeeded"
-        assert job.result["counts"] == {"read": 160, "written": 160, "skipped": 0, "failed": 0}
-        ids = _record_ids_all_runs(fs, root)
-        assert sorted(ids) == corpus_setup["ids"]  # no document lost, none written twice by a retried write
+        first_ids = _record_ids_all_runs(fs, root)
+        assert len(first_ids) == len(set(first_ids))  # no document written twice by a retried write
+        # Which outcome depends on the S3 call the outage hits: Ray Data retries what it knows as transient
+        # (e.g. INTERNAL_FAILURE on an upload) with backoff, but not a HeadBucket 500, which aborts the run.
+        print(f"outage outcome: {'failed: ' + repr(job.error)[:300] if job.error else 'retried through'}")
+        if job.error is None:  # retried through the outage: the run itself is exact
+            assert job.result["status"] == "succeeded"
+            assert job.result["counts"] == {"read": 160, "written": 160, "skipped": 0, "failed": 0}
+            assert sorted(first_ids) == corpus_setup["ids"]
+        else:  # failed, naming the storage error rather than a later one (the manifest write also fails)
+            assert "AWS Error" in str(job.error) and "caches" in str(job.error), repr(job.error)
+            assert 0 < len(first_ids) <= 160, len(first_ids)
 
-        # a cut-short file planted in the run's record dir is not data: the re-run skips exactly the 160 done
+        # a cut-short file planted in the run's record dir is not data: the re-run skips exactly what was done
         part = next(k for k in written() if k.endswith(".parquet"))
         body = client.get_object(Bucket="caches", Key=part)["Body"].read()
         client.put_object(Bucket="caches", Key=part.rsplit("/", 1)[0] + "/zz-cut.parquet", Body=body[: len(body) // 2])
         rerun = run_corpus_job(cfg)
-        assert rerun["counts"] == {"read": 160, "written": 0, "skipped": 160, "failed": 0}
+        n = len(first_ids)
+        assert rerun["counts"] == {"read": 160, "written": 160 - n, "skipped": n, "failed": 0}
         assert sorted(_record_ids_all_runs(fs, root)) == corpus_setup["ids"]
         assert len(run_ids(fs, root)) == 2
     finally:

@@ -176,6 +176,11 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     del decoder
     phases = {"setup_s": time.time() - t0}
 
+    # S3 servers answer 500/502/504 during restarts and brief outages; Ray Data retries only some by default.
+    ctx = ray.data.DataContext.get_current()
+    extra = [e for e in ("HTTP status 500", "HTTP status 502", "HTTP status 504") if e not in ctx.retried_io_errors]
+    if extra:
+        ctx.retried_io_errors = [*ctx.retried_io_errors, *extra]
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if total_cpus and c.num_actors * c.cpus_per_actor > total_cpus - 1:
         print(f"[corpus] WARNING: corpus.num_actors x corpus.cpus_per_actor = {c.num_actors * c.cpus_per_actor:g} leaves less than "

@@ -75,9 +75,13 @@ def head(tmp_path):
                         "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
     gcs, dash = _port(), _port()
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    # every port its own: another Ray instance on this machine (e.g. a test session's) holds the defaults
+    ports = [f"--{name}={_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                                                "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+                                                "object-manager-port")]
     proc = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                             f"--temp-dir={temp_dir}"],
+                             f"--temp-dir={temp_dir}", *ports],
                             cwd=REPO, env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"

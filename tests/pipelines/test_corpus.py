@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from cache_aug.augment import augment, decode_steps
-from cache_aug.config import ModelConfig, load_config
-from cache_aug.coprocessor import build_latent_module, latent_fingerprint, load_latent_module, save_latent_module
+from cache_aug.config import load_config
+from cache_aug.coprocessor import latent_fingerprint, load_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
-from cache_aug.decoder import load_decoder
 from cache_aug.documents import content_hash
 from cache_aug.records import restore
 from cache_aug.store import AugmentedCacheReader, read_kind
 from pipelines.corpus import FAIL_AFTER_ENV, run_corpus_job
-from pipelines.storage import s3_filesystem, upload_dir
+from pipelines.storage import s3_filesystem
+from tests.pipelines.shared import upload_fresh_coprocessor
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -47,12 +47,8 @@ def _put(client, bucket, key, table):
 @pytest.fixture(scope="module")
 def setup(s3_server, tiny_default_dir, tmp_path_factory):
     client = s3_server["client"]
-    for b in ("corpus-in", "caches", "models"):
-        client.create_bucket(Bucket=b)
-    decoder = load_decoder(ModelConfig(path=str(tiny_default_dir)))
-    cfg0 = load_config(None, overrides=[f"model.path={tiny_default_dir}"])
-    local = save_latent_module(build_latent_module(decoder, cfg0.coprocessor, 2), decoder, tmp_path_factory.mktemp("cop"))
-    upload_dir(str(local), "s3://models/cop", cfg0.s3)
+    decoder, _, _ = upload_fresh_coprocessor(client, ("corpus-in", "caches", "models"), tiny_default_dir, "s3://models/cop",
+                                             tmp_path_factory.mktemp("cop"))
     kjv = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").slice(0, 200).to_pylist()
     good = [(r["doc_id"], r["text"][:600]) for r in kjv]
     bad = [(k, t) for k, (t, _) in BAD.items()] + [("dup", "second copy")]

@@ -20,14 +20,14 @@ import pytest
 import requests
 
 from cache_aug.augment import augment, generate
-from cache_aug.config import ModelConfig, load_config, to_dict
-from cache_aug.coprocessor import build_latent_module, latent_fingerprint, save_latent_module
+from cache_aug.config import load_config, to_dict
+from cache_aug.coprocessor import latent_fingerprint
 from cache_aug.corpus import ensure_embedded_corpus
-from cache_aug.decoder import load_decoder
 from cache_aug.records import restore
 from cache_aug.store import AugmentedCacheReader
 from pipelines.corpus import run_corpus_job
-from pipelines.storage import s3_filesystem, upload_dir
+from pipelines.storage import s3_filesystem
+from tests.pipelines.shared import upload_fresh_coprocessor
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -62,12 +62,8 @@ def site(s3_server, tiny_default_dir, tmp_path_factory):
     from ray import serve
 
     client = s3_server["client"]
-    for b in ("faults-in", "faults-caches", "faults-models"):
-        client.create_bucket(Bucket=b)
-    decoder = load_decoder(ModelConfig(path=str(tiny_default_dir)))
-    cfg0 = load_config(None, overrides=[f"model.path={tiny_default_dir}"])
-    module = build_latent_module(decoder, cfg0.coprocessor, 2).eval()
-    upload_dir(str(save_latent_module(module, decoder, tmp_path_factory.mktemp("cop"))), "s3://faults-models/cop", cfg0.s3)
+    decoder, module, cfg0 = upload_fresh_coprocessor(client, ("faults-in", "faults-caches", "faults-models"), tiny_default_dir,
+                                                     "s3://faults-models/cop", tmp_path_factory.mktemp("cop"))
 
     rows = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").slice(20, 6).to_pylist()
     docs = {r["doc_id"]: r["text"][:300] for r in rows}

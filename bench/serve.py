@@ -1,6 +1,7 @@
 """Serve endpoint latency: stored cache vs plain decoding vs online augmentation, side by side in one run.
 
     python -m bench.serve [--docs 24] [--doc-tokens 1000] [--max-tokens 16] [--clients 8] [--load-s 30]
+                          [--ingress both|haproxy|proxy]
 
 Local Ray (2 CPUs), the embedded tiny-kjv decoder and a coprocessor, KJV chapters cut to ~1,000 tokens,
 caches written by the corpus job (latent_kv and full modes). Requests go over loopback HTTP with
@@ -16,6 +17,13 @@ read + check + restore each time, the cold path. Conditions rotate request by re
 
 Then 8 concurrent clients send stored requests for --load-s seconds: p50/p99 latency, requests/s,
 errors. Writes bench/results/serve.json.
+
+Everything above runs once per HTTP ingress, each on its own fresh local Ray (the ingress is chosen when
+Serve starts):
+    haproxy  Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, the binary comes with ray[serve]):
+             requests go straight to the replica's own HTTP port. The shipped RayService uses it.
+    proxy    Serve's default Python proxy actor, one more hop (and process) on every request and chunk.
+The top-level numbers are the haproxy run's; `by_ingress` holds both. Ratios are only taken within a run.
 """
 
 from __future__ import annotations
@@ -62,7 +70,48 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--load-s", type=float, default=30.0)
     ap.add_argument("--n-latents", type=int, default=8)
+    ap.add_argument("--ingress", choices=["both", "haproxy", "proxy"], default="both")
+    ap.add_argument("--json-out", help=argparse.SUPPRESS)  # one ingress's result, for the `both` parent
     args = ap.parse_args()
+    if args.ingress == "both":
+        return run_both(args)
+    result = measure(args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result))
+        return
+    from bench.results_io import write_result
+
+    write_result("serve", result)
+
+
+def run_both(args) -> None:
+    """Each ingress in its own process and Ray cluster, one after the other; merged into one result."""
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for ingress in ("haproxy", "proxy"):
+        out = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "result.json"
+        argv = [sys.executable, "-m", "bench.serve", "--ingress", ingress, "--json-out", str(out)]
+        for name in ("docs", "doc_tokens", "max_tokens", "clients", "load_s", "n_latents"):
+            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        subprocess.run(argv, check=True, cwd=Path(__file__).resolve().parents[1],
+                       env=os.environ | {"RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0"})
+        runs[ingress] = json.loads(out.read_text())
+    keys = ("ttft_s", "total_s", "stored_vs_plain_ttft", "online_vs_stored_ttft", "full_1k_ttft_s", "full_1k_ttft_speedup",
+            "full_online_vs_stored_ttft", "load", "p50_s", "p99_s", "rps", "errors")
+    result = runs["haproxy"] | {"ingress": "haproxy", "by_ingress": {k: {n: v[n] for n in keys} for k, v in runs.items()}}
+    from bench.results_io import write_result
+
+    write_result("serve", result)
+
+
+def measure(args) -> dict:
+    """One ingress, on a Ray started here (Serve reads the switch when it starts)."""
+    import os
+
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if args.ingress == "haproxy" else "0"
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -116,7 +165,7 @@ def main() -> None:
         "online": lambda i: common | {"prompt": prompt, "document_id": online_ids[i], "document": texts[online_ids[i]]},
     }
 
-    def measure(mode: str, conditions: list[str]) -> dict[str, list[tuple[float, float]]]:
+    def rounds(mode: str, conditions: list[str]) -> dict[str, list[tuple[float, float]]]:
         deploy(mode)
         for name in conditions:  # warm-up: one request of each kind
             stream_once(url, bodies[name](0))
@@ -129,8 +178,8 @@ def main() -> None:
                 out[name].append((ttft, total))
         return out
 
-    lat = measure("latent_kv", ["stored", "plain", "online"])
-    full = measure("full", ["stored", "plain", "online"])
+    lat = rounds("latent_kv", ["stored", "plain", "online"])
+    full = rounds("full", ["stored", "plain", "online"])
 
     # load: concurrent clients over the stored path
     deploy("latent_kv")
@@ -169,8 +218,9 @@ def main() -> None:
     med = lambda xs, j: statistics.median(x[j] for x in xs)  # noqa: E731
     ttft = {name: med(v, 0) for name, v in lat.items()}
     total = {name: med(v, 1) for name, v in lat.items()}
-    result = {
+    return {
         "bench": "serve",
+        "ingress": args.ingress,
         "decoder": "tiny-kjv",
         "doc_tokens_mean": doc_tokens,
         "max_tokens": args.max_tokens,
@@ -191,9 +241,6 @@ def main() -> None:
         "setup": ("local Ray, 2 CPUs; one replica (1 CPU, 1 torch thread); streaming over loopback HTTP; LRU off "
                   "(every stored request reads, checks and restores its record); medians over the requests"),
     }
-    from bench.results_io import write_result
-
-    write_result("serve", result)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (N, H_kv, S, D)
 
@@ -34,11 +35,17 @@ def model_cache(layers: list[KV], config, seq_len: int) -> DynamicCache:
 
     Sliding-window layers may be given only their last window-1 columns; their true length is
     restored so masks and positions continue at `seq_len` (platform-notes.md, Gemma2).
+    Full layers take the given tensors as they are, without a copy: a layer's `update` concatenates
+    into a new tensor, so the tensors (e.g. a cached document's) are never written to.
     """
     cache = DynamicCache(config=config)
     if len(cache.layers) != len(layers):
         raise ValueError(f"cache has {len(layers)} layers, the model has {len(cache.layers)}")
     for layer, (k, v) in zip(cache.layers, layers):
+        if type(layer) is DynamicLayer:
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+            continue
         layer.update(k, v)
         if getattr(layer, "is_sliding", False):
             layer.cumulative_length = seq_len

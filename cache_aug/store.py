@@ -94,8 +94,9 @@ class AugmentedCacheReader:
     """Loads the current record of one document from an output prefix: one bucket per run, one row group.
 
     The first lookup in a (run, bucket) reads only the doc_id column of that bucket's files and keeps
-    where each document sits (file, row group, row); a lookup then reads the single row group that holds
-    the record, so the bytes read per document are bounded by the job's row-group size, not the file's.
+    where each document sits (file, row group, row), and each file's footer; a lookup then reads the single
+    row group that holds the record (no footer read), so the bytes read per document are bounded by the job's
+    row-group size, not the file's.
     Listings and indexes are refreshed every `list_ttl_s` seconds (a new run may have landed).
     """
 
@@ -103,12 +104,13 @@ class AugmentedCacheReader:
         self.fs, self.root, self.n_buckets, self.list_ttl_s = fs, root.rstrip("/"), n_buckets, list_ttl_s
         self._runs: list[str] = []
         self._index: dict[tuple[str, str], dict[str, tuple[str, int, int]]] = {}  # (run, bucket) -> doc_id -> place
+        self._footers: dict[str, pq.FileMetaData] = {}  # path -> its Parquet footer, so a lookup is one ranged read
         self._listed_at = float("-inf")
 
     def _run_ids(self) -> list[str]:
         if time.monotonic() - self._listed_at > self.list_ttl_s:
             self._runs, self._listed_at = run_ids(self.fs, self.root), time.monotonic()
-            self._index = {}
+            self._index, self._footers = {}, {}
         return self._runs
 
     def _bucket_index(self, run: str, bucket: str) -> dict[str, tuple[str, int, int]]:
@@ -118,6 +120,7 @@ class AugmentedCacheReader:
             for path in kind_files(self.fs, self.root, "record", run, bucket):
                 with self.fs.open_input_file(path) as f:
                     pf = pq.ParquetFile(f)
+                    self._footers[path] = pf.metadata
                     for rg in range(pf.num_row_groups):
                         for row, doc in enumerate(pf.read_row_group(rg, columns=["doc_id"]).column(0).to_pylist()):
                             where[doc] = (path, rg, row)
@@ -133,6 +136,6 @@ class AugmentedCacheReader:
                 continue
             path, rg, row = place
             with self.fs.open_input_file(path) as f:
-                table = pq.ParquetFile(f).read_row_group(rg, columns=RECORD_SCHEMA.names)
+                table = pq.ParquetFile(f, metadata=self._footers.get(path)).read_row_group(rg, columns=RECORD_SCHEMA.names)
             return CacheRecord.from_row(table.slice(row, 1).to_pylist()[0])
         return None

@@ -61,6 +61,10 @@ def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
 
     s = cfg.serve
     device = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if device == "cpu":
+        # grouped-query attention inside torch's SDPA instead of repeating K/V per head first: the same
+        # numbers, one copy of the cache less per layer and step (CUDA would fall back to its math kernel)
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     decoder = load_decoder(cfg.model, device=device, storage_options=fsspec_options(cfg.s3))
     module, fingerprint = None, None
     cop = s.coprocessor or cfg.corpus.coprocessor

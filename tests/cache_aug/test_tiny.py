@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -144,16 +145,30 @@ def test_tokenizer_round_trip_unicode(tmp_path):
 
 def test_presets_and_names(monkeypatch, tmp_path):
     spec = TINY_SPECS["tiny-kjv"]
-    assert spec.threads == 1 and spec.num_layers == 4 and spec.hidden_size == 256
+    assert spec.threads == 0 and spec.num_layers == 4 and spec.hidden_size == 256
     assert is_embedded_name("tiny-kjv") and is_embedded_name("test")
     assert not is_embedded_name("gpt2") and not is_embedded_name("/some/path")
     assert spec_hash(spec) == spec_hash(TINY_SPECS["tiny-kjv"]) != spec_hash(TINY_SPECS["test"])
+    # how a build runs is not what it builds; the recipe is
+    assert spec_hash(dataclasses.replace(spec, threads=3, log_every=7)) == spec_hash(spec)
+    assert spec_hash(dataclasses.replace(spec, max_steps=1299)) != spec_hash(spec)
     monkeypatch.setenv("CACHE_AUG_HOME", str(tmp_path / "home"))
     assert tiny_home() == tmp_path / "home"
     monkeypatch.delenv("CACHE_AUG_HOME")
     assert tiny_home().parts[-2:] == (".cache", "cache-aug")
     with pytest.raises(ValueError, match="tiny-kjv"):
         ensure_tiny_decoder("no-such-model", root=tmp_path)
+
+
+def test_thread_count_does_not_change_the_weights(kjv, tmp_path):
+    """Why `threads` is not part of spec_hash: the same recipe on 1 and 2 threads builds the same bytes."""
+    docs = kjv[:200]
+    built = {}
+    for threads in (1, 2):
+        spec = dataclasses.replace(TINY_SPECS["test"], max_steps=30, threads=threads)
+        pretrain_tiny(tmp_path / f"t{threads}", spec, docs=docs, log=lambda m: None)
+        built[threads] = (tmp_path / f"t{threads}" / "model.safetensors").read_bytes()
+    assert built[1] == built[2]
 
 
 def test_failed_build_leaves_nothing(tmp_path):

@@ -72,7 +72,8 @@ def head(tmp_path):
     """A Ray head on 127.0.0.1 with token auth; stopped (only this cluster) at the end."""
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                        "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+                        "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
+                        "RAY_SERVE_ENABLE_HA_PROXY": "1"}  # Serve's HAProxy ingress, as the shipped RayService runs it
     gcs, dash = _port(), _port()
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     # every port its own: another Ray instance on this machine (e.g. a test session's) holds the defaults
@@ -156,5 +157,15 @@ def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_pat
                                                      "document_id": doc_id}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["cache_aug"]["source"] == "stored" and len(r.json()["cache_aug"]["token_ids"]) >= 1
+    # the same request streamed through the ingress: server-sent events that join to the same text
+    pieces = []
+    with requests.post(f"{url}/v1/completions", json={"model": "cache-aug", "prompt": " And", "max_tokens": 8, "temperature": 0,
+                                                      "document_id": doc_id, "stream": True}, stream=True, timeout=120) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in s.iter_lines() if line.startswith(b"data: ")]
+    assert lines[-1] == b"data: [DONE]"
+    for line in lines[:-1]:
+        pieces += [c["text"] for c in json.loads(line[6:]).get("choices", [])]
+    assert "".join(pieces) == r.json()["choices"][0]["text"]
     print(f"checked jobs {train_id} and {augment_id}; serve answered {r.json()['choices'][0]['text']!r}")
     shutil.rmtree(work / "train", ignore_errors=True)

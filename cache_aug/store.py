@@ -136,6 +136,8 @@ class AugmentedCacheReader:
                 continue
             path, rg, row = place
             with self.fs.open_input_file(path) as f:
-                table = pq.ParquetFile(f, metadata=self._footers.get(path)).read_row_group(rg, columns=RECORD_SCHEMA.names)
+                pf = pq.ParquetFile(f, metadata=self._footers.get(path))
+                have = set(pf.schema_arrow.names)  # a format-1 file lacks the newer columns
+                table = pf.read_row_group(rg, columns=[n for n in RECORD_SCHEMA.names if n in have])
             return CacheRecord.from_row(table.slice(row, 1).to_pylist()[0])
         return None

@@ -7,7 +7,7 @@ byte-level BPE tokenizer, pretrained on the public-domain King James Bible
 checkpoint usable with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
 Presets live in :data:`TINY_SPECS`: ``"tiny-kjv"`` is the default frozen
-decoder (~4M parameters, about 20 minutes on one CPU core); ``"test"`` is a
+decoder (~4M parameters, about 20 minutes on one CPU core, 11 on two); ``"test"`` is a
 much smaller model that builds in seconds, for tests.
 """
 

@@ -45,7 +45,7 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
     storage = storage.rstrip("/")
     if "://" not in storage:
         storage = os.path.abspath(storage)
-    _say("1/6 embedded default decoder: build once (about 20 min on one core), then reuse")
+    _say("1/6 embedded default decoder: build once (about 11 min on 2 cores, 20 on one), then reuse")
     print(ensure_tiny_decoder("tiny-kjv"), flush=True)
 
     run = time.strftime("demo-%Y%m%dT%H%M%S")  # a fresh run each time (the same name would resume the finished one)

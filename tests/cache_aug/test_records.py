@@ -7,7 +7,11 @@ import hashlib
 import json
 import struct
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +19,18 @@ from cache_aug.augment import augment
 from cache_aug.config import CoprocessorConfig
 from cache_aug.coprocessor import build_latent_module, latent_fingerprint
 from cache_aug.fingerprint import FingerprintMismatch
-from cache_aug.records import CacheRecord, CacheRecordError, decode_payload, encode_record, restore
+from cache_aug.records import (
+    RECORD_SCHEMA,
+    CacheRecord,
+    CacheRecordError,
+    checksum_matches,
+    decode_payload,
+    encode_record,
+    payload_checksum,
+    read_records,
+    restore,
+)
+from cache_aug.store import AugmentedCacheReader, bucket_of
 from cache_aug.testing import tiny_decoder
 
 
@@ -31,8 +46,13 @@ def made():
 
 
 def _with_payload(record: CacheRecord, payload: bytes, fix_checksum: bool = True) -> CacheRecord:
-    digest = hashlib.sha256(payload).hexdigest() if fix_checksum else record.payload_sha256
-    return dataclasses.replace(record, payload=payload, payload_sha256=digest)
+    digest = payload_checksum(payload) if fix_checksum else record.payload_checksum
+    return dataclasses.replace(record, payload=payload, payload_checksum=digest)
+
+
+def _as_format_1(record: CacheRecord) -> CacheRecord:
+    """The same record as the previous format wrote it: one sha256 of the payload, no chunked checksum."""
+    return dataclasses.replace(record, format_version=1, payload_checksum=None, payload_sha256=hashlib.sha256(record.payload).hexdigest())
 
 
 def _rewrite_header(payload: bytes, edit) -> bytes:
@@ -75,6 +95,55 @@ def test_bit_flip_is_caught_by_checksum(made):
     flipped[-3] ^= 0x10
     with pytest.raises(CacheRecordError, match="checksum"):
         restore(_with_payload(record, bytes(flipped), fix_checksum=False), decoder, fp)
+
+
+def test_chunked_checksum_catches_damage_in_any_chunk():
+    data = bytes(range(256)) * 1000  # 256,000 bytes: 4 chunks of 64 KiB
+    chunk = 1 << 16
+    stored = payload_checksum(data, chunk)
+    assert stored.startswith(f"crc32/{chunk}:") and stored.count(",") == 3
+    assert checksum_matches(data, stored)
+    for i in (0, chunk - 1, chunk, 2 * chunk + 7, len(data) - 1):
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        assert not checksum_matches(bytes(bad), stored), i
+    assert not checksum_matches(data + b"x", stored) and not checksum_matches(data[:-1] + b"", stored[:-9])
+    for malformed in ("", "sha256:abc", stored.replace("crc32/65536", "crc32/1"), stored.upper(), stored + ",", "crc32/65536:zz"):
+        assert not checksum_matches(data, malformed), malformed
+
+
+def test_format_1_records_still_load_and_are_still_checked(made, tmp_path):
+    decoder, fp, records = made
+    for mode, record in records.items():
+        old = _as_format_1(record)
+        want, got = restore(record, decoder, fp), restore(old, decoder, fp)
+        assert all(torch.equal(a, b) for x, y in zip(want.layers, got.layers) for a, b in zip(x, y)), mode
+        flipped = bytearray(old.payload)
+        flipped[-3] ^= 0x10
+        with pytest.raises(CacheRecordError, match="checksum"):
+            restore(dataclasses.replace(old, payload=bytes(flipped)), decoder, fp)
+    # a Parquet file written before the chunked checksum existed (no payload_checksum column)
+    old_schema = pa.schema([f.with_nullable(f.name != "payload_sha256" and f.nullable) for f in RECORD_SCHEMA
+                            if f.name != "payload_checksum"])
+    rows = [{k: v for k, v in _as_format_1(r).to_row().items() if k != "payload_checksum"} for r in records.values()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=old_schema), tmp_path / "old.parquet")
+    loaded = read_records(str(tmp_path / "old.parquet"))
+    assert [r.format_version for r in loaded] == [1, 1, 1] and all(r.payload_checksum is None for r in loaded)
+    for r in loaded:
+        restore(r, decoder, fp)
+    # and through the serving reader, from an output prefix laid out as a format-1 corpus job wrote it
+    bucket = tmp_path / "out" / "runs" / "r1" / "kind=record" / f"bucket={bucket_of('doc-7', 4)}"
+    bucket.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[2:], schema=old_schema), bucket / "part-0.parquet")
+    got = AugmentedCacheReader(pafs.LocalFileSystem(), str(tmp_path / "out"), 4).get("doc-7")
+    assert got.format_version == 1 and got.mode == "full"
+    restore(got, decoder, fp)
+
+
+def test_unknown_format_is_refused(made):
+    decoder, fp, records = made
+    with pytest.raises(CacheRecordError, match="format_version 3"):
+        restore(dataclasses.replace(records["full"], format_version=3), decoder, fp)
 
 
 def test_wrong_shapes_and_dtypes(made):

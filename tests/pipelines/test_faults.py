@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 import os
 import pickle
 import signal
@@ -28,7 +27,7 @@ from cache_aug.coprocessor import build_latent_module, save_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.decoder import load_decoder
 from cache_aug.kv import CacheSpec
-from cache_aug.records import CacheRecord, CacheRecordError, decode_payload, write_records
+from cache_aug.records import CacheRecord, CacheRecordError, decode_payload, payload_checksum, write_records
 from cache_aug.store import AugmentedCacheReader, done_documents, kind_files, read_kind, run_ids
 from tests.conftest import SeaweedFS
 
@@ -96,7 +95,7 @@ class _Plant:
 
 def _record(payload: bytes, doc_id: str = "evil") -> CacheRecord:
     return CacheRecord(doc_id=doc_id, fingerprint="fp", mode="latents", dtype="float32", n_latents=2, doc_tokens=3, seq_len=5,
-                       shapes="{}", payload=payload, payload_sha256=hashlib.sha256(payload).hexdigest())
+                       shapes="{}", payload=payload, payload_checksum=payload_checksum(payload))
 
 
 def test_pickled_payload_is_refused_and_never_executed(tmp_path):

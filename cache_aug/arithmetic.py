@@ -1,9 +1,9 @@
-"""A reasoning-flavoured check: multi-digit addition, answered with and without augmentation at `=`.
+"""A reasoning-flavoured check: arithmetic answered with and without augmentation at `=`.
 
     report = run_arithmetic(cfg, ArithmeticSpec(), work_dir="runs/arith", results_dir="docs/results/arith")
 
-1. A synthetic corpus: documents of `problems_per_doc` lines `a+b=c` with `digits`-digit operands
-   (seeded). The evaluation documents use operand pairs that never occur in training.
+1. A synthetic corpus: documents of `problems_per_doc` lines `a+b=c` (or `a*b=c`) with `digits`-digit
+   operands (seeded). The evaluation documents use operand pairs that never occur in training.
 2. A tiny character-level decoder is pretrained on the training documents (`cache_aug.tiny`).
    Answers are written most-significant digit first, so the first answer digit already depends on
    every carry: the decoder must do that work in the positions it has, which is where latent
@@ -44,10 +44,13 @@ CONDITIONS = ("none", "pause", "coprocessor")
 class ArithmeticSpec:
     """The synthetic corpus and the tiny decoder pretrained on it."""
 
-    digits: int = 3
+    op: str = "*"
+    """The operation: "+" or "*". A tiny decoder learns 3-digit addition perfectly in this budget (100% exact
+    match, nothing left to gain), so the default is 2-digit multiplication, which it only partly learns."""
+    digits: int = 2
     """Digits of each operand (no leading zeros)."""
     problems_per_doc: int = 10
-    """Lines `a+b=c` per document."""
+    """Lines `a+b=c` (or `a*b=c`) per document."""
     train_docs: int = 6000
     """Training documents (the decoder's and the modules' training text)."""
     eval_docs: int = 60
@@ -61,9 +64,10 @@ class ArithmeticSpec:
     num_layers: int = 4
     """Decoder layers."""
     steps: int = 1500
-    """Decoder pretraining steps (batch 32 x 128 tokens)."""
-    max_minutes: float = 15.0
-    """Wall-clock cap on the decoder's pretraining."""
+    """Decoder pretraining steps (batch 16 x 256 tokens)."""
+    max_minutes: float = 60.0
+    """Wall-clock safety cap on the decoder's pretraining (~6 min on 2 idle cores). The schedule follows
+    whichever of steps and time is further along, so a cap that binds changes the decoder: keep it loose."""
     threads: int = 2
     """torch threads while pretraining the decoder."""
 
@@ -71,14 +75,18 @@ class ArithmeticSpec:
         from cache_aug.tiny import TinySpec
 
         heads = max(1, self.hidden_size // 32)
+        # pretrained on 256-token blocks, twice what the modules train and evaluate on (128): augmentation shifts
+        # the tokens after a point by N_L+1 positions, which must stay inside the positions the decoder has seen
         return TinySpec(vocab_size=258, hidden_size=self.hidden_size, intermediate_size=round(self.hidden_size * 2.6875),
-                        num_layers=self.num_layers, num_heads=heads, num_kv_heads=max(1, heads // 2), seq_len=128,
-                        batch_size=32, lr=3e-3, warmup_steps=100, max_steps=self.steps, max_minutes=self.max_minutes,
+                        num_layers=self.num_layers, num_heads=heads, num_kv_heads=max(1, heads // 2), seq_len=256,
+                        batch_size=16, lr=3e-3, warmup_steps=100, max_steps=self.steps, max_minutes=self.max_minutes,
                         threads=self.threads, seed=self.seed, heldout_every=20, eval_batches=8, log_every=100)
 
 
-def problem_line(a: int, b: int) -> str:
-    return f"{a}+{b}={a + b}\n"
+def problem_line(a: int, b: int, op: str = "+") -> str:
+    if op not in ("+", "*"):
+        raise ValueError(f"op must be '+' or '*', got {op!r}")
+    return f"{a}{op}{b}={a + b if op == '+' else a * b}\n"
 
 
 def make_corpus(spec: ArithmeticSpec) -> tuple[list[Document], list[Document]]:
@@ -90,6 +98,8 @@ def make_corpus(spec: ArithmeticSpec) -> tuple[list[Document], list[Document]]:
         return rng.randint(lo, hi), rng.randint(lo, hi)
 
     n_eval = spec.eval_docs * spec.problems_per_doc
+    if n_eval > (hi - lo + 1) ** 2 // 2:
+        raise ValueError(f"{n_eval} evaluation problems would leave too few {spec.digits}-digit pairs for training")
     eval_pairs: list[tuple[int, int]] = []
     seen: set[tuple[int, int]] = set()
     while len(eval_pairs) < n_eval:
@@ -105,7 +115,7 @@ def make_corpus(spec: ArithmeticSpec) -> tuple[list[Document], list[Document]]:
 
     def docs(pairs: list[tuple[int, int]], prefix: str) -> list[Document]:
         k = spec.problems_per_doc
-        return [Document(f"{prefix}{i:05d}", "".join(problem_line(a, b) for a, b in pairs[i * k : (i + 1) * k]))
+        return [Document(f"{prefix}{i:05d}", "".join(problem_line(a, b, spec.op) for a, b in pairs[i * k : (i + 1) * k]))
                 for i in range(len(pairs) // k)]
 
     return docs(train_pairs, "arith-train-"), docs(eval_pairs, "arith-eval-")

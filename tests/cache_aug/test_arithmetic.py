@@ -6,18 +6,21 @@ import json
 
 import torch
 
+import pytest
+
 from cache_aug.arithmetic import ArithmeticSpec, eval_problems, exact_match, make_corpus, run_arithmetic, summarise_exact
 from cache_aug.config import load_config
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.testing import tiny_decoder
 
 
-def _pairs(docs):
-    return {tuple(map(int, line.split("=")[0].split("+"))) for d in docs for line in d.text.splitlines()}
+def _pairs(docs, op):
+    return {tuple(map(int, line.split("=")[0].split(op))) for d in docs for line in d.text.splitlines()}
 
 
-def test_corpus_lines_are_sums_and_eval_pairs_never_train():
-    spec = ArithmeticSpec(digits=2, problems_per_doc=5, train_docs=300, eval_docs=20)
+@pytest.mark.parametrize("op", ["+", "*"])
+def test_corpus_lines_are_right_and_eval_pairs_never_train(op):
+    spec = ArithmeticSpec(op=op, digits=2, problems_per_doc=5, train_docs=300, eval_docs=20)
     train, held = make_corpus(spec)
     assert len(train) == 300 and len(held) == 20
     for d in train + held:
@@ -25,14 +28,21 @@ def test_corpus_lines_are_sums_and_eval_pairs_never_train():
         assert len(lines) == 5
         for line in lines:
             q, c = line.split("=")
-            a, b = map(int, q.split("+"))
-            assert a + b == int(c) and 10 <= a <= 99 and 10 <= b <= 99
-    assert len(_pairs(held)) == 100 and not _pairs(held) & _pairs(train)
+            a, b = map(int, q.split(op))
+            assert (a + b if op == "+" else a * b) == int(c) and 10 <= a <= 99 and 10 <= b <= 99
+    assert len(_pairs(held, op)) == 100 and not _pairs(held, op) & _pairs(train, op)
     assert make_corpus(spec) == (train, held)  # seeded
 
 
+def test_corpus_refuses_an_eval_set_that_would_starve_training():
+    with pytest.raises(ValueError, match="too few"):
+        make_corpus(ArithmeticSpec(digits=1, problems_per_doc=10, eval_docs=10))
+    with pytest.raises(ValueError, match="op"):
+        make_corpus(ArithmeticSpec(op="-", digits=2, train_docs=1, eval_docs=1))
+
+
 def test_eval_problems_cut_at_the_equals_sign():
-    _, held = make_corpus(ArithmeticSpec(digits=3, problems_per_doc=4, train_docs=1, eval_docs=3))
+    _, held = make_corpus(ArithmeticSpec(op="+", digits=3, problems_per_doc=4, train_docs=1, eval_docs=3))
     probs = eval_problems(held, start=1)
     assert len(probs) == 3 * 3
     for p in probs:

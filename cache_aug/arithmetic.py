@@ -163,6 +163,35 @@ def exact_match(decoder: Decoder, modules: dict[str, object], problems: Sequence
     return rows
 
 
+@torch.no_grad()
+def position_gap_ppl(decoder: Decoder, docs: Sequence[Document], gaps: Sequence[int], *, n_ahead: int = 5, stride: int = 3,
+                     min_prefix: int = 8) -> dict[int, dict]:
+    """The decoder alone, with the tokens after a point moved `gap` positions later and nothing inserted.
+
+    Augmentation moves every token after the point N_L (+1 re-read) positions on. This measures what
+    that move alone costs the frozen decoder: ahead-token perplexity over the n_ahead tokens after points
+    every `stride` tokens, and over those right after `=`.
+    """
+    tok, model = decoder.tokenizer, decoder.model
+    eq = tok.encode("=", add_special_tokens=False)[-1]
+    out = {}
+    for gap in gaps:
+        total = {"all": [0.0, 0], "after_equals": [0.0, 0]}
+        for d in docs:
+            ids = torch.tensor([tok.encode(d.text, add_special_tokens=False)], device=decoder.device)  # (1, T)
+            T = ids.shape[1]
+            for p in range(min_prefix, T - n_ahead, stride):
+                pos = torch.arange(p + 1 + n_ahead, device=ids.device)
+                pos[p + 1 :] += gap
+                logits = model(input_ids=ids[:, : p + 1 + n_ahead], position_ids=pos[None]).logits[0, p : p + n_ahead]
+                nll = -torch.log_softmax(logits.float(), -1).gather(1, ids[0, p + 1 : p + 1 + n_ahead, None]).sum().item()
+                for key in ("all",) + (("after_equals",) if ids[0, p] == eq else ()):
+                    total[key][0] += nll
+                    total[key][1] += n_ahead
+        out[gap] = {k: (float(np.exp(v / n)) if n else None) for k, (v, n) in total.items()}
+    return out
+
+
 def summarise_exact(rows: Sequence[dict], conditions: Sequence[str], *, samples: int = 2000, confidence: float = 0.95,
                     seed: int = 0) -> dict:
     """Accuracy per condition and differences vs none, with paired bootstrap intervals over problems."""
@@ -241,6 +270,10 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
         (results / f"arithmetic_nl{n_latents}.answers.json").write_text(json.dumps(rows) + "\n")
         by_nl.append({"n_latents": n_latents} | summary)
         log(f"[arith] N_L={n_latents}: exact match " + ", ".join(f"{c} {100 * summary['accuracy'][c]:.1f}%" for c in CONDITIONS))
+    shifts = sorted({0, 1} | {n + module.reread for n in run_cfg.sweep.n_latents for module in [modules["coprocessor"]]})
+    gap = position_gap_ppl(decoder, eval_docs, shifts, n_ahead=run_cfg.augmentation.n_ahead)
+    log("[arith] decoder alone, tokens after a point moved on by g positions: " +
+        ", ".join(f"g={g} ppl {v['all']:.2f}" for g, v in gap.items()))
     report = {
         "format": FORMAT,
         "spec": dataclasses.asdict(spec),
@@ -252,6 +285,7 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
                     "first_ahead_from": run_cfg.coprocessor.first_ahead_from},
         "ppl": {r["n_latents"]: r["ppl"] for r in reports},
         "by_n_latents": by_nl,
+        "position_gap_ppl": {str(g): v for g, v in gap.items()},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     (results / "arithmetic.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
 import pytest
 
-from cache_aug.arithmetic import ArithmeticSpec, eval_problems, exact_match, make_corpus, run_arithmetic, summarise_exact
+from cache_aug.arithmetic import (
+    ArithmeticSpec,
+    eval_problems,
+    exact_match,
+    make_corpus,
+    position_gap_ppl,
+    run_arithmetic,
+    summarise_exact,
+)
 from cache_aug.config import load_config
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.testing import tiny_decoder
@@ -70,6 +79,23 @@ def test_exact_match_none_equals_greedy_generate_and_accounts_every_problem():
         assert r["output"] == want and r["correct"] == (want == p["answer"])
 
 
+def test_position_gap_zero_is_the_plain_ahead_perplexity():
+    """gap 0 is the decoder's own perplexity on the tokens after each point; a gap changes positions only."""
+    torch.manual_seed(0)
+    dec = tiny_decoder("llama")
+    _, held = make_corpus(ArithmeticSpec(op="+", digits=2, problems_per_doc=3, train_docs=1, eval_docs=2))
+    got = position_gap_ppl(dec, held, [0, 4], n_ahead=2, stride=5)
+    nll, n = 0.0, 0
+    for d in held:
+        ids = torch.tensor([dec.tokenizer.encode(d.text, add_special_tokens=False)])
+        logp = torch.log_softmax(dec.model(input_ids=ids).logits[0].float(), -1)
+        for p in range(8, ids.shape[1] - 2, 5):
+            nll -= sum(logp[p + k, ids[0, p + 1 + k]].item() for k in range(2))
+            n += 2
+    assert abs(got[0]["all"] - math.exp(nll / n)) < 1e-4
+    assert got[4]["all"] != got[0]["all"]
+
+
 def test_summary_accuracy_and_paired_intervals():
     rows = [{"doc_id": "d", "index": i, "condition": c, "correct": ok}
             for i in range(10) for c, ok in (("none", i < 4), ("pause", i < 4), ("coprocessor", i < 7))]
@@ -98,3 +124,4 @@ def test_run_arithmetic_end_to_end_micro(tmp_path):
     ppl = json.loads((tmp_path / "results" / "nl2.json").read_text())
     assert set(ppl["ppl"]) == {"none", "pause", "coprocessor"}
     assert "| 2 |" in (tmp_path / "results" / "arithmetic.md").read_text()
+    assert set(saved["position_gap_ppl"]) == {"0", "1", "3"}  # none, one, and N_L + the re-read token

@@ -65,6 +65,11 @@ def _wait_job(job_id: str, env: dict, address: str, timeout: float = 900) -> str
     pytest.fail(f"job {job_id} did not finish in {timeout}s")
 
 
+def _haproxy_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "haproxy"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
 @pytest.fixture
 def head(tmp_path):
     import tempfile
@@ -73,7 +78,9 @@ def head(tmp_path):
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                         "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
-                        "RAY_SERVE_ENABLE_HA_PROXY": "1"}  # Serve's HAProxy ingress, as the shipped RayService runs it
+                        "RAY_SERVE_ENABLE_HA_PROXY": "1",  # Serve's HAProxy ingress, as the shipped RayService runs it
+                        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(_port())}
+    haproxy_before = _haproxy_pids()
     gcs, dash = _port(), _port()
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     # every port its own: another Ray instance on this machine (e.g. a test session's) holds the defaults
@@ -99,6 +106,12 @@ def head(tmp_path):
         time.sleep(1)
     yield {"env": env | {"RAY_ADDRESS": address}, "address": address, "gcs": f"127.0.0.1:{gcs}"}
     os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started; `ray stop` would stop every cluster
+    proc.wait(timeout=60)
+    for pid in _haproxy_pids() - haproxy_before:  # HAProxy outlives a cluster stopped this way: stop ours
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:

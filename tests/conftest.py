@@ -19,21 +19,26 @@ def tiny_default_dir(tmp_path_factory):
     return ensure_tiny_decoder("test", root=tmp_path_factory.mktemp("cache-aug-home"))
 
 
-def _free_port_pair() -> int:
-    """A port p such that p and p + 10000 (SeaweedFS's gRPC port) are both free on loopback."""
+def _free_port_pairs(n: int) -> list[int]:
+    """n distinct ports p such that p and p + 10000 (SeaweedFS's gRPC port) are all free on loopback."""
     import random
     import socket
 
-    for _ in range(200):
+    found: list[int] = []
+    for _ in range(400):
         p = random.randint(20000, 30000)
+        if p in found:
+            continue
         try:
             with socket.socket() as a, socket.socket() as b:
                 a.bind(("127.0.0.1", p))
                 b.bind(("127.0.0.1", p + 10000))
-            return p
         except OSError:
             continue
-    raise RuntimeError("no free port pair found")
+        found.append(p)
+        if len(found) == n:
+            return found
+    raise RuntimeError("no free port pairs found")
 
 
 class SeaweedFS:
@@ -53,18 +58,21 @@ class SeaweedFS:
             "name": "test", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         self.max_volumes = max_volumes
-        self.master, self.volume, self.filer, self.s3 = (_free_port_pair() for _ in range(4))
-        self.endpoint = f"http://127.0.0.1:{self.s3}"
         self.proc = None
         self.starts = 0
+        self._pick_ports()
 
-    def client(self):
+    def _pick_ports(self) -> None:
+        self.master, self.volume, self.filer, self.s3 = _free_port_pairs(4)
+        self.endpoint = f"http://127.0.0.1:{self.s3}"
+
+    def client(self, **kwargs):
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key, aws_secret_access_key=self.secret,
-                            region_name="us-east-1")
+                            region_name="us-east-1", **kwargs)
 
-    def start(self, timeout_s: float = 60) -> "SeaweedFS":
+    def start(self, timeout_s: float = 60, retries: int = 3) -> "SeaweedFS":
         import shutil
         import subprocess
         import sys
@@ -81,7 +89,10 @@ class SeaweedFS:
         self.starts += 1
         log = open(root / "weed.log", "a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        client = self.client()
+        from botocore.config import Config
+
+        # short probes: a port held by something that accepts and never answers must not stall the deadline
+        client = self.client(config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
         deadline = time.time() + timeout_s
         while True:  # writable once a probe object round-trips
             try:
@@ -94,7 +105,17 @@ class SeaweedFS:
                 if time.time() > deadline or self.proc.poll() is not None:
                     self.proc.kill()
                     self.proc.wait()
-                    raise RuntimeError(f"SeaweedFS did not come up: {(root / 'weed.log').read_text()[-2000:]}")
+                    tail = (root / "weed.log").read_text()[-2000:]
+                    if self.starts == 1 and retries and "address already in use" in tail:
+                        # a port taken between choosing it and binding it (first start only: a restart
+                        # must come back where its clients expect it)
+                        self.starts = 0
+                        self._pick_ports()
+                        for f in root.iterdir():  # nothing of the failed start (its state names the old ports)
+                            if f.name not in ("s3.json", "weed.log"):
+                                shutil.rmtree(f) if f.is_dir() else f.unlink()
+                        return self.start(timeout_s, retries=retries - 1)
+                    raise RuntimeError(f"SeaweedFS did not come up: {tail}")
                 time.sleep(0.5)
 
     def stop(self, timeout_s: float = 20) -> None:

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_aug.corpus import Document
+from cache_aug.corpus import Document, write_documents
 from cache_aug.decoder import Decoder
+from cache_aug.evaluate import _interval
 
 FORMAT = "cache-aug/arithmetic"
 CONDITIONS = ("none", "pause", "coprocessor")
@@ -121,15 +122,6 @@ def make_corpus(spec: ArithmeticSpec) -> tuple[list[Document], list[Document]]:
     return docs(train_pairs, "arith-train-"), docs(eval_pairs, "arith-eval-")
 
 
-def write_documents(docs: Sequence[Document], path: Path) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"doc_id": [d.doc_id for d in docs], "text": [d.text for d in docs]}), path)
-    return path
-
-
 def eval_problems(docs: Sequence[Document], start: int) -> list[dict]:
     """Each evaluation problem: its context (document text through `=`) and its answer."""
     out = []
@@ -202,14 +194,13 @@ def summarise_exact(rows: Sequence[dict], conditions: Sequence[str], *, samples:
         hits[conditions.index(r["condition"]), where[(r["doc_id"], r["index"])]] = r["correct"]
     rng = np.random.default_rng(seed)
     boot = hits[:, rng.integers(0, len(keys), size=(samples, len(keys)))].mean(-1)  # (C, samples)
-    q = [(1 - confidence) / 2, (1 + confidence) / 2]
     acc = {c: float(hits[i].mean()) for i, c in enumerate(conditions)}
     return {
         "problems": len(keys),
         "accuracy": acc,
-        "accuracy_ci": {c: np.quantile(boot[i], q).tolist() for i, c in enumerate(conditions)},
+        "accuracy_ci": {c: _interval(boot[i], confidence) for i, c in enumerate(conditions)},
         "minus_none": {c: acc[c] - acc["none"] for c in conditions if c != "none"},
-        "minus_none_ci": {c: np.quantile(boot[i] - boot[0], q).tolist() for i, c in enumerate(conditions) if c != "none"},
+        "minus_none_ci": {c: _interval(boot[i] - boot[0], confidence) for i, c in enumerate(conditions) if c != "none"},
         "confidence": confidence,
         "bootstrap_samples": samples,
     }
@@ -270,7 +261,8 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
         (results / f"arithmetic_nl{n_latents}.answers.json").write_text(json.dumps(rows) + "\n")
         by_nl.append({"n_latents": n_latents} | summary)
         log(f"[arith] N_L={n_latents}: exact match " + ", ".join(f"{c} {100 * summary['accuracy'][c]:.1f}%" for c in CONDITIONS))
-    shifts = sorted({0, 1} | {n + module.reread for n in run_cfg.sweep.n_latents for module in [modules["coprocessor"]]})
+    reread = modules["coprocessor"].reread  # the same for every N_L: it follows coprocessor.first_ahead_from
+    shifts = sorted({0, 1} | {n + reread for n in run_cfg.sweep.n_latents})
     gap = position_gap_ppl(decoder, eval_docs, shifts, n_ahead=run_cfg.augmentation.n_ahead)
     log("[arith] decoder alone, tokens after a point moved on by g positions: " +
         ", ".join(f"g={g} ppl {v['all']:.2f}" for g, v in gap.items()))

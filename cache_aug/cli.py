@@ -235,7 +235,7 @@ def sweep(config: str | None = None, set: list[str] | None = None, threads: int 
 def arithmetic(config: str | None = "jobs/configs/arithmetic_tiny.yaml", set: list[str] | None = None,
                work_dir: str = "runs/arithmetic", results_dir: str = "docs/results/arithmetic", op: str = "*",
                digits: int = 2, decoder_steps: int = 1500, threads: int = 2) -> None:
-    """Reasoning check: exact match on held-out additions, augmented at `=` vs not (docs/RESULTS.md).
+    """Reasoning check: exact match on held-out arithmetic problems, augmented at `=` vs not (docs/RESULTS.md).
 
     Pretrains a character-level tiny decoder on a synthetic corpus of `a*b=c` (or `a+b=c`) lines, trains pause
     tokens and a coprocessor per N_L (sweep.*) and reports ahead-token perplexity and exact match of

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,11 +199,6 @@ def ensure_embedded_corpus(name: str = "kjv", *, root: str | Path | None = None,
 
     The split is the one the embedded decoder was pretrained with, so held-out chapters stay unseen.
     """
-    import os
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from cache_aug.tiny import tiny_home
 
     if name not in EMBEDDED_CORPORA:
@@ -213,11 +209,24 @@ def ensure_embedded_corpus(name: str = "kjv", *, root: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     train, heldout = split_heldout(load_kjv(), heldout_every)
     for split, docs in (("train", train), ("heldout", heldout)):
-        table = pa.table({"doc_id": [d.doc_id for d in docs], "text": [d.text for d in docs]})
-        tmp = out / f".{split}.{os.getpid()}.parquet"
-        pq.write_table(table, tmp)
-        tmp.rename(out / f"{split}.parquet")  # atomic: readers never see half a file
+        write_documents(docs, out / f"{split}.parquet")
     return out
+
+
+def write_documents(docs: Iterable[Document], path: str | Path) -> Path:
+    """Documents as a Parquet file of (doc_id, text), written atomically: readers never see half a file."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    docs = list(docs)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    pq.write_table(pa.table({"doc_id": [d.doc_id for d in docs], "text": [d.text for d in docs]}), tmp)
+    tmp.rename(path)
+    return path
 
 
 def resolve_embedded_path(path: str) -> str:

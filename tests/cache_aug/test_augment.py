@@ -86,6 +86,20 @@ def test_fallback_equals_generate(setup):
     assert ours == theirs
 
 
+def test_a_cache_serves_many_decodes_unchanged(setup):
+    """A cache (e.g. one the server's LRU holds) is shared, not copied, by each decode: it must never be written to."""
+    decoder, module, _ = setup
+    aug = augment(decoder, module, [_doc(25, 2)])[0]
+    before = [(k.clone(), v.clone()) for k, v in aug.layers]
+    first = _steps(decoder, aug, [9, 10, 11])
+    other = _steps(decoder, aug, [12])  # another request on the same cache in between
+    again = _steps(decoder, aug, [9, 10, 11])
+    assert [t for t, _ in again] == [t for t, _ in first] and len(other) == 6
+    for (k, v), (k0, v0) in zip(aug.layers, before):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(first, again))  # the same logits, bit for bit
+
+
 def test_batched_augment_equals_one_by_one(setup):
     """Ragged batches (right padding) give the per-document result."""
     decoder, module, _ = setup

@@ -226,13 +226,17 @@ def build_decoder(spec: ArithmeticSpec, train_docs: list[Document], out: Path, l
 
 
 def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_dir: str | Path,
-                   log: Callable[[str], None] = print) -> dict:
-    """The whole check (see module docstring); `cfg` gives the sweep's N_L values, steps and module settings."""
+                   modules_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """The whole check (see module docstring); `cfg` gives the sweep's N_L values, steps and module settings.
+
+    The corpus and decoder live in work_dir, the trained modules in modules_dir (default work_dir/sweep).
+    """
     from cache_aug.coprocessor import load_latent_module
     from cache_aug.decoder import load_decoder
     from cache_aug.sweep import run_sweep
 
     work, results = Path(work_dir), Path(results_dir)
+    modules_at = Path(modules_dir) if modules_dir is not None else work / "sweep"
     results.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train_docs, eval_docs = make_corpus(spec)
@@ -246,7 +250,7 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
         model=dataclasses.replace(cfg.model, path=str(decoder_dir)),
         data=dataclasses.replace(cfg.data, paths=[str(train_path)], eval_paths=[str(eval_path)], seq_len=128),
         eval=dataclasses.replace(cfg.eval, paths=[str(eval_path)], window=128, max_ahead=min(cfg.eval.max_ahead, 16)),
-        sweep=dataclasses.replace(cfg.sweep, work_dir=str(work / "sweep"), results_dir=str(results)),
+        sweep=dataclasses.replace(cfg.sweep, work_dir=str(modules_at), results_dir=str(results)),
     )
     reports = run_sweep(run_cfg, log=log)
 
@@ -254,15 +258,16 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
     problems = eval_problems(eval_docs, spec.eval_from_problem)
     by_nl = []
     for n_latents in run_cfg.sweep.n_latents:
-        modules = {"none": None} | {c: load_latent_module(work / "sweep" / f"nl{n_latents}-{c}" / "module", decoder).eval()
+        modules = {"none": None} | {c: load_latent_module(modules_at / f"nl{n_latents}-{c}" / "module", decoder).eval()
                                     for c in ("pause", "coprocessor")}
         rows = exact_match(decoder, modules, problems)
         summary = summarise_exact(rows, list(CONDITIONS), seed=run_cfg.eval.seed)
         (results / f"arithmetic_nl{n_latents}.answers.json").write_text(json.dumps(rows) + "\n")
         by_nl.append({"n_latents": n_latents} | summary)
         log(f"[arith] N_L={n_latents}: exact match " + ", ".join(f"{c} {100 * summary['accuracy'][c]:.1f}%" for c in CONDITIONS))
-    reread = modules["coprocessor"].reread  # the same for every N_L: it follows coprocessor.first_ahead_from
-    shifts = sorted({0, 1} | {n + reread for n in run_cfg.sweep.n_latents})
+    # how far augmentation moves the text after a point: N_L (+1 re-read) under "shift", nothing under "keep"
+    reread, rule = modules["coprocessor"].reread, modules["coprocessor"].position_rule
+    shifts = sorted({0, 1} | {(n + reread) * (rule == "shift") for n in run_cfg.sweep.n_latents})
     gap = position_gap_ppl(decoder, eval_docs, shifts, n_ahead=run_cfg.augmentation.n_ahead)
     log("[arith] decoder alone, tokens after a point moved on by g positions: " +
         ", ".join(f"g={g} ppl {v['all']:.2f}" for g, v in gap.items()))
@@ -274,7 +279,8 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
         "decoder": {k: pretrain[k] for k in ("params", "steps", "train_seconds", "heldout_ppl", "train_loss")},
         "modules": {"steps": run_cfg.sweep.steps, "batch_size": run_cfg.sweep.batch_size, "lr": run_cfg.sweep.lr,
                     "n_ahead": run_cfg.augmentation.n_ahead, "points_per_sequence": run_cfg.augmentation.points_per_sequence,
-                    "first_ahead_from": run_cfg.coprocessor.first_ahead_from},
+                    "first_ahead_from": run_cfg.coprocessor.first_ahead_from,
+                    "position_rule": run_cfg.coprocessor.position_rule},
         "ppl": {r["n_latents"]: r["ppl"] for r in reports},
         "by_n_latents": by_nl,
         "position_gap_ppl": {str(g): v for g, v in gap.items()},

@@ -13,6 +13,10 @@ document; they are kept as `next_logits`, so decoding can start with an empty pr
 A module trained with first_ahead_from="last_token" (`module.reread == 1`) has the document's last
 token fed once more after the latents, at position T+N_L: its logits are `next_logits`, the cache
 holds T+N_L+1 positions and the next real token takes position T+N_L+1 (`seq_len` says so).
+
+A module with position_rule="keep" puts the latents at the document's last N_L positions (and a
+re-read token at its own, T-1): the cache holds the same entries, but the next real token takes
+position T, as if nothing had been inserted (`next_position`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class AugmentedCache:
     n_latents: int  # N_L; 0 for the plain (fallback) cache
     latents: torch.Tensor | None = None  # (N_L, d) z, None for the fallback
     n_reread: int = 0  # 1 when the document's last token was fed again after the latents
+    position_rule: str = "shift"  # "keep": the text after the document goes on at position T (masks.block_position_ids)
 
     @property
     def doc_len(self) -> int:
@@ -51,8 +56,13 @@ class AugmentedCache:
 
     @property
     def seq_len(self) -> int:
-        """Positions held: the next real token takes this position."""
+        """Entries held per (full) layer: the next real token is the entry after them."""
         return self.doc_len + self.n_added
+
+    @property
+    def next_position(self) -> int:
+        """The position (RoPE / position id) the next real token takes."""
+        return self.doc_len if self.position_rule == "keep" else self.seq_len
 
     def latent_kv(self) -> list[KV]:
         """KV of the positions after the document per layer: (1, H_kv, N_L (+1 re-read), D) each."""
@@ -109,7 +119,8 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
     z = latent_pass(decoder, module, prefix, points)  # (N, L, d)
     embeds = added_embeds(decoder, z, ids.gather(1, lengths[:, None] - 1), r)  # (N, L+r, d)
     keep = torch.tensor([L + r - 1], device=ids.device)
-    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, keep)  # (N, 1, V); T + L + r columns
+    positions = module.position_ids(points, L + r)  # (N, L+r)
+    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, keep, positions)  # (N, 1, V); T + L + r columns
     out = []
     for i in range(N):
         n = int(lengths[i])
@@ -124,6 +135,7 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
                 n_latents=L,
                 latents=z[i],
                 n_reread=r,
+                position_rule=module.position_rule,
             )
         )
     return out
@@ -163,7 +175,7 @@ def decode_steps(
     top_p_warp = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
     cache = aug.to_model_cache(model.config)
-    pos = aug.seq_len
+    pos = aug.next_position
     logits = aug.next_logits
     pending = list(prompt_ids)
     for _ in range(max_new_tokens):

@@ -234,7 +234,7 @@ def sweep(config: str | None = None, set: list[str] | None = None, threads: int 
 
 def arithmetic(config: str | None = "jobs/configs/arithmetic_tiny.yaml", set: list[str] | None = None,
                work_dir: str = "runs/arithmetic", results_dir: str = "docs/results/arithmetic", op: str = "*",
-               digits: int = 2, decoder_steps: int = 1500, threads: int = 2) -> None:
+               digits: int = 2, decoder_steps: int = 1500, threads: int = 2, modules_dir: str | None = None) -> None:
     """Reasoning check: exact match on held-out arithmetic problems, augmented at `=` vs not (docs/RESULTS.md).
 
     Pretrains a character-level tiny decoder on a synthetic corpus of `a*b=c` (or `a+b=c`) lines, trains pause
@@ -250,6 +250,8 @@ def arithmetic(config: str | None = "jobs/configs/arithmetic_tiny.yaml", set: li
         digits: digits of each operand.
         decoder_steps: pretraining steps of the decoder (batch 16 x 256 characters).
         threads: torch CPU threads.
+        modules_dir: where the trained modules go (default <work_dir>/sweep); another directory trains another
+            set (e.g. another position rule) on the same corpus and decoder.
     """
     import torch
 
@@ -259,7 +261,7 @@ def arithmetic(config: str | None = "jobs/configs/arithmetic_tiny.yaml", set: li
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides=set or ())
     report = run_arithmetic(cfg, ArithmeticSpec(op=op, digits=digits, steps=decoder_steps, threads=threads), work_dir=work_dir,
-                            results_dir=results_dir)
+                            results_dir=results_dir, modules_dir=modules_dir)
     print(markdown(report))
 
 

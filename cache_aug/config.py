@@ -167,6 +167,16 @@ class CoprocessorConfig:
     position, T + N_L + 1, and the next real token takes that position. Saved with the trained module, so
     training, corpus augmentation and serving all follow it."""
 
+    position_rule: Literal["shift", "keep"] = "shift"
+    """Where the latents sit and where the text after an augmentation point goes on (RoPE positions; the
+    cache layout is the same). "shift" (the paper's rule): the latents take positions T..T+N_L-1 after a
+    T-token document, a re-read last token T+N_L, and the next real token follows them, so the text after
+    the point is moved N_L (+1) positions on. "keep": the latents take the document's last N_L positions
+    (max(0, T-N_L)..T-1), a re-read last token its own position T-1, and the next real token takes T, as
+    if nothing had been inserted; a frozen decoder that reads exact offsets back into the text is not
+    disturbed by a shift. Saved with the trained module, so training, corpus augmentation and serving all
+    follow it."""
+
     seed: int = 0
     """Seed for the random initialisation of soft tokens and adapters."""
 

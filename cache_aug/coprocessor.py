@@ -10,11 +10,13 @@ computation goes through `forward`, so DeepSpeed (ZeRO-3 included) can wrap it w
 
 Either module also fixes which slot predicts the first token after the latents
 (`CoprocessorConfig.first_ahead_from`): the last latent (`reread = 0`), or the document's last
-token fed once more after the latents (`reread = 1`). Losses, `augment` and `restore` read
-`module.reread`, so a trained module carries its rule into corpus augmentation and serving.
+token fed once more after the latents (`reread = 1`); and where the latents and the text after them
+sit (`CoprocessorConfig.position_rule`, `module.position_ids`). Losses, `augment` and `restore` read
+both off the module (records carry the position rule), so a trained module carries its rules into
+corpus augmentation and serving.
 
 A trained module is saved as a directory:
-    latents.json          mode, N_L, first_ahead_from, hidden size, LoRA config, decoder fingerprint, fingerprint
+    latents.json          mode, N_L, first_ahead_from, position_rule, hidden size, LoRA config, decoder fingerprint, fingerprint
     model.safetensors     trunk weights (full) or adapter weights (lora); absent for pause
     soft_tokens.safetensors
 """
@@ -33,7 +35,7 @@ from torch import nn
 from cache_aug.config import CoprocessorConfig
 from cache_aug.decoder import Decoder
 from cache_aug.fingerprint import FingerprintMismatch, augmentation_fingerprint
-from cache_aug.masks import UnsupportedArchitecture
+from cache_aug.masks import POSITION_RULES, UnsupportedArchitecture, block_position_ids
 
 FORMAT = "cache-aug/latents"
 FORMAT_VERSION = 1
@@ -69,13 +71,20 @@ class LatentModule(nn.Module):
     mode: str
     uses_cache: bool  # whether forward reads D's cache (pass 2 runs only then)
 
-    def __init__(self, soft_tokens: torch.Tensor, first_ahead_from: str = "last_latent"):
+    def __init__(self, soft_tokens: torch.Tensor, first_ahead_from: str = "last_latent", position_rule: str = "shift"):
         super().__init__()
+        if position_rule not in POSITION_RULES:
+            raise ValueError(f"position_rule {position_rule!r} not in {POSITION_RULES}")
         self.soft_tokens = nn.Parameter(soft_tokens)  # (N_L, d)
         # kept as plain ints: under ZeRO-3 a parameter's own shape is empty outside forward
         self.n_latents, self.hidden_size = soft_tokens.shape
         self.first_ahead_from = first_ahead_from
         self.reread = REREAD[first_ahead_from]  # 1: the last real token is fed again after the latents
+        self.position_rule = position_rule  # where the latents and the text after them sit (masks.block_position_ids)
+
+    def position_ids(self, points: torch.Tensor, block_len: int) -> torch.Tensor:
+        """Positions of blocks [latents, (re-read token), following tokens] at points (N, B): (N, B*block_len)."""
+        return block_position_ids(points, block_len, self.position_rule, self.n_latents, self.reread)
 
     def tiled_soft_tokens(self, n_rows: int, n_blocks: int) -> torch.Tensor:
         """The soft tokens once per block and row: (n_rows, n_blocks*N_L, d)."""
@@ -92,8 +101,8 @@ class Coprocessor(LatentModule):
     uses_cache = True
 
     def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, mode: str, lora: dict | None = None,
-                 first_ahead_from: str = "last_latent"):
-        super().__init__(soft_tokens, first_ahead_from)
+                 first_ahead_from: str = "last_latent", position_rule: str = "shift"):
+        super().__init__(soft_tokens, first_ahead_from, position_rule)
         self.trunk = trunk
         self.mode = mode
         self.lora = lora
@@ -169,10 +178,10 @@ def build_latent_module(decoder: Decoder, cfg: CoprocessorConfig, n_latents: int
     check_architecture(decoder.model)
     soft = init_soft_tokens(decoder, n_latents, cfg.soft_token_init, cfg.seed).to(decoder.device, decoder.dtype)
     if cfg.mode == "pause":
-        module = PauseTokens(soft, cfg.first_ahead_from)
+        module = PauseTokens(soft, cfg.first_ahead_from, cfg.position_rule)
     else:
         lora = _lora_config(cfg) if cfg.mode == "lora" else None
-        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, cfg.mode, lora, cfg.first_ahead_from)
+        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, cfg.mode, lora, cfg.first_ahead_from, cfg.position_rule)
     return module.train()
 
 
@@ -182,7 +191,7 @@ def latent_fingerprint(decoder: Decoder, module: LatentModule | None) -> str:
         return augmentation_fingerprint(decoder.fingerprint, None, "none", 0, decoder.dtype)
     return augmentation_fingerprint(
         decoder.fingerprint, module.trainable_state(), module.mode, module.n_latents, decoder.dtype,
-        first_ahead_from=module.first_ahead_from,
+        first_ahead_from=module.first_ahead_from, position_rule=module.position_rule,
     )
 
 
@@ -200,6 +209,7 @@ def save_latent_module(module: LatentModule, decoder: Decoder, directory: str | 
         "mode": module.mode,
         "n_latents": module.n_latents,
         "first_ahead_from": module.first_ahead_from,
+        "position_rule": module.position_rule,
         "hidden_size": module.hidden_size,
         "dtype": str(decoder.dtype).removeprefix("torch."),
         "lora": getattr(module, "lora", None),
@@ -229,10 +239,13 @@ def load_latent_module(directory: str | Path, decoder: Decoder) -> LatentModule:
     first = meta.get("first_ahead_from", "last_latent")  # modules saved before the option existed
     if first not in REREAD:
         raise ValueError(f"{meta_path}: unknown first_ahead_from {first!r}")
+    rule = meta.get("position_rule", "shift")  # modules saved before the option existed
+    if rule not in POSITION_RULES:
+        raise ValueError(f"{meta_path}: unknown position_rule {rule!r}")
     if meta["mode"] == "pause":
-        module = PauseTokens(soft, first)
+        module = PauseTokens(soft, first, rule)
     else:
-        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, meta["mode"], meta["lora"], first)
+        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, meta["mode"], meta["lora"], first, rule)
         state = load_file(directory / "model.safetensors", device=str(decoder.device))
         trunk_state = {k.removeprefix("trunk."): v for k, v in state.items()}
         missing, unexpected = module.trunk.load_state_dict(trunk_state, strict=False)

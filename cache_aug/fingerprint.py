@@ -57,10 +57,13 @@ def decoder_fingerprint(model, tokenizer) -> str:
 
 
 def augmentation_fingerprint(decoder_fp: str, latent_state: Mapping[str, torch.Tensor] | None,
-                             mode: str, n_latents: int, dtype: torch.dtype, *, first_ahead_from: str = "last_latent") -> str:
-    """Identifies decoder + tokenizer + coprocessor (or pause tokens) + N_L + dtype + first-ahead slot."""
-    # the paper's slot adds nothing, so fingerprints of modules made before the option stay valid
+                             mode: str, n_latents: int, dtype: torch.dtype, *, first_ahead_from: str = "last_latent",
+                             position_rule: str = "shift") -> str:
+    """Identifies decoder + tokenizer + coprocessor (or pause tokens) + N_L + dtype + first-ahead slot + position rule."""
+    # the paper's rules add nothing, so fingerprints of modules made before the options stay valid
     extra = {} if first_ahead_from == "last_latent" else {"first_ahead_from": first_ahead_from}
+    if position_rule != "shift":
+        extra["position_rule"] = position_rule
     return combine(
         kind="augmentation",
         decoder=decoder_fp,

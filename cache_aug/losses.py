@@ -5,7 +5,7 @@ x_{p+1..p+N_A} given the augmented cache: the logits at the last latent predict 
 logits at x_{p+k} predict x_{p+k+1} (method.md). Only N_A-1 ahead tokens are fed, since the
 last one is only ever a target. A module with `reread = 1` (first_ahead_from="last_token") is
 fed x_p once more right after its latents, and x_p's logits there predict x_{p+1}: the trace is
-[z, x_p, x_{p+1}, .., x_{p+N_A-1}].
+[z, x_p, x_{p+1}, .., x_{p+N_A-1}]. Positions follow the module's `position_rule` (masks.py).
 
 The `*_ce` functions return every target's cross-entropy (N, B, N_A), for evaluation; the
 `*_loss` functions reduce it for training.
@@ -88,7 +88,7 @@ def one_pass_ce(decoder: Decoder, module, input_ids: torch.Tensor, points: torch
     traces = torch.cat([z.view(N, B, L, -1).to(ahead_in.dtype), ahead_in], dim=2).view(N, B * block, -1)  # (N, B*block, d)
     first = L - 1 + r  # index in a trace of the query that predicts x_{p+1}
     keep = (torch.arange(B, device=points.device)[:, None] * block + first + torch.arange(n_ahead, device=points.device)).flatten()
-    logits, _ = decoder_pass(decoder, prefix, points, traces, block, keep)  # (N, B*N_A, V)
+    logits, _ = decoder_pass(decoder, prefix, points, traces, block, keep, module.position_ids(points, block))  # (N, B*N_A, V)
     return _cross_entropy(logits.view(N, B, n_ahead, -1), targets)
 
 
@@ -135,11 +135,17 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
             with torch.no_grad():
                 model.base_model(input_ids=input_ids[n : n + 1, :p], past_key_values=cache, use_cache=True)
             kv = layer_kv(cache)
-            positions = torch.arange(p, p + L, device=input_ids.device)[None]  # (1, L)
+            dev = input_ids.device
+            if module.position_rule == "keep":  # latents over the prefix's last L positions, the text at its own
+                positions = torch.arange(p - L, p, device=dev).clamp(min=0)[None]  # (1, L)
+                text_pos = torch.arange(p - r, p + n_ahead - 1, device=dev)[None]  # (1, r+N_A-1)
+            else:  # the paper's rule: everything after the prefix, in order
+                positions = torch.arange(p, p + L, device=dev)[None]  # (1, L)
+                text_pos = torch.arange(p + L, p + L + r + n_ahead - 1, device=dev)[None]
             z = module(model_cache(kv, model.config, p), positions, None, n_blocks=1)  # (1, L, d)
             ahead_in = decoder.embed(input_ids[n : n + 1, p - r : p + n_ahead - 1])  # (1, r+N_A-1, d)
             embeds = torch.cat([z.to(ahead_in.dtype), ahead_in], dim=1)  # (1, L+r+N_A-1, d)
-            trace_pos = torch.arange(p, p + L + r + n_ahead - 1, device=input_ids.device)[None]
+            trace_pos = torch.cat([positions, text_pos], dim=1)  # (1, L+r+N_A-1)
             keep = torch.arange(L - 1 + r, L - 1 + r + n_ahead, device=input_ids.device)
             logits = logits_at(
                 decoder,

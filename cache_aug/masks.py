@@ -8,13 +8,14 @@ N_L soft tokens for the coprocessor pass, or a trace [z, x_{p+1..}] for the deco
 - sees its own earlier queries (causal within the block),
 - never sees another block,
 
-and its queries take positions p_b, p_b+1, ... (0-indexed), so the next real token after N_L
-latents sits at position p + N_L: the position rule training and serving share.
+and its queries take the positions of the module's position rule (`block_position_ids`): under the
+paper's rule p_b, p_b+1, ... (0-indexed), so the next real token after N_L latents sits at position
+p + N_L. Training and serving share the rule.
 
 Masks are additive floats (0 / finfo.min): eager attention gave silently wrong results with
 boolean 4-D masks (platform-notes.md). Models whose layers mix attention kinds (Gemma2, Qwen2
 with sliding layers) take a dict keyed by layer type; sliding-window limits are applied on
-positions, the way transformers applies them.
+the order of entries in the cache (what a sliding cache layer keeps), the way transformers applies them.
 """
 
 from __future__ import annotations
@@ -52,13 +53,29 @@ def attention_kinds(config) -> tuple[bool, dict[str, int | None]]:
     return False, {"all": int(window) if window else None}
 
 
-def block_position_ids(points: torch.Tensor, block_len: int) -> torch.Tensor:
-    """Positions of B blocks of `block_len` queries starting at each point.
+POSITION_RULES = ("shift", "keep")
 
-    points: (N, B) prefix lengths. Returns (N, B*block_len): p_b + 0, ..., p_b + block_len-1.
+
+def block_position_ids(points: torch.Tensor, block_len: int, rule: str = "shift", n_latents: int = 0,
+                       reread: int = 0) -> torch.Tensor:
+    """RoPE positions of B blocks of `block_len` queries at each point (CoprocessorConfig.position_rule).
+
+    points: (N, B) prefix lengths. A block is [N_L latents, (re-read last token), following tokens];
+    `block_len` may stop inside it (N_L alone for the coprocessor pass). Returns (N, B*block_len):
+    - "shift": p + 0, ..., p + block_len-1: the latents after the prefix, the text after them;
+    - "keep": latent j at max(0, p - N_L + j) (the prefix's last N_L positions), then the re-read token
+      at p-1 and the following tokens at p, p+1, ...: the text keeps its own positions.
+    Masks never read these: which entries a query sees (and sliding windows) follow the cache order,
+    as a model's own decoding does, so only the rotary/absolute positions differ between the rules.
     """
     offsets = torch.arange(block_len, device=points.device)  # (L,)
-    return (points[:, :, None] + offsets).flatten(1)  # (N, B*L)
+    if rule == "shift":
+        rel = offsets
+    elif rule == "keep":
+        rel = torch.where(offsets < n_latents, offsets - n_latents, offsets - n_latents - reread)  # (L,)
+    else:
+        raise ValueError(f"position rule {rule!r} not in {POSITION_RULES}")
+    return (points[:, :, None] + rel).clamp_(min=0).flatten(1)  # (N, B*L)
 
 
 def block_attention_mask(
@@ -79,7 +96,7 @@ def block_attention_mask(
     q_block = torch.arange(Q, device=device) // block_len  # (Q,)
     q_off = torch.arange(Q, device=device) % block_len  # (Q,)
     q_point = points[:, q_block]  # (N, Q)
-    q_pos = q_point + q_off  # (N, Q)
+    q_idx = q_point + q_off  # (N, Q) index in the cache order of one augmentation (not the RoPE position)
 
     cols = torch.arange(cache_len, device=device)  # (C,)
     see_cache = cols[None, None, :] < q_point[:, :, None]  # (N, Q, C)
@@ -87,8 +104,8 @@ def block_attention_mask(
     allowed = torch.cat([see_cache, see_self.expand(N, Q, Q)], dim=-1)  # (N, Q, C+Q)
 
     if window is not None:
-        kv_pos = torch.cat([cols.expand(N, cache_len), q_pos], dim=-1)  # (N, C+Q)
-        allowed &= (q_pos[:, :, None] - kv_pos[:, None, :]) < window
+        kv_idx = torch.cat([cols.expand(N, cache_len), q_idx], dim=-1)  # (N, C+Q)
+        allowed &= (q_idx[:, :, None] - kv_idx[:, None, :]) < window
 
     mask = torch.zeros(N, 1, Q, cache_len + Q, dtype=dtype, device=device)
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)  # (N, 1, Q, C+Q)

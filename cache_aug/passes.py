@@ -58,7 +58,7 @@ def prefill(
 def latent_pass(decoder: Decoder, module, prefix: list[KV], points: torch.Tensor) -> torch.Tensor:
     """Pass 2. points (N, B): prefix lengths. Returns z (N, B*N_L, d)."""
     n_latents = module.n_latents
-    positions = block_position_ids(points, n_latents)  # (N, B*N_L)
+    positions = module.position_ids(points, n_latents)  # (N, B*N_L)
     if not module.uses_cache:  # pause tokens do not read the cache
         return module(None, positions, None, n_blocks=points.shape[1])
     cache_len = prefix[0][0].shape[2]
@@ -73,9 +73,12 @@ def decoder_pass(
     embeds: torch.Tensor,
     block_len: int,
     keep: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[KV]]:
-    """Pass 3. embeds (N, B*block_len, d) laid out in blocks, block b starting at position p_b.
+    """Pass 3. embeds (N, B*block_len, d) laid out in blocks, block b after the first p_b cache columns.
 
+    position_ids (N, B*block_len): the module's position rule (`LatentModule.position_ids`); None
+    places block b at positions p_b, p_b+1, ...
     Returns logits at the query indices `keep` (N, len(keep), V) and the cache layers extended by
     the B*block_len new columns (cache_len + B*block_len columns).
     """
@@ -87,7 +90,7 @@ def decoder_pass(
         keep,
         inputs_embeds=embeds,
         past_key_values=cache,
-        position_ids=block_position_ids(points, block_len),
+        position_ids=block_position_ids(points, block_len) if position_ids is None else position_ids,
         attention_mask=mask,
         use_cache=True,
     )

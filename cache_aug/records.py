@@ -3,7 +3,7 @@
 Row layout (`RECORD_SCHEMA`):
     doc_id, fingerprint, mode, dtype, n_latents, doc_tokens, seq_len, shapes (JSON),
     payload (safetensors bytes), payload_checksum, format_version, content_sha256, truncated,
-    payload_sha256 (format 1 only)
+    payload_sha256 (format 1 only), position_rule (null in records written before it: "shift")
 
 Integrity (format 2): `payload_checksum` is "crc32/<chunk bytes>:<crc>,<crc>,..." over fixed-size
 chunks of the payload, checked on several threads at once (zlib releases the GIL), so a large `full`
@@ -22,7 +22,10 @@ Payload tensors by storage mode (H_i, D_i: layer i's KV heads and head dim):
 
 A module with first_ahead_from="last_token" adds one more position after the latents (the re-read
 last token): seq_len = T+N_L+1, and latent_kv holds N_L+1 columns. `restore` reads the count off
-seq_len - doc_tokens - n_latents (0 or 1).
+seq_len - doc_tokens - n_latents (0 or 1). A module with position_rule="keep" stores the same tensors
+(their keys carry its positions); `position_rule` tells `restore` that the next token takes position
+doc_tokens rather than seq_len. The fingerprint names the rule too, and `restore` can be told which
+rule the loaded module follows.
 
 Stored data is untrusted input: `decode_payload` checks fingerprint, checksum, and every
 tensor's name, dtype, shape and byte range against what the loaded decoder implies before
@@ -51,6 +54,7 @@ from cache_aug.augment import AugmentedCache, added_embeds
 from cache_aug.decoder import Decoder, torch_dtype
 from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.kv import CacheSpec
+from cache_aug.masks import POSITION_RULES, block_position_ids
 from cache_aug.passes import decoder_pass, prefill
 
 FORMAT_VERSION = 2
@@ -84,6 +88,7 @@ RECORD_SCHEMA = pa.schema(
         pa.field("content_sha256", pa.string()),
         pa.field("truncated", pa.bool_()),
         pa.field("payload_sha256", pa.string()),
+        pa.field("position_rule", pa.string()),
     ]
 )
 
@@ -137,6 +142,7 @@ class CacheRecord:
     content_sha256: str | None = None  # sha256 of the document's UTF-8 text (incremental runs compare it)
     truncated: bool = False  # the document was cut to the configured maximum before augmentation
     payload_sha256: str | None = None  # format 1: sha256 of the payload
+    position_rule: str | None = None  # where the next token goes on (AugmentedCache.next_position); None: "shift"
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -144,7 +150,7 @@ class CacheRecord:
     @classmethod
     def from_row(cls, row: dict) -> "CacheRecord":
         names = [f.name for f in fields(cls)]
-        optional = {"content_sha256", "truncated", "payload_checksum", "payload_sha256"}
+        optional = {"content_sha256", "truncated", "payload_checksum", "payload_sha256", "position_rule"}
         missing = [n for n in names if n not in optional and (n not in row or row[n] is None)]
         if missing:
             raise CacheRecordError(f"record {row.get('doc_id')!r}: missing field(s) {', '.join(missing)}")
@@ -186,6 +192,7 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
         payload_checksum=payload_checksum(payload),
         content_sha256=content_sha256,
         truncated=truncated,
+        position_rule=aug.position_rule,
     )
 
 
@@ -260,6 +267,8 @@ def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> di
         raise CacheRecordError(
             f"{where}: inconsistent lengths (doc_tokens={record.doc_tokens}, n_latents={record.n_latents}, seq_len={record.seq_len})"
         )
+    if (record.position_rule or "shift") not in POSITION_RULES:
+        raise CacheRecordError(f"{where}: position_rule {record.position_rule!r} not in {POSITION_RULES}")
     if record.format_version == 1:
         intact = record.payload_sha256 is not None and hashlib.sha256(record.payload).hexdigest() == record.payload_sha256
     else:
@@ -274,9 +283,15 @@ def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> di
 
 
 @torch.no_grad()
-def restore(record: CacheRecord, decoder: Decoder, fingerprint: str) -> AugmentedCache:
-    """Rebuild the augmented cache a record stands for, ready for `decode_steps`."""
+def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_rule: str | None = None) -> AugmentedCache:
+    """Rebuild the augmented cache a record stands for, ready for `decode_steps`.
+
+    position_rule: the loaded module's rule, when known; a record that says otherwise is refused.
+    """
     tensors = decode_payload(record, decoder.cache_spec, fingerprint)
+    rule = record.position_rule or "shift"
+    if position_rule is not None and rule != position_rule:
+        raise CacheRecordError(f"record {record.doc_id!r}: position_rule {rule!r}, the loaded module follows {position_rule!r}")
     device, dtype = decoder.device, decoder.dtype
     ids = tensors["input_ids"].to(device, torch.long)  # (T,)
     L = record.n_latents
@@ -284,19 +299,20 @@ def restore(record: CacheRecord, decoder: Decoder, fingerprint: str) -> Augmente
     if record.mode == "full":
         layers = [(tensors[f"k.{i}"][None].to(device, dtype), tensors[f"v.{i}"][None].to(device, dtype))
                   for i in range(len(decoder.cache_spec.layers))]
-        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L, n_reread=r)
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L, n_reread=r, position_rule=rule)
     prefix, _ = prefill(decoder, ids[None])  # the document's KV, recomputed: (1, H, T, D) per layer
     if record.mode == "latent_kv":
         layers = [
             (torch.cat([k, tensors[f"k.{i}"][None].to(device, dtype)], 2), torch.cat([v, tensors[f"v.{i}"][None].to(device, dtype)], 2))
             for i, (k, v) in enumerate(prefix)
         ]
-        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L, n_reread=r)
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L, n_reread=r, position_rule=rule)
     z = tensors["latents"].to(device, dtype)  # (N_L, d)
     points = torch.tensor([[ids.shape[0]]], device=device)
     embeds = added_embeds(decoder, z[None], ids[None, -1:], r)  # (1, L+r, d)
-    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, torch.tensor([L + r - 1], device=device))
-    return AugmentedCache(ids, layers, logits[0, 0], L, latents=z, n_reread=r)
+    positions = block_position_ids(points, L + r, rule, L, r)  # (1, L+r)
+    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, torch.tensor([L + r - 1], device=device), positions)
+    return AugmentedCache(ids, layers, logits[0, 0], L, latents=z, n_reread=r, position_rule=rule)
 
 
 def records_to_table(records: list[CacheRecord]) -> pa.Table:

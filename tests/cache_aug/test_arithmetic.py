@@ -110,9 +110,9 @@ def test_summary_accuracy_and_paired_intervals():
 def test_run_arithmetic_end_to_end_micro(tmp_path):
     spec = ArithmeticSpec(digits=2, problems_per_doc=4, train_docs=400, eval_docs=4, eval_from_problem=2, hidden_size=32,
                           num_layers=1, steps=4, threads=1)
-    cfg = load_config(None, overrides=["sweep.n_latents=[2]", "sweep.steps=2", "sweep.batch_size=4", "sweep.warmup_steps=1",
-                                       "augmentation.n_ahead=3", "augmentation.points_per_sequence=2", "eval.bootstrap_samples=50",
-                                       "coprocessor.first_ahead_from=last_token"])
+    overrides = ["sweep.n_latents=[2]", "sweep.steps=2", "sweep.batch_size=4", "sweep.warmup_steps=1", "augmentation.n_ahead=3",
+                 "augmentation.points_per_sequence=2", "eval.bootstrap_samples=50", "coprocessor.first_ahead_from=last_token"]
+    cfg = load_config(None, overrides=overrides)
     report = run_arithmetic(cfg, spec, work_dir=tmp_path / "work", results_dir=tmp_path / "results", log=lambda s: None)
     saved = json.loads((tmp_path / "results" / "arithmetic.json").read_text())
     assert saved["format"] == "cache-aug/arithmetic" and saved == json.loads(json.dumps(report))
@@ -125,3 +125,13 @@ def test_run_arithmetic_end_to_end_micro(tmp_path):
     assert set(ppl["ppl"]) == {"none", "pause", "coprocessor"}
     assert "| 2 |" in (tmp_path / "results" / "arithmetic.md").read_text()
     assert set(saved["position_gap_ppl"]) == {"0", "1", "3"}  # none, one, and N_L + the re-read token
+    # the same corpus and decoder, modules of the other position rule in a directory of their own
+    pretrained = (tmp_path / "work" / "decoder" / "pretrain.json").stat().st_mtime_ns
+    keep_cfg = load_config(None, overrides=[*overrides, "coprocessor.position_rule=keep"])
+    keep = run_arithmetic(keep_cfg, spec, work_dir=tmp_path / "work", results_dir=tmp_path / "keep",
+                          modules_dir=tmp_path / "work" / "keep", log=lambda s: None)
+    assert (tmp_path / "work" / "decoder" / "pretrain.json").stat().st_mtime_ns == pretrained
+    assert (tmp_path / "work" / "keep" / "nl2-coprocessor" / "module" / "latents.json").exists()
+    assert keep["modules"]["position_rule"] == "keep" and saved["modules"]["position_rule"] == "shift"
+    assert set(keep["position_gap_ppl"]) == {"0", "1"}  # "keep" moves nothing
+    assert keep["by_n_latents"][0]["accuracy"]["none"] == nl["accuracy"]["none"]  # same decoder, same problems

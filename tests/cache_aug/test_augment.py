@@ -13,17 +13,20 @@ from cache_aug.records import encode_record, read_records, restore, write_record
 from cache_aug.testing import tiny_decoder
 
 ARCHS = ["llama", "gemma2", "gpt2", "qwen2-sliding", "mistral"]
-# (architecture, which slot predicts the first ahead token): the paper's rule everywhere, the re-read
-# last token on the architectures with embedding scaling (gemma2) and sliding layers
-SETUPS = [(a, "last_latent") for a in ARCHS] + [(a, "last_token") for a in ("llama", "gemma2", "qwen2-sliding")]
+# (architecture, which slot predicts the first ahead token, position rule): the paper's rules everywhere; the
+# re-read last token, and the text keeping its positions, on the architectures with embedding scaling (gemma2),
+# sliding layers and learned absolute positions (gpt2)
+SETUPS = ([(a, "last_latent", "shift") for a in ARCHS] + [(a, "last_token", "shift") for a in ("llama", "gemma2", "qwen2-sliding")]
+          + [(a, "last_token", "keep") for a in ("llama", "gemma2", "qwen2-sliding", "gpt2")] + [("mistral", "last_latent", "keep")])
 N_L = 3
 
 
 @pytest.fixture(scope="module", params=SETUPS, ids=lambda s: "-".join(s))
 def setup(request):
-    arch, first = request.param
+    arch, first, rule = request.param
     decoder = tiny_decoder(arch)
-    module = build_latent_module(decoder, CoprocessorConfig(mode="full", first_ahead_from=first), n_latents=N_L).eval()
+    cfg = CoprocessorConfig(mode="full", first_ahead_from=first, position_rule=rule)
+    module = build_latent_module(decoder, cfg, n_latents=N_L).eval()
     return decoder, module, latent_fingerprint(decoder, module)
 
 
@@ -51,6 +54,8 @@ def test_stored_equals_computed(setup, mode, tmp_path):
 
     assert restored.seq_len == aug.seq_len == 30 + N_L + module.reread
     assert restored.n_reread == aug.n_reread == module.reread
+    assert restored.position_rule == aug.position_rule == loaded.position_rule == module.position_rule
+    assert restored.next_position == aug.next_position == (30 if module.position_rule == "keep" else aug.seq_len)
     got = _steps(decoder, restored, [5, 6, 7])
     assert [t for t, _ in got] == [t for t, _ in expected]
     for (_, a), (_, b) in zip(got, expected):

@@ -59,16 +59,20 @@ def test_coprocessor_is_a_copy_initialised_from_the_decoder():
     assert module.trunk.get_input_embeddings().weight.shape[0] == 1
 
 
-@pytest.mark.parametrize("mode,first", [("full", "last_latent"), ("lora", "last_latent"), ("pause", "last_latent"),
-                                        ("full", "last_token"), ("pause", "last_token")])
-def test_save_load_round_trip(mode, first, tmp_path):
+@pytest.mark.parametrize("mode,first,rule", [("full", "last_latent", "shift"), ("lora", "last_latent", "shift"),
+                                             ("pause", "last_latent", "shift"), ("full", "last_token", "shift"),
+                                             ("pause", "last_token", "shift"), ("full", "last_token", "keep"),
+                                             ("lora", "last_latent", "keep")])
+def test_save_load_round_trip(mode, first, rule, tmp_path):
     decoder = tiny_decoder("qwen2")
-    module = build_latent_module(decoder, CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first), n_latents=3)
+    cfg = CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first, position_rule=rule)
+    module = build_latent_module(decoder, cfg, n_latents=3)
     _step(decoder, module)  # trained weights differ from the decoder's
     module.eval()
     path = save_latent_module(module, decoder, tmp_path / "cop")
     meta = json.loads((path / "latents.json").read_text())
     assert meta["n_latents"] == 3 and meta["mode"] == mode and meta["first_ahead_from"] == first
+    assert meta["position_rule"] == rule
     assert meta["decoder_fingerprint"] == decoder.fingerprint
     assert (path / "soft_tokens.safetensors").exists()
     assert (path / "model.safetensors").exists() == (mode != "pause")
@@ -79,6 +83,7 @@ def test_save_load_round_trip(mode, first, tmp_path):
     a, b = augment(decoder, module, doc)[0], augment(decoder, loaded, doc)[0]
     assert torch.equal(a.latents, b.latents) and torch.equal(a.next_logits, b.next_logits)
     assert loaded.reread == module.reread and a.seq_len == b.seq_len == 20 + 3 + module.reread
+    assert loaded.position_rule == rule and a.next_position == b.next_position == (20 if rule == "keep" else a.seq_len)
 
 
 def test_load_refuses_other_decoder(tmp_path):
@@ -119,6 +124,10 @@ def test_fingerprint_covers_each_part():
     reread = build_latent_module(decoder, CoprocessorConfig(mode="full", first_ahead_from="last_token"), 2)
     reread.load_state_dict(module.state_dict())
     assert latent_fingerprint(decoder, reread) != latent_fingerprint(decoder, module)
+    # where the latents and the text after them sit
+    keep = build_latent_module(decoder, CoprocessorConfig(mode="full", position_rule="keep"), 2)
+    keep.load_state_dict(module.state_dict())
+    assert latent_fingerprint(decoder, keep) != latent_fingerprint(decoder, module)
     # dtype
     bf16 = Decoder(freeze(decoder.model.to(torch.bfloat16)), decoder.tokenizer)
     assert decoder_fingerprint(bf16.model, bf16.tokenizer) != decoder.fingerprint

@@ -8,15 +8,16 @@ import torch
 from cache_aug.config import CoprocessorConfig
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.losses import one_pass_loss, plain_ahead_loss, reference_loss, sample_points
-from cache_aug.masks import UnsupportedArchitecture, block_attention_mask
+from cache_aug.masks import UnsupportedArchitecture, block_attention_mask, block_position_ids
 from cache_aug.testing import tiny_decoder
 
 ARCHS = ["llama", "qwen2", "qwen2-sliding", "mistral", "gpt2", "gemma2", "phi3"]
 T, B, N_L, N_A = 40, 5, 3, 5  # sequences longer than the sliding windows (12-16) of the sliding configs
 
 
-def _module(decoder, mode, first="last_latent"):
-    module = build_latent_module(decoder, CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first), n_latents=N_L).eval()
+def _module(decoder, mode, first="last_latent", rule="shift"):
+    cfg = CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first, position_rule=rule)
+    module = build_latent_module(decoder, cfg, n_latents=N_L).eval()
     if mode == "lora":  # fresh LoRA B is zero; make the adapters matter
         for name, p in module.named_parameters():
             if "lora_B" in name:
@@ -31,12 +32,14 @@ def _loss_and_grads(fn, decoder, module, ids, points):
     return out, grads
 
 
+@pytest.mark.parametrize("rule", ["shift", "keep"])
 @pytest.mark.parametrize("first", ["last_latent", "last_token"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["full", "lora", "pause"])
-def test_one_pass_equals_reference(arch, mode, first):
+def test_one_pass_equals_reference(arch, mode, first, rule):
+    """min_prefix=2 < N_L: under "keep" some latents are clamped to position 0."""
     decoder = tiny_decoder(arch)
-    module = _module(decoder, mode, first)
+    module = _module(decoder, mode, first, rule)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, decoder.config.vocab_size, (2, T), generator=g)
     points = sample_points(2, T, B, N_A, min_prefix=2, generator=g)
@@ -64,6 +67,20 @@ def test_latents_change_the_loss():
     assert abs(float(aug) - float(none)) > 1e-3
     reread = one_pass_loss(decoder, _module(decoder, "full", "last_token"), ids, points, N_A).loss.detach()
     assert abs(float(reread) - float(aug)) > 1e-3  # the slot choice changes what is computed
+    keep = one_pass_loss(decoder, _module(decoder, "full", "last_token", "keep"), ids, points, N_A).loss.detach()
+    assert abs(float(keep) - float(reread)) > 1e-3  # so does the position rule
+
+
+def test_position_rules():
+    """Positions of [N_L latents, re-read token, following tokens] per rule; "keep" clamps at 0."""
+    points = torch.tensor([[5, 2]])
+    shift = block_position_ids(points, 6, "shift", 3, 1)
+    keep = block_position_ids(points, 6, "keep", 3, 1)
+    assert shift.tolist() == [[5, 6, 7, 8, 9, 10, 2, 3, 4, 5, 6, 7]]
+    assert keep.tolist() == [[2, 3, 4, 4, 5, 6, 0, 0, 1, 1, 2, 3]]
+    assert block_position_ids(points, 5, "keep", 3, 0).tolist() == [[2, 3, 4, 5, 6, 0, 0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="position rule"):
+        block_position_ids(points, 3, "later", 3, 0)
 
 
 def test_block_mask_layout():

@@ -122,15 +122,18 @@ def test_format_1_records_still_load_and_are_still_checked(made, tmp_path):
         flipped[-3] ^= 0x10
         with pytest.raises(CacheRecordError, match="checksum"):
             restore(dataclasses.replace(old, payload=bytes(flipped)), decoder, fp)
-    # a Parquet file written before the chunked checksum existed (no payload_checksum column)
+    # a Parquet file written before the chunked checksum and the position rule existed (neither column)
+    newer = ("payload_checksum", "position_rule")
     old_schema = pa.schema([f.with_nullable(f.name != "payload_sha256" and f.nullable) for f in RECORD_SCHEMA
-                            if f.name != "payload_checksum"])
-    rows = [{k: v for k, v in _as_format_1(r).to_row().items() if k != "payload_checksum"} for r in records.values()]
+                            if f.name not in newer])
+    rows = [{k: v for k, v in _as_format_1(r).to_row().items() if k not in newer} for r in records.values()]
     pq.write_table(pa.Table.from_pylist(rows, schema=old_schema), tmp_path / "old.parquet")
     loaded = read_records(str(tmp_path / "old.parquet"))
     assert [r.format_version for r in loaded] == [1, 1, 1] and all(r.payload_checksum is None for r in loaded)
     for r in loaded:
-        restore(r, decoder, fp)
+        assert r.position_rule is None
+        back = restore(r, decoder, fp, "shift")
+        assert back.position_rule == "shift" and back.next_position == back.seq_len
     # and through the serving reader, from an output prefix laid out as a format-1 corpus job wrote it
     bucket = tmp_path / "out" / "runs" / "r1" / "kind=record" / f"bucket={bucket_of('doc-7', 4)}"
     bucket.mkdir(parents=True)
@@ -138,6 +141,18 @@ def test_format_1_records_still_load_and_are_still_checked(made, tmp_path):
     got = AugmentedCacheReader(pafs.LocalFileSystem(), str(tmp_path / "out"), 4).get("doc-7")
     assert got.format_version == 1 and got.mode == "full"
     restore(got, decoder, fp)
+
+
+def test_position_rule_is_checked(made):
+    """A record says where the next token goes on; an unknown rule, or one the loaded module does not follow, is refused."""
+    decoder, fp, records = made
+    for mode, record in records.items():
+        assert record.position_rule == "shift"
+        assert restore(record, decoder, fp, "shift").next_position == 20 + 2
+        with pytest.raises(CacheRecordError, match="position_rule 'sideways'"):
+            restore(dataclasses.replace(record, position_rule="sideways"), decoder, fp)
+        with pytest.raises(CacheRecordError, match="the loaded module follows 'keep'"):
+            restore(record, decoder, fp, "keep")
 
 
 def test_unknown_format_is_refused(made):

@@ -13,11 +13,13 @@ from cache_aug.serving import CacheLRU, CompletionEngine, RequestError, _held_ba
 from cache_aug.testing import tiny_decoder
 
 
-@pytest.fixture(scope="module", params=["last_latent", "last_token"])
+@pytest.fixture(scope="module", params=[("last_latent", "shift"), ("last_token", "shift"), ("last_token", "keep")],
+                ids=lambda p: "-".join(p))
 def setup(request):
     torch.manual_seed(0)
     dec = tiny_decoder("llama")
-    module = build_latent_module(dec, CoprocessorConfig(first_ahead_from=request.param), 3).eval()
+    first, rule = request.param
+    module = build_latent_module(dec, CoprocessorConfig(first_ahead_from=first, position_rule=rule), 3).eval()
     return dec, module, latent_fingerprint(dec, module)
 
 

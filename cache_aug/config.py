@@ -577,7 +577,8 @@ class SweepConfig:
     """Local trainer: steps between checkpoints; a re-run resumes a condition from its latest one."""
 
     curve_every: int = 0
-    """Local trainer: steps between held-out checks of the training loss curve (0: none)."""
+    """Local trainer: steps between held-out checks of the training loss curve (0: none); the untrained module is
+    checked first (step 0)."""
 
     work_dir: str = "runs/sweep"
     """Where trained modules and checkpoints go, one directory per N_L and condition."""

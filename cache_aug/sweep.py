@@ -67,6 +67,8 @@ def train_local_condition(cfg: CacheAugConfig, condition: str, run_dir: Path, *,
             curve_file.write_text(json.dumps(curve) + "\n")
             log(f"[sweep] {run_dir.name} step {step}: held-out ppl {r.ppl_augmented:.3f} (none {r.ppl_none:.3f})")
 
+    if not curve:
+        on_step(0)  # the untrained module: how near a no-op training starts
     batches = iterate_batches(train, sw.batch_size, seed=cfg.coprocessor.seed)
     t0 = time.perf_counter()
     losses = train_local(decoder, module, batches, cfg.augmentation, steps=sw.steps, lr=sw.lr, warmup_steps=sw.warmup_steps,

@@ -146,7 +146,7 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
             ahead_in = decoder.embed(input_ids[n : n + 1, p - r : p + n_ahead - 1])  # (1, r+N_A-1, d)
             embeds = torch.cat([z.to(ahead_in.dtype), ahead_in], dim=1)  # (1, L+r+N_A-1, d)
             trace_pos = torch.cat([positions, text_pos], dim=1)  # (1, L+r+N_A-1)
-            keep = torch.arange(L - 1 + r, L - 1 + r + n_ahead, device=input_ids.device)
+            keep = torch.arange(L - 1 + r, L - 1 + r + n_ahead, device=dev)
             logits = logits_at(
                 decoder,
                 keep,

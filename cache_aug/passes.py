@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from cache_aug.decoder import Decoder
 from cache_aug.kv import KV, layer_kv, plain_cache
-from cache_aug.masks import block_masks_for, block_position_ids
+from cache_aug.masks import block_masks_for
 
 
 def _takes_logits_to_keep(model) -> bool:
@@ -73,12 +73,12 @@ def decoder_pass(
     embeds: torch.Tensor,
     block_len: int,
     keep: torch.Tensor | None,
-    position_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, list[KV]]:
     """Pass 3. embeds (N, B*block_len, d) laid out in blocks, block b after the first p_b cache columns.
 
-    position_ids (N, B*block_len): the module's position rule (`LatentModule.position_ids`); None
-    places block b at positions p_b, p_b+1, ...
+    position_ids (N, B*block_len): where the queries sit, by the module's position rule
+    (`LatentModule.position_ids`, `masks.block_position_ids`).
     Returns logits at the query indices `keep` (N, len(keep), V) and the cache layers extended by
     the B*block_len new columns (cache_len + B*block_len columns).
     """
@@ -90,7 +90,7 @@ def decoder_pass(
         keep,
         inputs_embeds=embeds,
         past_key_values=cache,
-        position_ids=block_position_ids(points, block_len) if position_ids is None else position_ids,
+        position_ids=position_ids,
         attention_mask=mask,
         use_cache=True,
     )

@@ -1,0 +1,139 @@
+"""Headroom: what the modules' training budget buys when spent on the decoder itself.
+
+    python -m bench.headroom [--config jobs/configs/sweep_tiny.yaml] [--steps 1000] [--batch-size 16] [--threads 2]
+
+Cache augmentation keeps the decoder frozen, so everything it gains has to come through the latents.
+This is the reference it is judged against here: a copy of the decoder, unfrozen, trained with the
+sweep's recipe (same training blocks and batch order, AdamW, lr / warmup / cosine to 10%, grad clip 1,
+the same steps and batch size) on its own objective, next-token loss over every token of each block.
+It is then scored exactly as the sweep scores its conditions: ahead-token perplexity at the sweep's
+held-out points (`cache_aug.evaluate`, same windows and points, paired bootstrap), next to the frozen
+decoder. If more training of the decoder itself buys little, the decoder is near what its size and this
+corpus allow, and a frozen-decoder method has little to win back by being a better language model.
+
+The held-out scores are taken every --check-every steps too, so the curve shows where the fine-tune
+overfits (they are a reference curve, nothing is selected by them). Writes bench/results/headroom.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import time
+
+import torch
+
+from bench.results_io import write_result
+from cache_aug.config import load_config
+from cache_aug.decoder import Decoder, load_decoder
+from cache_aug.evaluate import evaluate_documents, read_documents, summarise
+from cache_aug.sweep import training_blocks
+from cache_aug.training import iterate_batches
+
+
+def cosine_rate(step: int, steps: int, warmup: int) -> float:
+    """The sweep's schedule (`train_local(cosine=True)`): linear warmup, then cosine to 10% at `steps`."""
+    if step < warmup:
+        return min(1.0, (step + 1) / max(1, warmup))
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def paired_report(cfg, rows_frozen: list[dict], rows_tuned: list[dict]) -> dict:
+    """The evaluation report of two decoders at the same points: conditions "none" and "finetuned"."""
+    rows = []
+    for a, b in zip(rows_frozen, rows_tuned, strict=True):
+        if (a["doc_id"], a["window"], a["points"]) != (b["doc_id"], b["window"], b["points"]):
+            raise RuntimeError(f"points differ at {a['doc_id']} window {a['window']}")
+        rows.append(a | {"ce_finetuned": b["ce_none"]})
+    return summarise(rows, ["none", "finetuned"], cfg.augmentation.n_ahead, cfg.eval)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="jobs/configs/sweep_tiny.yaml")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=None, help="default: the config's sweep.lr")
+    ap.add_argument("--check-every", type=int, default=250)
+    ap.add_argument("--max-documents", type=int, default=0, help="held-out documents scored (0: all, as the sweep)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="headroom")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = load_config(args.config)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_documents=args.max_documents))
+    sw, lr = cfg.sweep, args.lr if args.lr is not None else cfg.sweep.lr
+    frozen = load_decoder(cfg.model, device=cfg.eval.device)
+    train = training_blocks(cfg, frozen, cfg.data.paths)
+    docs = read_documents(cfg.eval)
+    score = lambda dec: evaluate_documents(dec, {"none": None}, docs, cfg.eval, cfg.augmentation.min_prefix)  # noqa: E731
+    rows_frozen = score(frozen)
+
+    model = copy.deepcopy(frozen.model).train().requires_grad_(True)  # tied embeddings stay tied
+    tuned = Decoder(model=model, tokenizer=frozen.tokenizer, source=f"{frozen.source} (fine-tuned)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_rate(s, args.steps, sw.warmup_steps))
+    batches = iterate_batches(train, args.batch_size, seed=cfg.coprocessor.seed)
+
+    def check(step: int) -> dict:
+        model.eval()
+        with torch.no_grad():
+            report = paired_report(cfg, rows_frozen, score(tuned))
+        model.train()
+        point = {"step": step, "ppl_none": report["ppl"]["none"], "ppl_finetuned": report["ppl"]["finetuned"],
+                 "vs_none": -report["relative_reduction"]["finetuned"], "vs_none_ci": [-x for x in report["relative_reduction_ci"]["finetuned"][::-1]]}
+        print(f"[headroom] step {step}: ahead ppl none {point['ppl_none']:.3f}, fine-tuned {point['ppl_finetuned']:.3f} "
+              f"({100 * point['vs_none']:+.1f}%)", flush=True)
+        return point | {"report": report}
+
+    curve = [check(0)]
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        batch = next(batches).to(frozen.device)  # (B, T)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % args.check_every == 0 or step + 1 == args.steps:
+            curve.append(check(step + 1))
+    train_s = time.perf_counter() - t0
+    final = curve[-1].pop("report")
+    for point in curve:
+        point.pop("report", None)
+    best = min(curve, key=lambda p: p["ppl_finetuned"])
+    write_result(args.name, {
+        "bench": "headroom",
+        "config": args.config,
+        "decoder": cfg.model.path,
+        "decoder_fingerprint": frozen.fingerprint,
+        "recipe": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": cfg.data.seq_len, "lr": lr,
+                   "warmup_steps": sw.warmup_steps, "schedule": "linear warmup, cosine to 10%", "weight_decay": 0.0,
+                   "grad_clip": 1.0, "objective": "next-token loss over every token", "batch_order_seed": cfg.coprocessor.seed},
+        "train_tokens": int(train.numel()),
+        "points": final["points"],
+        "positions_sha256": final["positions_sha256"]["none"],
+        "n_ahead": final["n_ahead"],
+        "ppl": final["ppl"],
+        "ppl_ci": final["ppl_ci"],
+        "vs_none": -final["relative_reduction"]["finetuned"],
+        "vs_none_ci": [-x for x in final["relative_reduction_ci"]["finetuned"][::-1]],
+        "per_position_ppl": {c: final["per_position"][c]["ppl"] for c in ("none", "finetuned")},
+        "curve": curve,
+        "best_check": best,
+        "final_train_loss_mean_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "train_s": round(train_s, 1),
+        "threads": args.threads,
+    })
+
+
+if __name__ == "__main__":
+    main()

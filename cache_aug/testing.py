@@ -28,7 +28,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(arch: str, **overrides):
     """A small random config of the named architecture."""
-    from transformers import Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, BloomConfig, Phi3Config
+    from transformers import (BloomConfig, FalconConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
+                              LlamaConfig, MistralConfig, Olmo2Config, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
     # initializer_range 0.2 (not the usual 0.02): with near-zero queries and keys attention is uniform and
     # positions would not matter, so tests of position handling could not fail
@@ -58,6 +59,25 @@ def tiny_config(arch: str, **overrides):
                          num_key_value_heads=2, max_position_embeddings=512, **common)
     elif arch == "bloom":
         cfg = BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)
+    elif arch == "gpt_neox":  # Pythia: partial rotary, parallel residual
+        cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=512, rotary_pct=0.25, **common)
+    elif arch == "gemma3":  # local (sliding) and global layers with their own RoPE bases
+        cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=12,
+                               sliding_window_pattern=2, attn_implementation="eager", **common)
+    elif arch == "qwen3":  # q/k norms
+        cfg = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, max_position_embeddings=512, **common)
+    elif arch == "olmo2":  # norms after attention and MLP
+        cfg = Olmo2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, **common)
+    elif arch == "falcon":  # multi-query attention, parallel attention + MLP
+        cfg = FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False,
+                           multi_query=True, alibi=False, **common)
+    elif arch == "opt":  # learned absolute positions with an offset
+        cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                        word_embed_proj_dim=32, **common)
     else:
         raise ValueError(f"unknown test architecture {arch!r}")
     for k, v in overrides.items():

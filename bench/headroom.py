@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import time
 
 import torch
@@ -30,15 +29,7 @@ from cache_aug.config import load_config
 from cache_aug.decoder import Decoder, load_decoder
 from cache_aug.evaluate import evaluate_documents, read_documents, summarise
 from cache_aug.sweep import training_blocks
-from cache_aug.training import iterate_batches
-
-
-def cosine_rate(step: int, steps: int, warmup: int) -> float:
-    """The sweep's schedule (`train_local(cosine=True)`): linear warmup, then cosine to 10% at `steps`."""
-    if step < warmup:
-        return min(1.0, (step + 1) / max(1, warmup))
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+from cache_aug.training import iterate_batches, lr_factor
 
 
 def paired_report(cfg, rows_frozen: list[dict], rows_tuned: list[dict]) -> dict:
@@ -77,21 +68,25 @@ def main() -> None:
     tuned = Decoder(model=model, tokenizer=frozen.tokenizer, source=f"{frozen.source} (fine-tuned)")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_rate(s, args.steps, sw.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, sw.warmup_steps))
     batches = iterate_batches(train, args.batch_size, seed=cfg.coprocessor.seed)
 
+    curve: list[dict] = []
+
     def check(step: int) -> dict:
+        """Score the fine-tuned copy, append the point to the curve, return the full report."""
         model.eval()
         with torch.no_grad():
             report = paired_report(cfg, rows_frozen, score(tuned))
         model.train()
-        point = {"step": step, "ppl_none": report["ppl"]["none"], "ppl_finetuned": report["ppl"]["finetuned"],
-                 "vs_none": -report["relative_reduction"]["finetuned"], "vs_none_ci": [-x for x in report["relative_reduction_ci"]["finetuned"][::-1]]}
-        print(f"[headroom] step {step}: ahead ppl none {point['ppl_none']:.3f}, fine-tuned {point['ppl_finetuned']:.3f} "
-              f"({100 * point['vs_none']:+.1f}%)", flush=True)
-        return point | {"report": report}
+        curve.append({"step": step, "ppl_none": report["ppl"]["none"], "ppl_finetuned": report["ppl"]["finetuned"],
+                      "vs_none": -report["relative_reduction"]["finetuned"],
+                      "vs_none_ci": [-x for x in report["relative_reduction_ci"]["finetuned"][::-1]]})
+        print(f"[headroom] step {step}: ahead ppl none {report['ppl']['none']:.3f}, fine-tuned {report['ppl']['finetuned']:.3f} "
+              f"({100 * curve[-1]['vs_none']:+.1f}%)", flush=True)
+        return report
 
-    curve = [check(0)]
+    final = check(0)
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(args.steps):
@@ -104,11 +99,8 @@ def main() -> None:
         sched.step()
         losses.append(loss.item())
         if (step + 1) % args.check_every == 0 or step + 1 == args.steps:
-            curve.append(check(step + 1))
+            final = check(step + 1)
     train_s = time.perf_counter() - t0
-    final = curve[-1].pop("report")
-    for point in curve:
-        point.pop("report", None)
     best = min(curve, key=lambda p: p["ppl_finetuned"])
     write_result(args.name, {
         "bench": "headroom",
@@ -124,8 +116,8 @@ def main() -> None:
         "n_ahead": final["n_ahead"],
         "ppl": final["ppl"],
         "ppl_ci": final["ppl_ci"],
-        "vs_none": -final["relative_reduction"]["finetuned"],
-        "vs_none_ci": [-x for x in final["relative_reduction_ci"]["finetuned"][::-1]],
+        "vs_none": curve[-1]["vs_none"],
+        "vs_none_ci": curve[-1]["vs_none_ci"],
         "per_position_ppl": {c: final["per_position"][c]["ppl"] for c in ("none", "finetuned")},
         "curve": curve,
         "best_check": best,

@@ -89,6 +89,15 @@ def evaluate(decoder: Decoder, module, blocks: torch.Tensor, aug: AugmentationCo
     )
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int, cosine: bool = True) -> float:
+    """Multiplier of the peak rate at `step`: linear warmup, then (with `cosine`) cosine decay to 10% at `steps`."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if not cosine or step < warmup_steps:
+        return warm
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def train_local(
     decoder: Decoder,
     module,
@@ -117,15 +126,7 @@ def train_local(
     """
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def rate(s: int) -> float:
-        warm = min(1.0, (s + 1) / max(1, warmup_steps))
-        if not cosine or s < warmup_steps:
-            return warm
-        progress = (s - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps, cosine))
     g = torch.Generator().manual_seed(seed)
     module.train()
     losses: list[float] = []

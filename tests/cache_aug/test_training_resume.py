@@ -8,7 +8,7 @@ import torch
 from cache_aug.config import AugmentationConfig, CoprocessorConfig
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.testing import tiny_decoder
-from cache_aug.training import iterate_batches, train_local
+from cache_aug.training import iterate_batches, lr_factor, train_local
 
 AUG = AugmentationConfig(n_latents=2, n_ahead=3, points_per_sequence=3, min_prefix=2)
 
@@ -41,3 +41,11 @@ def test_resumed_run_equals_unbroken(tmp_path):
     assert trained
     for name, b in resumed.trainable_state().items():
         torch.testing.assert_close(trained[name], b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lr_factor_warmup_then_cosine_to_ten_percent():
+    assert [lr_factor(s, 10, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, 4) == pytest.approx(1.0)  # decay starts at the peak
+    assert lr_factor(7, 10, 4) == pytest.approx(0.55)  # halfway down
+    assert lr_factor(10, 10, 4) == pytest.approx(0.1) == lr_factor(50, 10, 4)  # and stays at 10%
+    assert lr_factor(9, 10, 4, cosine=False) == 1.0

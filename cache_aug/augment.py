@@ -17,6 +17,10 @@ holds T+N_L+1 positions and the next real token takes position T+N_L+1 (`seq_len
 A module with position_rule="keep" puts the latents at the document's last N_L positions (and a
 re-read token at its own, T-1): the cache holds the same entries, but the next real token takes
 position T, as if nothing had been inserted (`next_position`).
+
+A coprocessor with latent_channel="kv" writes its own keys and values at the N_L latent slots of every
+layer; the decoder then reads only the re-read last token on top (such a module always re-reads). The
+cache has the same layout and length; `latents` is None, since no input embeddings exist.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from cache_aug.decoder import Decoder
 from cache_aug.kv import KV, model_cache
-from cache_aug.passes import logits_at, decoder_pass, latent_pass, prefill
+from cache_aug.passes import decoder_pass, kv_decoder_pass, latent_pass, logits_at, prefill
 
 
 @dataclass
@@ -41,7 +45,7 @@ class AugmentedCache:
     layers: list[KV]  # per layer (1, H_kv, S, D) with S = T + N_L (a sliding layer may hold only its window)
     next_logits: torch.Tensor  # (V,) prediction of the first token after the cache
     n_latents: int  # N_L; 0 for the plain (fallback) cache
-    latents: torch.Tensor | None = None  # (N_L, d) z, None for the fallback
+    latents: torch.Tensor | None = None  # (N_L, d) z; None for the fallback and a latent_channel="kv" module
     n_reread: int = 0  # 1 when the document's last token was fed again after the latents
     position_rule: str = "shift"  # "keep": the text after the document goes on at position T (masks.block_position_ids)
 
@@ -116,11 +120,17 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
     L, r = module.n_latents, module.reread
     points = lengths[:, None]  # (N, 1): one augmentation point, at the end of each document
     prefix, _ = prefill(decoder, ids, attn)
-    z = latent_pass(decoder, module, prefix, points)  # (N, L, d)
-    embeds = added_embeds(decoder, z, ids.gather(1, lengths[:, None] - 1), r)  # (N, L+r, d)
-    keep = torch.tensor([L + r - 1], device=ids.device)
+    z = latent_pass(decoder, module, prefix, points)  # (N, L, d), or per layer (N, H, L, D) for the kv channel
     positions = module.position_ids(points, L + r)  # (N, L+r)
-    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, keep, positions)  # (N, 1, V); T + L + r columns
+    if module.latent_channel == "kv":  # the latents' KV from C, then D over the re-read last token (r == 1)
+        last = decoder.embed(ids.gather(1, lengths[:, None] - 1))  # (N, 1, d)
+        keep = torch.tensor([0], device=ids.device)
+        logits, layers = kv_decoder_pass(decoder, prefix, z, points, last, 1, keep, positions[:, L:])  # T + L + 1 columns
+        z = None
+    else:
+        embeds = added_embeds(decoder, z, ids.gather(1, lengths[:, None] - 1), r)  # (N, L+r, d)
+        keep = torch.tensor([L + r - 1], device=ids.device)
+        logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, keep, positions)  # (N, 1, V); T + L + r columns
     out = []
     for i in range(N):
         n = int(lengths[i])
@@ -133,7 +143,7 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
                 ],
                 next_logits=logits[i, 0],
                 n_latents=L,
-                latents=z[i],
+                latents=None if z is None else z[i],
                 n_reread=r,
                 position_rule=module.position_rule,
             )

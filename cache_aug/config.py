@@ -177,6 +177,16 @@ class CoprocessorConfig:
     disturbed by a shift. Saved with the trained module, so training, corpus augmentation and serving all
     follow it."""
 
+    latent_channel: Literal["embeds", "kv"] = "embeds"
+    """How the coprocessor's work reaches the decoder. "embeds" (the paper's): its final hidden states at
+    the N_L latent slots are fed to the decoder as input embeddings, and the decoder computes their keys
+    and values. "kv": the coprocessor's own keys and values at the latent slots, in every layer, are
+    written into the decoder's cache directly (as prefix tuning writes per-layer prefixes), so every
+    layer gets its own N_L entries and the decoder runs no pass over the latents. Needs
+    first_ahead_from="last_token" (no decoder logits exist at a latent slot). Pause tokens have no
+    coprocessor and are always fed as embeddings. Saved with the trained module; stored records of a
+    "kv" module hold keys and values (storage.mode "latent_kv" or "full")."""
+
     seed: int = 0
     """Seed for the random initialisation of soft tokens and adapters."""
 
@@ -185,6 +195,9 @@ class CoprocessorConfig:
         _require(self.lora_alpha > 0, "lora_alpha", "must be > 0", self.lora_alpha)
         _require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
         _require(bool(self.lora_targets), "lora_targets", "must be non-empty", self.lora_targets)
+        _require(self.latent_channel == "embeds" or self.first_ahead_from == "last_token", "latent_channel",
+                 'latent_channel="kv" needs first_ahead_from="last_token" (no decoder logits exist at a latent slot)',
+                 self.latent_channel)
 
 
 @dataclass(kw_only=True)
@@ -632,6 +645,12 @@ class CacheAugConfig:
 
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """The N_L sweep."""
+
+    def __post_init__(self) -> None:
+        kv_module = self.coprocessor.latent_channel == "kv" and self.coprocessor.mode != "pause"
+        _require(not (kv_module and self.storage.mode == "latents"), "storage.mode",
+                 'a coprocessor with latent_channel="kv" writes keys and values, not input embeddings: '
+                 'store "latent_kv" or "full"', self.storage.mode)
 
 
 # --------------------------------------------------------------------------- #

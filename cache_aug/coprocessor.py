@@ -1,8 +1,10 @@
 """The coprocessor C and the pause-token baseline: the trainable modules that produce latents z.
 
 Both are `LatentModule`s: `forward(past_key_values, position_ids, attention_mask, n_blocks)`
-returns z of shape (N, n_blocks * N_L, d). All trainable tensors live inside the module, and all
-computation goes through `forward`, so DeepSpeed (ZeRO-3 included) can wrap it whole.
+returns z of shape (N, n_blocks * N_L, d), or, for a coprocessor with latent_channel="kv", its own
+keys and values at the latent slots, per layer (N, H_kv, n_blocks * N_L, D). All trainable tensors
+live inside the module, and all computation goes through `forward`, so DeepSpeed (ZeRO-3 included)
+can wrap it whole.
 
 - `Coprocessor`: a copy of D's transformer trunk (full fine-tune, or frozen + LoRA adapters)
   reading N_L soft tokens on top of D's cache; z = its final hidden states.
@@ -16,7 +18,7 @@ both off the module (records carry the position rule), so a trained module carri
 corpus augmentation and serving.
 
 A trained module is saved as a directory:
-    latents.json          mode, N_L, first_ahead_from, position_rule, hidden size, LoRA config, decoder fingerprint, fingerprint
+    latents.json          mode, N_L, first_ahead_from, position_rule, latent_channel, hidden size, LoRA config, decoder fingerprint, fingerprint
     model.safetensors     trunk weights (full) or adapter weights (lora); absent for pause
     soft_tokens.safetensors
 """
@@ -35,11 +37,13 @@ from torch import nn
 from cache_aug.config import CoprocessorConfig
 from cache_aug.decoder import Decoder
 from cache_aug.fingerprint import FingerprintMismatch, augmentation_fingerprint
+from cache_aug.kv import layer_kv
 from cache_aug.masks import POSITION_RULES, UnsupportedArchitecture, block_position_ids
 
 FORMAT = "cache-aug/latents"
 FORMAT_VERSION = 1
 REREAD = {"last_latent": 0, "last_token": 1}  # first_ahead_from -> tokens fed again after the latents
+CHANNELS = ("embeds", "kv")
 
 
 def check_architecture(model) -> None:
@@ -70,6 +74,7 @@ class LatentModule(nn.Module):
 
     mode: str
     uses_cache: bool  # whether forward reads D's cache (pass 2 runs only then)
+    latent_channel: str = "embeds"  # "kv": forward returns per-layer latent KV, not z (pause tokens: always embeds)
 
     def __init__(self, soft_tokens: torch.Tensor, first_ahead_from: str = "last_latent", position_rule: str = "shift"):
         super().__init__()
@@ -101,13 +106,24 @@ class Coprocessor(LatentModule):
     uses_cache = True
 
     def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, mode: str, lora: dict | None = None,
-                 first_ahead_from: str = "last_latent", position_rule: str = "shift"):
+                 first_ahead_from: str = "last_latent", position_rule: str = "shift", latent_channel: str = "embeds"):
         super().__init__(soft_tokens, first_ahead_from, position_rule)
+        if latent_channel not in CHANNELS:
+            raise ValueError(f"latent_channel {latent_channel!r} not in {CHANNELS}")
+        if latent_channel == "kv" and not self.reread:
+            raise ValueError('latent_channel="kv" needs first_ahead_from="last_token": no decoder logits exist at a latent slot')
         self.trunk = trunk
         self.mode = mode
         self.lora = lora
+        self.latent_channel = latent_channel
 
-    def forward(self, past_key_values, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
+    def forward(self, past_key_values, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1):
+        """z (N, n_blocks*N_L, d); with latent_channel="kv", per layer (keys, values) (N, H_kv, n_blocks*N_L, D).
+
+        For the kv channel the new columns are read back off every layer of past_key_values, so each layer
+        must keep them: a plain cache (`kv.plain_cache`, as `passes.latent_pass` uses), or a model cache
+        whose sliding windows are longer than the latents.
+        """
         x = self.tiled_soft_tokens(position_ids.shape[0], n_blocks).to(self.trunk.dtype)  # (N, n_blocks*N_L, d)
         out = self.trunk(
             inputs_embeds=x,
@@ -116,7 +132,14 @@ class Coprocessor(LatentModule):
             attention_mask=attention_mask,
             use_cache=True,
         )
-        return out.last_hidden_state  # (N, n_blocks*N_L, d)
+        if self.latent_channel == "embeds":
+            return out.last_hidden_state  # (N, n_blocks*N_L, d)
+        n = x.shape[1]
+        layers = layer_kv(past_key_values)
+        if min(k.shape[2] for k, _ in layers) < n:
+            raise ValueError(f"a cache layer kept fewer than the {n} latent columns (a sliding window shorter than them); "
+                             "pass a plain cache")
+        return [(k[:, :, -n:], v[:, :, -n:]) for k, v in layers]  # the latent slots' own KV
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         table = {id(p) for p in self.trunk.get_input_embeddings().parameters()}  # unused by C, not saved
@@ -173,6 +196,25 @@ def _make_trunk(decoder: Decoder, mode: str, lora: dict | None) -> nn.Module:
     return trunk
 
 
+def _freeze_unreachable(module: "Coprocessor", decoder: Decoder) -> None:
+    """Freeze the trainable tensors that cannot reach the latent KV (kv channel), found by one probe backward.
+
+    Keys and values are computed before each layer's attention, so the last layer's attention output, MLP and
+    the final norm (and any adapters on them) never touch what a kv-channel coprocessor writes; left trainable
+    they would hold optimizer state and get no gradient.
+    """
+    from cache_aug.passes import latent_pass, prefill
+
+    ids = torch.zeros(1, 2, dtype=torch.long, device=decoder.device)
+    prefix, _ = prefill(decoder, ids)
+    latent = latent_pass(decoder, module, prefix, torch.tensor([[2]], device=decoder.device))
+    probe = sum(k.float().sum() + v.float().sum() for k, v in latent)
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p, g in zip(params, torch.autograd.grad(probe, params, allow_unused=True)):
+        if g is None:
+            p.requires_grad_(False)
+
+
 def build_latent_module(decoder: Decoder, cfg: CoprocessorConfig, n_latents: int) -> LatentModule:
     """A fresh coprocessor (initialised from D's weights) or pause-token module, in D's dtype/device."""
     check_architecture(decoder.model)
@@ -181,7 +223,10 @@ def build_latent_module(decoder: Decoder, cfg: CoprocessorConfig, n_latents: int
         module = PauseTokens(soft, cfg.first_ahead_from, cfg.position_rule)
     else:
         lora = _lora_config(cfg) if cfg.mode == "lora" else None
-        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, cfg.mode, lora, cfg.first_ahead_from, cfg.position_rule)
+        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, cfg.mode, lora, cfg.first_ahead_from, cfg.position_rule,
+                             cfg.latent_channel)
+        if module.latent_channel == "kv":
+            _freeze_unreachable(module, decoder)
     return module.train()
 
 
@@ -191,7 +236,7 @@ def latent_fingerprint(decoder: Decoder, module: LatentModule | None) -> str:
         return augmentation_fingerprint(decoder.fingerprint, None, "none", 0, decoder.dtype)
     return augmentation_fingerprint(
         decoder.fingerprint, module.trainable_state(), module.mode, module.n_latents, decoder.dtype,
-        first_ahead_from=module.first_ahead_from, position_rule=module.position_rule,
+        first_ahead_from=module.first_ahead_from, position_rule=module.position_rule, latent_channel=module.latent_channel,
     )
 
 
@@ -210,6 +255,7 @@ def save_latent_module(module: LatentModule, decoder: Decoder, directory: str | 
         "n_latents": module.n_latents,
         "first_ahead_from": module.first_ahead_from,
         "position_rule": module.position_rule,
+        "latent_channel": module.latent_channel,
         "hidden_size": module.hidden_size,
         "dtype": str(decoder.dtype).removeprefix("torch."),
         "lora": getattr(module, "lora", None),
@@ -242,10 +288,13 @@ def load_latent_module(directory: str | Path, decoder: Decoder) -> LatentModule:
     rule = meta.get("position_rule", "shift")  # modules saved before the option existed
     if rule not in POSITION_RULES:
         raise ValueError(f"{meta_path}: unknown position_rule {rule!r}")
+    channel = meta.get("latent_channel", "embeds")  # modules saved before the option existed
+    if channel not in CHANNELS:
+        raise ValueError(f"{meta_path}: unknown latent_channel {channel!r}")
     if meta["mode"] == "pause":
         module = PauseTokens(soft, first, rule)
     else:
-        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, meta["mode"], meta["lora"], first, rule)
+        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, meta["mode"], meta["lora"], first, rule, channel)
         state = load_file(directory / "model.safetensors", device=str(decoder.device))
         trunk_state = {k.removeprefix("trunk."): v for k, v in state.items()}
         missing, unexpected = module.trunk.load_state_dict(trunk_state, strict=False)

@@ -319,7 +319,7 @@ def module_meta(decoder: Decoder, modules: dict[str, object], paths: dict[str, s
 
     described = {
         name: {"path": paths.get(name), "mode": m.mode, "n_latents": m.n_latents, "first_ahead_from": m.first_ahead_from,
-               "position_rule": m.position_rule, "fingerprint": latent_fingerprint(decoder, m)}
+               "position_rule": m.position_rule, "latent_channel": m.latent_channel, "fingerprint": latent_fingerprint(decoder, m)}
         for name, m in modules.items() if m is not None
     }
     n_latents = sorted({d["n_latents"] for d in described.values()})

@@ -58,12 +58,15 @@ def decoder_fingerprint(model, tokenizer) -> str:
 
 def augmentation_fingerprint(decoder_fp: str, latent_state: Mapping[str, torch.Tensor] | None,
                              mode: str, n_latents: int, dtype: torch.dtype, *, first_ahead_from: str = "last_latent",
-                             position_rule: str = "shift") -> str:
-    """Identifies decoder + tokenizer + coprocessor (or pause tokens) + N_L + dtype + first-ahead slot + position rule."""
+                             position_rule: str = "shift", latent_channel: str = "embeds") -> str:
+    """Identifies decoder + tokenizer + coprocessor (or pause tokens) + N_L + dtype + first-ahead slot + position rule
+    + latent channel."""
     # the paper's rules add nothing, so fingerprints of modules made before the options stay valid
     extra = {} if first_ahead_from == "last_latent" else {"first_ahead_from": first_ahead_from}
     if position_rule != "shift":
         extra["position_rule"] = position_rule
+    if latent_channel != "embeds":
+        extra["latent_channel"] = latent_channel
     return combine(
         kind="augmentation",
         decoder=decoder_fp,

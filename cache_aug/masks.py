@@ -118,3 +118,34 @@ def block_masks_for(
     as_dict, kinds = attention_kinds(config)
     masks = {kind: block_attention_mask(points, cache_len, block_len, dtype, window) for kind, window in kinds.items()}
     return masks if as_dict else masks["all"]
+
+
+def kv_channel_layout(points: torch.Tensor, cache_len: int, n_latents: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a latent_channel="kv" pass finds things in the block layout of traces [N_L latents, text_len tokens].
+
+    In that pass the latents are not queries: the B*N_L latent entries come from the coprocessor and sit in
+    the cache right after the cache_len prefix columns, and the queries are the B*text_len text tokens.
+    Returns (text query indices (B*text_len,), key columns (cache_len + B*N_L + B*text_len,)) into the
+    block layout's (Q, C+Q) mask, so the kv pass sees exactly what the trace layout would.
+    """
+    B, device = points.shape[1], points.device
+    start = torch.arange(B, device=device)[:, None] * (n_latents + text_len)  # (B, 1)
+    latents = (start + torch.arange(n_latents, device=device)).flatten()  # (B*N_L,)
+    text = (start + n_latents + torch.arange(text_len, device=device)).flatten()  # (B*text_len,)
+    cols = torch.cat([torch.arange(cache_len, device=device), cache_len + latents, cache_len + text])
+    return text, cols
+
+
+def kv_block_masks_for(
+    config, points: torch.Tensor, cache_len: int, n_latents: int, text_len: int, dtype: torch.dtype
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Masks for a latent_channel="kv" decoder pass: cache = [prefix (cache_len), B*N_L latent entries],
+    queries = B blocks of text_len tokens; each (N, 1, B*text_len, cache_len + B*N_L + B*text_len).
+
+    Taken from the trace layout's mask (`block_masks_for`) by `kv_channel_layout`: block b's text sees
+    the prefix before p_b, block b's latents and its own earlier text, with the same sliding windows.
+    """
+    full = block_masks_for(config, points, cache_len, n_latents + text_len, dtype)
+    rows, cols = kv_channel_layout(points, cache_len, n_latents, text_len)
+    pick = lambda m: m[:, :, rows][:, :, :, cols]  # noqa: E731
+    return {k: pick(m) for k, m in full.items()} if isinstance(full, dict) else pick(full)

@@ -1,8 +1,10 @@
 """The three passes of cache augmentation (method.md), shared by inference and training.
 
 1. `prefill`: D over the real tokens, causal, no grad -> D's cache K.
-2. `latent_pass`: C over B blocks of N_L soft tokens on top of K -> latents z.
-3. `decoder_pass`: D over B blocks of input embeddings ([z] or [z, x_{p+1..}]) on top of K.
+2. `latent_pass`: C over B blocks of N_L soft tokens on top of K -> latents z (or, for a module with
+   latent_channel="kv", C's own per-layer keys and values at the latent slots).
+3. `decoder_pass`: D over B blocks of input embeddings ([z] or [z, x_{p+1..}]) on top of K;
+   `kv_decoder_pass`: D over B blocks of text only, on top of K and the latents' KV.
 
 With B = 1 and the points set to the document lengths, passes 2-3 are exactly one augmentation
 per row; with many points they are the one-pass training layout.
@@ -17,7 +19,7 @@ from transformers import DynamicCache
 
 from cache_aug.decoder import Decoder
 from cache_aug.kv import KV, layer_kv, plain_cache
-from cache_aug.masks import block_masks_for
+from cache_aug.masks import block_masks_for, kv_block_masks_for
 
 
 def _takes_logits_to_keep(model) -> bool:
@@ -55,8 +57,9 @@ def prefill(
     return layer_kv(cache), logits
 
 
-def latent_pass(decoder: Decoder, module, prefix: list[KV], points: torch.Tensor) -> torch.Tensor:
-    """Pass 2. points (N, B): prefix lengths. Returns z (N, B*N_L, d)."""
+def latent_pass(decoder: Decoder, module, prefix: list[KV], points: torch.Tensor) -> torch.Tensor | list[KV]:
+    """Pass 2. points (N, B): prefix lengths. Returns z (N, B*N_L, d), or for latent_channel="kv" the
+    latent slots' keys and values per layer, (N, H_kv, B*N_L, D) each, block b's N_L after block b-1's."""
     n_latents = module.n_latents
     positions = module.position_ids(points, n_latents)  # (N, B*N_L)
     if not module.uses_cache:  # pause tokens do not read the cache
@@ -85,6 +88,41 @@ def decoder_pass(
     cache_len = prefix[0][0].shape[2]
     mask = block_masks_for(decoder.config, points, cache_len, block_len, decoder.dtype)
     cache = plain_cache(prefix)
+    logits = logits_at(
+        decoder,
+        keep,
+        inputs_embeds=embeds,
+        past_key_values=cache,
+        position_ids=position_ids,
+        attention_mask=mask,
+        use_cache=True,
+    )
+    return logits, layer_kv(cache)
+
+
+def kv_decoder_pass(
+    decoder: Decoder,
+    prefix: list[KV],
+    latent_kv: list[KV],
+    points: torch.Tensor,
+    embeds: torch.Tensor,
+    text_len: int,
+    keep: torch.Tensor | None,
+    position_ids: torch.Tensor,
+) -> tuple[torch.Tensor, list[KV]]:
+    """Pass 3 for latent_channel="kv". embeds (N, B*text_len, d): block b's text ([x_p, x_{p+1}, ..]).
+
+    The cache is the prefix (C columns) followed by every block's N_L latent entries (latent_kv, from
+    `latent_pass`); block b's text sees the prefix before p_b, block b's latents and its own earlier
+    text (`masks.kv_block_masks_for`). position_ids (N, B*text_len): the text slots' positions under the
+    module's rule. Returns logits at query indices `keep` (N, len(keep), V) and the cache layers
+    (C + B*N_L + B*text_len columns, in that order).
+    """
+    cache_len = prefix[0][0].shape[2]
+    n_latents = latent_kv[0][0].shape[2] // points.shape[1]
+    mask = kv_block_masks_for(decoder.config, points, cache_len, n_latents, text_len, decoder.dtype)
+    cache = plain_cache([(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2))
+                         for (k, v), (lk, lv) in zip(prefix, latent_kv)])
     logits = logits_at(
         decoder,
         keep,

@@ -169,6 +169,9 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
     tdtype = torch_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {"input_ids": aug.input_ids.to(torch.int32)}
     if mode == "latents":
+        if aug.latents is None:
+            raise ValueError(f"document {doc_id!r}: storage mode 'latents' needs input-embedding latents, and this cache's "
+                             'module writes keys and values (latent_channel="kv"): store "latent_kv" or "full"')
         tensors["latents"] = aug.latents.to(tdtype)
     else:
         layers = aug.latent_kv() if mode == "latent_kv" else aug.layers

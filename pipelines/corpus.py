@@ -171,7 +171,12 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     local_cop = tempfile.mkdtemp(prefix="cache-aug-coprocessor-")
     download_dir(c.coprocessor, local_cop, cfg.s3)
     decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver checks the fingerprint once
-    fingerprint = latent_fingerprint(decoder, load_latent_module(local_cop, decoder))
+    module = load_latent_module(local_cop, decoder)
+    if module.latent_channel == "kv" and cfg.storage.mode == "latents":
+        raise ValueError(f"storage.mode: the coprocessor at {c.coprocessor} writes keys and values (latent_channel=\"kv\"), "
+                         "not input embeddings: store \"latent_kv\" or \"full\"")
+    fingerprint = latent_fingerprint(decoder, module)
+    del module
     tokenizer = decoder.tokenizer
     del decoder
     phases = {"setup_s": time.time() - t0}

@@ -18,15 +18,23 @@ ARCHS = ["llama", "gemma2", "gpt2", "qwen2-sliding", "mistral"]
 # sliding layers and learned absolute positions (gpt2)
 SETUPS = ([(a, "last_latent", "shift") for a in ARCHS] + [(a, "last_token", "shift") for a in ("llama", "gemma2", "qwen2-sliding")]
           + [(a, "last_token", "keep") for a in ("llama", "gemma2", "qwen2-sliding", "gpt2")] + [("mistral", "last_latent", "keep")])
+SETUPS = [(*s, "embeds") for s in SETUPS]
+# the coprocessor writing its own KV at the latent slots (latent_channel="kv"), under both position rules
+SETUPS += [("llama", "last_token", "keep", "kv"), ("gemma2", "last_token", "shift", "kv"),
+           ("qwen2-sliding", "last_token", "keep", "kv"), ("gpt2", "last_token", "shift", "kv")]
 N_L = 3
 
 
 @pytest.fixture(scope="module", params=SETUPS, ids=lambda s: "-".join(s))
 def setup(request):
-    arch, first, rule = request.param
+    arch, first, rule, channel = request.param
     decoder = tiny_decoder(arch)
-    cfg = CoprocessorConfig(mode="full", first_ahead_from=first, position_rule=rule)
+    cfg = CoprocessorConfig(mode="full", first_ahead_from=first, position_rule=rule, latent_channel=channel)
     module = build_latent_module(decoder, cfg, n_latents=N_L).eval()
+    if channel == "kv":  # move C off its initial copy of D, so its KV is not the pause tokens' (test_one_pass)
+        with torch.no_grad():
+            for p in module.trunk.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     return decoder, module, latent_fingerprint(decoder, module)
 
 
@@ -43,6 +51,11 @@ def test_stored_equals_computed(setup, mode, tmp_path):
     """augment -> record -> Parquet -> load -> greedy continue: the very same logits, bit for bit."""
     decoder, module, fp = setup
     aug = augment(decoder, module, [_doc(30)])[0]  # 30 tokens: past every sliding window used here
+    if mode == "latents" and module.latent_channel == "kv":  # no input-embedding latents exist to store
+        assert aug.latents is None
+        with pytest.raises(ValueError, match="latent_kv"):
+            encode_record(aug, doc_id="doc-1", fingerprint=fp, mode=mode, dtype="float32", spec=decoder.cache_spec)
+        return
     expected = _steps(decoder, aug, [5, 6, 7])
     empty_prompt = _steps(decoder, aug, [])
 
@@ -118,7 +131,10 @@ def test_batched_augment_equals_one_by_one(setup):
             torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.next_logits, want.next_logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got.latents, want.latents, rtol=1e-5, atol=1e-5)
+        if module.latent_channel == "kv":
+            assert got.latents is None and want.latents is None
+        else:
+            torch.testing.assert_close(got.latents, want.latents, rtol=1e-5, atol=1e-5)
 
 
 def test_serving_agrees_with_training(setup):

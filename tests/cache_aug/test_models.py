@@ -59,20 +59,20 @@ def test_coprocessor_is_a_copy_initialised_from_the_decoder():
     assert module.trunk.get_input_embeddings().weight.shape[0] == 1
 
 
-@pytest.mark.parametrize("mode,first,rule", [("full", "last_latent", "shift"), ("lora", "last_latent", "shift"),
-                                             ("pause", "last_latent", "shift"), ("full", "last_token", "shift"),
-                                             ("pause", "last_token", "shift"), ("full", "last_token", "keep"),
-                                             ("lora", "last_latent", "keep")])
-def test_save_load_round_trip(mode, first, rule, tmp_path):
+@pytest.mark.parametrize("mode,first,rule,channel", [
+    ("full", "last_latent", "shift", "embeds"), ("lora", "last_latent", "shift", "embeds"), ("pause", "last_latent", "shift", "embeds"),
+    ("full", "last_token", "shift", "embeds"), ("pause", "last_token", "shift", "embeds"), ("full", "last_token", "keep", "embeds"),
+    ("lora", "last_latent", "keep", "embeds"), ("full", "last_token", "keep", "kv"), ("lora", "last_token", "shift", "kv")])
+def test_save_load_round_trip(mode, first, rule, channel, tmp_path):
     decoder = tiny_decoder("qwen2")
-    cfg = CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first, position_rule=rule)
+    cfg = CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first, position_rule=rule, latent_channel=channel)
     module = build_latent_module(decoder, cfg, n_latents=3)
     _step(decoder, module)  # trained weights differ from the decoder's
     module.eval()
     path = save_latent_module(module, decoder, tmp_path / "cop")
     meta = json.loads((path / "latents.json").read_text())
     assert meta["n_latents"] == 3 and meta["mode"] == mode and meta["first_ahead_from"] == first
-    assert meta["position_rule"] == rule
+    assert meta["position_rule"] == rule and meta["latent_channel"] == channel
     assert meta["decoder_fingerprint"] == decoder.fingerprint
     assert (path / "soft_tokens.safetensors").exists()
     assert (path / "model.safetensors").exists() == (mode != "pause")
@@ -81,7 +81,13 @@ def test_save_load_round_trip(mode, first, rule, tmp_path):
     assert latent_fingerprint(decoder, loaded) == meta["fingerprint"] == latent_fingerprint(decoder, module)
     doc = [list(range(5, 25))]
     a, b = augment(decoder, module, doc)[0], augment(decoder, loaded, doc)[0]
-    assert torch.equal(a.latents, b.latents) and torch.equal(a.next_logits, b.next_logits)
+    assert torch.equal(a.next_logits, b.next_logits)
+    if channel == "kv":  # the trained C's own KV at the latent slots, no input embeddings
+        assert loaded.latent_channel == "kv" and a.latents is None and b.latents is None
+        for (k, v), (k2, v2) in zip(a.layers, b.layers):
+            assert torch.equal(k, k2) and torch.equal(v, v2)
+    else:
+        assert torch.equal(a.latents, b.latents)
     assert loaded.reread == module.reread and a.seq_len == b.seq_len == 20 + 3 + module.reread
     assert loaded.position_rule == rule and a.next_position == b.next_position == (20 if rule == "keep" else a.seq_len)
 
@@ -128,6 +134,12 @@ def test_fingerprint_covers_each_part():
     keep = build_latent_module(decoder, CoprocessorConfig(mode="full", position_rule="keep"), 2)
     keep.load_state_dict(module.state_dict())
     assert latent_fingerprint(decoder, keep) != latent_fingerprint(decoder, module)
+    # how C's work reaches D: its own KV at the latent slots instead of input embeddings (same weights)
+    kv_cfg = dict(mode="full", first_ahead_from="last_token")
+    embeds = build_latent_module(decoder, CoprocessorConfig(**kv_cfg), 2)
+    kv = build_latent_module(decoder, CoprocessorConfig(**kv_cfg, latent_channel="kv"), 2)
+    kv.load_state_dict(embeds.state_dict())
+    assert latent_fingerprint(decoder, kv) != latent_fingerprint(decoder, embeds)
     # dtype
     bf16 = Decoder(freeze(decoder.model.to(torch.bfloat16)), decoder.tokenizer)
     assert decoder_fingerprint(bf16.model, bf16.tokenizer) != decoder.fingerprint

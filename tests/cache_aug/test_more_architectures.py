@@ -3,7 +3,8 @@
 The full grids (every module mode, slot and position rule; every storage mode) run on the core test
 architectures in test_one_pass.py and test_augment.py. Here each further family (partial rotary, local and
 global RoPE layers, q/k norms, post-norms, multi-query attention, learned offset positions) gets the
-paper's rules and the `keep`/`last_token` setting once, through all three equivalences.
+paper's rules, the `keep`/`last_token` setting and the coprocessor writing its own KV (`latent_channel="kv"`)
+once each, through all three equivalences.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from cache_aug.records import encode_record, restore
 from cache_aug.testing import tiny_decoder
 
 ARCHS = ["gpt_neox", "gemma3", "qwen3", "olmo2", "falcon", "opt"]
-RULES = [("last_latent", "shift"), ("last_token", "keep")]
+RULES = [("last_latent", "shift", "embeds"), ("last_token", "keep", "embeds"), ("last_token", "shift", "kv")]
 N_L, N_A = 3, 4
 
 
-@pytest.fixture(scope="module", params=[(a, f, r) for a in ARCHS for f, r in RULES], ids=lambda s: "-".join(s))
+@pytest.fixture(scope="module", params=[(a, *r) for a in ARCHS for r in RULES], ids=lambda s: "-".join(s))
 def setup(request):
-    arch, first, rule = request.param
+    arch, first, rule, channel = request.param
     decoder = tiny_decoder(arch)
-    module = build_latent_module(decoder, CoprocessorConfig(mode="full", first_ahead_from=first, position_rule=rule), N_L).eval()
+    cfg = CoprocessorConfig(mode="full", first_ahead_from=first, position_rule=rule, latent_channel=channel)
+    module = build_latent_module(decoder, cfg, N_L).eval()
     return decoder, module
 
 

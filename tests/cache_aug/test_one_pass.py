@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cache_aug.config import CoprocessorConfig
+from cache_aug.config import CacheAugConfig, ConfigError, CoprocessorConfig, from_dict
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.losses import one_pass_loss, plain_ahead_loss, reference_loss, sample_points
 from cache_aug.masks import UnsupportedArchitecture, block_attention_mask, block_position_ids
@@ -15,8 +15,8 @@ ARCHS = ["llama", "qwen2", "qwen2-sliding", "mistral", "gpt2", "gemma2", "phi3"]
 T, B, N_L, N_A = 40, 5, 3, 5  # sequences longer than the sliding windows (12-16) of the sliding configs
 
 
-def _module(decoder, mode, first="last_latent", rule="shift"):
-    cfg = CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first, position_rule=rule)
+def _module(decoder, mode, first="last_latent", rule="shift", channel="embeds"):
+    cfg = CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first, position_rule=rule, latent_channel=channel)
     module = build_latent_module(decoder, cfg, n_latents=N_L).eval()
     if mode == "lora":  # fresh LoRA B is zero; make the adapters matter
         for name, p in module.named_parameters():
@@ -54,6 +54,58 @@ def test_one_pass_equals_reference(arch, mode, first, rule):
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-9)
     assert any(a.abs().sum() > 0 for a in g_fast)
+
+
+@pytest.mark.parametrize("rule", ["shift", "keep"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_kv_channel_one_pass_equals_reference(arch, mode, rule):
+    """latent_channel="kv": C's own per-layer KV at the latent slots; the one-pass masks (picked out of the trace
+    layout) against the per-point loop over the model's own caches and masks, loss and gradients."""
+    decoder = tiny_decoder(arch)
+    module = _module(decoder, mode, "last_token", rule, channel="kv")
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, decoder.config.vocab_size, (2, T), generator=g)
+    points = sample_points(2, T, B, N_A, min_prefix=2, generator=g)
+
+    fast, g_fast = _loss_and_grads(one_pass_loss, decoder, module, ids, points)
+    slow, g_slow = _loss_and_grads(reference_loss, decoder, module, ids, points)
+
+    torch.testing.assert_close(fast.per_position, slow.per_position, rtol=1e-4, atol=1e-6)
+    assert len(g_fast) == len(g_slow) > 0
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-9)
+    assert any(a.abs().sum() > 0 for a in g_fast)
+
+
+@pytest.mark.parametrize("rule", ["shift", "keep"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2-sliding"])
+def test_untrained_kv_channel_is_pause_tokens(arch, rule):
+    """C starts as a copy of D, so before training the KV it writes at the latent slots is the KV D computes for
+    the soft tokens: the kv channel starts exactly where pause tokens (same soft tokens) do. Once C's weights
+    move, it does not (negative control)."""
+    decoder = tiny_decoder(arch)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, decoder.config.vocab_size, (2, T), generator=g)
+    points = sample_points(2, T, B, N_A, min_prefix=2, generator=g)
+    kv = _module(decoder, "full", "last_token", rule, channel="kv")
+    pause = _module(decoder, "pause", "last_token", rule)
+    torch.testing.assert_close(kv.soft_tokens, pause.soft_tokens)
+    want = one_pass_loss(decoder, pause, ids, points, N_A).per_position
+    torch.testing.assert_close(one_pass_loss(decoder, kv, ids, points, N_A).per_position, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for name, p in kv.trunk.named_parameters():
+            if "v_proj" in name and name.endswith("weight"):
+                p.add_(0.05 * torch.randn_like(p))
+    assert (one_pass_loss(decoder, kv, ids, points, N_A).per_position - want).abs().max() > 1e-3
+
+
+def test_kv_channel_needs_the_reread_slot():
+    with pytest.raises(ConfigError, match="last_token"):
+        CoprocessorConfig(latent_channel="kv")
+    with pytest.raises(ConfigError, match="storage.mode"):
+        from_dict(CacheAugConfig, {"coprocessor": {"latent_channel": "kv", "first_ahead_from": "last_token"},
+                                   "storage": {"mode": "latents"}})
 
 
 def test_latents_change_the_loss():

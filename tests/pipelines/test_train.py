@@ -102,3 +102,20 @@ def test_worker_failure_restarts_from_checkpoint(tiny_default_dir, corpus_bucket
     assert states and all("lora_" in k or k == "soft_tokens" for k in states), sorted(states)[:5]
     exported = load_latent_module(str(tmp_path / "faulty" / "export"), load_decoder(ModelConfig(path=str(tiny_default_dir))))
     assert exported.mode == "lora"
+
+
+def test_kv_channel_under_zero3_equals_zero0_and_exports(tiny_default_dir, corpus_bucket, tmp_path):
+    """latent_channel="kv" freezes the coprocessor tensors that cannot reach the latent KV (the last layer's
+    attention output, MLP and final norm): ZeRO-3 partitions the rest without changing the math, and the
+    exported module writes KV."""
+    losses = {}
+    for stage in (0, 3):
+        cfg = _cfg(tiny_default_dir, corpus_bucket, f"kv{stage}", str(tmp_path), zero_stage=stage, max_steps=2, checkpoint_every=2, eval_every=2)
+        cfg = dataclasses.replace(cfg, coprocessor=dataclasses.replace(cfg.coprocessor, first_ahead_from="last_token", latent_channel="kv"))
+        losses[stage] = run_training(cfg).metrics["loss"]
+    assert losses[3] == pytest.approx(losses[0], rel=1e-4)
+    decoder = load_decoder(ModelConfig(path=str(tiny_default_dir)))
+    exported = load_latent_module(str(tmp_path / "kv3" / "export"), decoder)
+    assert exported.latent_channel == "kv" and exported.reread == 1
+    aug = augment(decoder, exported, [decoder.tokenizer.encode("In the beginning God created the heaven")])[0]
+    assert aug.latents is None and aug.seq_len == aug.doc_len + 3 and torch.isfinite(aug.next_logits).all()

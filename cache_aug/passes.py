@@ -85,18 +85,16 @@ def decoder_pass(
     Returns logits at the query indices `keep` (N, len(keep), V) and the cache layers extended by
     the B*block_len new columns (cache_len + B*block_len columns).
     """
-    cache_len = prefix[0][0].shape[2]
-    mask = block_masks_for(decoder.config, points, cache_len, block_len, decoder.dtype)
-    cache = plain_cache(prefix)
-    logits = logits_at(
-        decoder,
-        keep,
-        inputs_embeds=embeds,
-        past_key_values=cache,
-        position_ids=position_ids,
-        attention_mask=mask,
-        use_cache=True,
-    )
+    mask = block_masks_for(decoder.config, points, prefix[0][0].shape[2], block_len, decoder.dtype)
+    return _extend(decoder, prefix, embeds, mask, keep, position_ids)
+
+
+def _extend(decoder: Decoder, layers: list[KV], embeds: torch.Tensor, mask, keep: torch.Tensor | None,
+            position_ids: torch.Tensor) -> tuple[torch.Tensor, list[KV]]:
+    """D over embeds on top of the given cache layers: logits at `keep`, and the extended layers."""
+    cache = plain_cache(layers)
+    logits = logits_at(decoder, keep, inputs_embeds=embeds, past_key_values=cache, position_ids=position_ids,
+                       attention_mask=mask, use_cache=True)
     return logits, layer_kv(cache)
 
 
@@ -121,15 +119,5 @@ def kv_decoder_pass(
     cache_len = prefix[0][0].shape[2]
     n_latents = latent_kv[0][0].shape[2] // points.shape[1]
     mask = kv_block_masks_for(decoder.config, points, cache_len, n_latents, text_len, decoder.dtype)
-    cache = plain_cache([(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2))
-                         for (k, v), (lk, lv) in zip(prefix, latent_kv)])
-    logits = logits_at(
-        decoder,
-        keep,
-        inputs_embeds=embeds,
-        past_key_values=cache,
-        position_ids=position_ids,
-        attention_mask=mask,
-        use_cache=True,
-    )
-    return logits, layer_kv(cache)
+    layers = [(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2)) for (k, v), (lk, lv) in zip(prefix, latent_kv)]
+    return _extend(decoder, layers, embeds, mask, keep, position_ids)

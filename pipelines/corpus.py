@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +29,7 @@ from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import DocumentError, prepare_document
 from cache_aug.records import RECORD_SCHEMA
 from cache_aug.store import MANIFESTS, NO_BUCKET, RUNS, bucket_of, done_documents, new_run_id, read_kind
-from pipelines.storage import download_dir, resolve
+from pipelines.storage import local_copy, portable, resolve
 
 FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
 
@@ -75,21 +74,25 @@ def prepare_rows(batch: pa.Table, *, id_column: str, text_column: str, tokenizer
 class Augmenter:
     """Actor: holds decoder + coprocessor; turns `process` rows into `record` rows."""
 
-    def __init__(self, config: dict, coprocessor_dir: str):
+    def __init__(self, config: dict, coprocessor: str, fingerprint: str):
         import torch
 
         from cache_aug.config import from_dict
         from cache_aug.coprocessor import latent_fingerprint, load_latent_module
         from cache_aug.decoder import load_decoder
-        from pipelines.storage import fsspec_options
+        from pipelines.storage import fsspec_options, local_copy
 
         self.cfg = from_dict(CacheAugConfig, config)
         self.device = "cuda" if self.cfg.corpus.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(self.cfg.corpus.cpus_per_actor)))
         self.decoder = load_decoder(self.cfg.model, device=self.device, storage_options=fsspec_options(self.cfg.s3))
-        self.module = load_latent_module(coprocessor_dir, self.decoder)
+        with local_copy(coprocessor, self.cfg.s3, prefix="cache-aug-coprocessor-") as local:
+            self.module = load_latent_module(local, self.decoder)
         self.fingerprint = latent_fingerprint(self.decoder, self.module)
+        if self.fingerprint != fingerprint:  # every record of a run must come from the models the driver checked
+            raise RuntimeError(f"corpus.coprocessor / model.path changed during the run: the driver loaded fingerprint "
+                               f"{fingerprint}, this actor {self.fingerprint} from {coprocessor}; run the job again")
         self.done_docs = 0
 
     def _maybe_fail(self, n: int) -> None:
@@ -168,10 +171,10 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     out_fs, out_root = resolve(c.output.rstrip("/"), cfg.s3)
     out_fs = out_fs or pafs.LocalFileSystem()
 
-    local_cop = tempfile.mkdtemp(prefix="cache-aug-coprocessor-")
-    download_dir(c.coprocessor, local_cop, cfg.s3)
+    coprocessor = portable(c.coprocessor)  # each actor loads it from there: the driver's disk may not be theirs
     decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver checks the fingerprint once
-    module = load_latent_module(local_cop, decoder)
+    with local_copy(coprocessor, cfg.s3, prefix="cache-aug-coprocessor-") as local:
+        module = load_latent_module(local, decoder)
     if module.latent_channel == "kv" and cfg.storage.mode == "latents":
         raise ValueError(f"storage.mode: the coprocessor at {c.coprocessor} writes keys and values (latent_channel=\"kv\"), "
                          "not input embeddings: store \"latent_kv\" or \"full\"")
@@ -208,7 +211,7 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     )
     augmented = prepared.map_batches(
         Augmenter, batch_format="pyarrow", batch_size=c.batch_size,
-        fn_constructor_kwargs={"config": to_dict(cfg), "coprocessor_dir": local_cop},
+        fn_constructor_kwargs={"config": to_dict(cfg), "coprocessor": coprocessor, "fingerprint": fingerprint},
         compute=ray.data.ActorPoolStrategy(size=c.num_actors),
         num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor or None,
         **({"runtime_env": {"env_vars": dict(actor_env)}} if actor_env else {}),

@@ -20,16 +20,23 @@ import ray
 
 from cache_aug.config import CacheAugConfig, from_dict, to_dict
 from cache_aug.corpus import resolve_embedded_path
-from pipelines.storage import download_dir, fsspec_options, resolve, upload_dir
+from pipelines.storage import fsspec_options, local_copy, portable, resolve, upload_dir
+
+
+def _load(uri: str, decoder, s3):
+    from cache_aug.coprocessor import load_latent_module
+
+    with local_copy(uri, s3, prefix="cache-aug-module-") as local:
+        return load_latent_module(local, decoder).eval()
 
 
 class DocumentEvaluator:
     """Actor: holds the decoder and the condition modules; documents in, per-window losses out."""
 
-    def __init__(self, config: dict, module_dirs: dict[str, str]):
+    def __init__(self, config: dict, modules: dict[str, str], fingerprints: dict[str, str]):
         import torch
 
-        from cache_aug.coprocessor import load_latent_module
+        from cache_aug.coprocessor import latent_fingerprint
         from cache_aug.decoder import load_decoder
 
         self.cfg = from_dict(CacheAugConfig, config)
@@ -38,7 +45,11 @@ class DocumentEvaluator:
         if device == "cpu":
             torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
         self.decoder = load_decoder(self.cfg.model, device=device, storage_options=fsspec_options(self.cfg.s3))
-        self.modules = {"none": None} | {name: load_latent_module(d, self.decoder).eval() for name, d in module_dirs.items()}
+        self.modules = {"none": None} | {name: _load(uri, self.decoder, self.cfg.s3) for name, uri in modules.items()}
+        for name, m in self.modules.items():  # the report describes the models the driver loaded: these must be them
+            if m is not None and (got := latent_fingerprint(self.decoder, m)) != fingerprints[name]:
+                raise RuntimeError(f"eval.{name} / model.path changed during the run: the driver loaded fingerprint "
+                                   f"{fingerprints[name]}, this actor {got} from {modules[name]}; run the job again")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from cache_aug.evaluate import document_rows, evaluate_documents
@@ -76,31 +87,29 @@ def _read_documents(cfg: CacheAugConfig) -> ray.data.Dataset:
 
 def run_eval_job(cfg: CacheAugConfig) -> dict:
     """Evaluate with Ray Data and write the report to eval.output; returns the report."""
-    from cache_aug.coprocessor import load_latent_module
     from cache_aug.decoder import load_decoder
     from cache_aug.evaluate import module_meta, summarise, write_report
 
     ev = cfg.eval
     t0 = time.perf_counter()
-    module_dirs = {}
-    for name in ("pause", "coprocessor"):
-        if getattr(ev, name):
-            module_dirs[name] = download_dir(getattr(ev, name), tempfile.mkdtemp(prefix=f"cache-aug-{name}-"), cfg.s3)
+    # each actor loads the modules from where they are: the driver's disk may not be theirs
+    module_uris = {name: portable(getattr(ev, name)) for name in ("pause", "coprocessor") if getattr(ev, name)}
     decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver describes what is evaluated
-    modules = {"none": None} | {name: load_latent_module(d, decoder) for name, d in module_dirs.items()}
+    modules = {"none": None} | {name: _load(uri, decoder, cfg.s3) for name, uri in module_uris.items()}
     meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor})
     del decoder, modules
 
     windows = _read_documents(cfg).map_batches(
         DocumentEvaluator, batch_format="pyarrow", batch_size=ev.docs_per_batch,
-        fn_constructor_kwargs={"config": to_dict(cfg), "module_dirs": module_dirs},
+        fn_constructor_kwargs={"config": to_dict(cfg), "modules": module_uris,
+                               "fingerprints": {name: d["fingerprint"] for name, d in meta["modules"].items()}},
         compute=ray.data.ActorPoolStrategy(size=ev.num_actors),
         num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None,
     )
     rows = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in windows.take_all()]
     rows = [r | {k: [list(map(float, x)) for x in r[k]] for k in r if k.startswith("ce_")} | {"points": list(map(int, r["points"]))}
             for r in rows]
-    report = summarise(rows, ["none", *module_dirs], cfg.augmentation.n_ahead, ev, meta | {"workers": ev.num_actors})
+    report = summarise(rows, ["none", *module_uris], cfg.augmentation.n_ahead, ev, meta | {"workers": ev.num_actors})
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     with tempfile.TemporaryDirectory() as tmp:
         write_report(report, rows, tmp)

@@ -19,7 +19,6 @@ import asyncio
 import hmac
 import json
 import os
-import tempfile
 import time
 import uuid
 
@@ -57,7 +56,7 @@ def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
     from cache_aug.decoder import load_decoder
     from cache_aug.serving import DocumentTexts
     from cache_aug.store import AugmentedCacheReader
-    from pipelines.storage import download_dir, fsspec_options, resolve
+    from pipelines.storage import fsspec_options, local_copy, resolve
 
     s = cfg.serve
     device = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -69,12 +68,12 @@ def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
     module, fingerprint = None, None
     cop = s.coprocessor or cfg.corpus.coprocessor
     if cop:
-        local = download_dir(cop, tempfile.mkdtemp(prefix="cache-aug-coprocessor-"), cfg.s3)
-        if s.online:
-            module = load_latent_module(local, decoder)
-            fingerprint = latent_fingerprint(decoder, module)
-        else:
-            fingerprint = saved_fingerprint(local, decoder)
+        with local_copy(cop, cfg.s3, prefix="cache-aug-coprocessor-") as local:  # held in memory, no copy left behind
+            if s.online:
+                module = load_latent_module(local, decoder)
+                fingerprint = latent_fingerprint(decoder, module)
+            else:
+                fingerprint = saved_fingerprint(local, decoder)
     records = None
     prefix = s.cache_prefix or cfg.corpus.output
     if fingerprint and prefix:

@@ -6,7 +6,10 @@ or the standard AWS variables, and the keys from environment variables only.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
@@ -64,6 +67,30 @@ def upload_dir(local_dir: str, dest: str, cfg: S3Config) -> str:
         os.makedirs(target, exist_ok=True)
     pafs.copy_files(local_dir, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs or pafs.LocalFileSystem())
     return dest
+
+
+def portable(path: str) -> str:
+    """`path` as another process can name it: s3:// unchanged, a local path made absolute.
+
+    Ray actors may run in another working directory, or on another node, than the driver that read the
+    config; a local path must then be on storage both see (a shared volume), an s3:// one works anywhere.
+    """
+    return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+@contextlib.contextmanager
+def local_copy(src: str, cfg: S3Config, prefix: str = "cache-aug-") -> Iterator[str]:
+    """A local directory holding `src`'s files: `src` itself when local, else a temporary copy deleted on exit.
+
+    For loading a saved module (which reads everything into memory) without leaving a copy of it behind
+    on every node and run.
+    """
+    fs, path = resolve(src, cfg)
+    if fs is None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield download_dir(src, tmp, cfg)
 
 
 def download_dir(src: str, local_dir: str, cfg: S3Config) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,14 +12,14 @@ import pytest
 import torch
 
 from cache_aug.augment import augment, decode_steps
-from cache_aug.config import load_config
+from cache_aug.config import load_config, to_dict
 from cache_aug.coprocessor import latent_fingerprint, load_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.documents import content_hash
 from cache_aug.records import restore
 from cache_aug.store import AugmentedCacheReader, read_kind
-from pipelines.corpus import FAIL_AFTER_ENV, run_corpus_job
-from pipelines.storage import s3_filesystem
+from pipelines.corpus import FAIL_AFTER_ENV, Augmenter, run_corpus_job
+from pipelines.storage import local_copy, s3_filesystem
 from tests.pipelines.shared import upload_fresh_coprocessor
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -72,7 +74,10 @@ def test_incremental_runs_with_exact_accounting(setup):
     n = len(good) + len(bad)
     cfg = _cfg(setup, "s3://caches/kjv")
 
+    copies_before = _module_copies()
     first = run_corpus_job(cfg)
+    # the driver and each actor loaded the coprocessor from S3 themselves and left no copy behind
+    assert _module_copies() == copies_before
     assert first["counts"] == {"read": n, "written": len(good), "skipped": 0, "failed": len(bad)}
     fs = s3_filesystem(cfg.s3)
     errors = read_kind(fs, "caches/kjv", "error", ["doc_id", "reason"], first["run_id"]).to_pylist()
@@ -84,7 +89,8 @@ def test_incremental_runs_with_exact_accounting(setup):
 
     # a stored record continues decoding like augmenting in-process
     decoder = setup["decoder"]
-    module = load_latent_module(_download(cfg), decoder)
+    with local_copy(cfg.corpus.coprocessor, cfg.s3) as local:
+        module = load_latent_module(local, decoder)
     reader = AugmentedCacheReader(fs, "caches/kjv", cfg.corpus.index_buckets)
     doc_id, text = good[17]
     record = reader.get(doc_id)
@@ -125,12 +131,19 @@ def test_incremental_runs_with_exact_accounting(setup):
     assert after.content_sha256 == content_hash(changed[50][1].encode())  # the newest run's record is current
 
 
-def _download(cfg):
-    import tempfile
+def _module_copies() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("cache-aug-*")}
 
-    from pipelines.storage import download_dir
 
-    return download_dir(cfg.corpus.coprocessor, tempfile.mkdtemp(), cfg.s3)
+def test_actor_refuses_models_other_than_the_drivers(setup):
+    """Actors load the coprocessor from its own location, so a re-export during a run could reach some of them:
+    an actor whose models' fingerprint is not the one the driver checked refuses to write any record."""
+    cfg = _cfg(setup, "s3://caches/never")
+    with pytest.raises(RuntimeError, match="changed during the run.*fingerprint deadbeef"):
+        Augmenter(to_dict(cfg), "s3://models/cop", fingerprint="deadbeef")
+    with local_copy("s3://models/cop", cfg.s3) as local:
+        fingerprint = latent_fingerprint(setup["decoder"], load_latent_module(local, setup["decoder"]))
+    assert Augmenter(to_dict(cfg), "s3://models/cop", fingerprint=fingerprint).fingerprint == fingerprint
 
 
 def test_truncation_only_when_configured(setup, tmp_path):

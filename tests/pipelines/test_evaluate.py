@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cache_aug.config import CoprocessorConfig, ModelConfig, load_config
+from cache_aug.config import CoprocessorConfig, ModelConfig, S3Config, load_config, to_dict
 from cache_aug.coprocessor import build_latent_module, save_latent_module
 from cache_aug.decoder import load_decoder
 from cache_aug.evaluate import run_eval
-from pipelines.evaluate import run_eval_job
+from pipelines.evaluate import DocumentEvaluator, run_eval_job
+from pipelines.storage import upload_dir
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -45,8 +48,14 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
               "augmentation.min_prefix=4", "eval.bootstrap_samples=100", "eval.docs_per_batch=2"]
     local = run_eval(load_config(None, overrides=[*common, f"eval.paths=[{tmp_path / 'heldout.parquet'}]",
                                                   f"eval.output={tmp_path / 'local'}"]))
-    remote = run_eval_job(load_config(None, overrides=[*common, "eval.paths=[s3://eval-docs/heldout/]", "eval.num_actors=2",
-                                                       "eval.cpus_per_actor=0.5", "eval.output=s3://eval-docs/report"]))
+    # the actors load the coprocessor from S3 themselves (the pause module from its local path) and keep no copy
+    upload_dir(str(tmp_path / "coprocessor"), "s3://eval-docs/coprocessor", S3Config())
+    copies = {p.name for p in Path(tempfile.gettempdir()).glob("cache-aug-*")}
+    remote_cfg = load_config(None, overrides=[*common, "eval.paths=[s3://eval-docs/heldout/]", "eval.num_actors=2",
+                                              "eval.cpus_per_actor=0.5", "eval.output=s3://eval-docs/report",
+                                              "eval.coprocessor=s3://eval-docs/coprocessor"])
+    remote = run_eval_job(remote_cfg)
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("cache-aug-*")} == copies
 
     assert remote["documents"] == local["documents"] == 4 and remote["points"] == local["points"] > 0
     assert remote["positions_sha256"] == local["positions_sha256"]
@@ -56,3 +65,11 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
         assert remote["per_position"][c]["loss"] == pytest.approx(local["per_position"][c]["loss"], rel=1e-5)
     stored = json.loads(client.get_object(Bucket="eval-docs", Key="report/eval.json")["Body"].read())
     assert stored["ppl"] == remote["ppl"] and stored["workers"] == 2
+    assert remote["modules"]["coprocessor"]["fingerprint"] == local["modules"]["coprocessor"]["fingerprint"]
+
+    # an actor that finds other models than the driver described refuses to evaluate
+    modules = {"pause": str(tmp_path / "pause"), "coprocessor": "s3://eval-docs/coprocessor"}
+    good = {name: remote["modules"][name]["fingerprint"] for name in modules}
+    assert DocumentEvaluator(to_dict(remote_cfg), modules, good).modules.keys() == {"none", "pause", "coprocessor"}
+    with pytest.raises(RuntimeError, match="eval.coprocessor / model.path changed during the run"):
+        DocumentEvaluator(to_dict(remote_cfg), modules, good | {"coprocessor": "deadbeef"})

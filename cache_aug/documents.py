@@ -39,6 +39,25 @@ def decode_text(raw: bytes | str | None) -> str:
         raise DocumentError(f"text is not valid UTF-8 (byte {e.start}: {e.reason})") from None
 
 
+def usable_text(raw, column: str) -> tuple[str | None, str | None]:
+    """(text, None) for a usable training / evaluation cell, (None, reason) for one to skip and count.
+
+    Null (or NaN, as pandas reads a missing JSON value), empty and invalid UTF-8 cells are skipped with
+    their reason; a cell that is not text at all (a number, a list) means the column is the wrong one,
+    and raises ValueError naming it.
+    """
+    if raw is None or (isinstance(raw, float) and raw != raw):
+        return None, "null text"
+    if not isinstance(raw, (str, bytes, bytearray, memoryview)):
+        raise ValueError(f"column {column!r} holds a {type(raw).__name__} ({str(raw)[:40]!r}), not text: "
+                         "is it the right text column?")
+    try:
+        text = decode_text(raw)
+    except DocumentError as e:
+        return None, str(e).split(" (")[0]
+    return (text, None) if text.strip() else (None, "empty text")
+
+
 def prepare_document(doc_id, raw_text, tokenizer, *, max_tokens: int, truncate: bool) -> PreparedDocument:
     """Validate one row and tokenize it; raises DocumentError with the reason otherwise."""
     if doc_id is None or (isinstance(doc_id, str) and not doc_id.strip()):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 
 from cache_aug.config import EvalConfig
 from cache_aug.decoder import Decoder
+from cache_aug.documents import usable_text
 from cache_aug.losses import one_pass_ce, sample_points
 
 FORMAT = "cache-aug/eval"
@@ -44,33 +46,56 @@ CONDITIONS = ("none", "pause", "coprocessor")
 # --------------------------------------------------------------------------- #
 
 
-def read_documents(ev: EvalConfig, storage_options: dict | None = None) -> list[tuple[str, str]]:
-    """(doc_id, text) of every held-out document, in id order (at most ev.max_documents)."""
+def read_documents(ev: EvalConfig, storage_options: dict | None = None, skipped: Counter | None = None) -> list[tuple[str, str]]:
+    """(doc_id, text) of every held-out document, in id order (at most ev.max_documents).
+
+    Rows without usable text are counted in `skipped` by reason; duplicated ids are refused.
+    """
     import fsspec
     import pyarrow.parquet as pq
 
     from cache_aug.corpus import resolve_embedded_path
 
     docs: list[tuple[str, str]] = []
+    ids: list = []
     for path in map(resolve_embedded_path, ev.paths):
         fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        table = pq.read_table(root, filesystem=fs)
-        docs.extend(document_rows(table.to_pydict(), ev))
+        columns = pq.read_table(root, filesystem=fs).to_pydict()
+        ids += columns.get(ev.id_column) or []
+        docs.extend(document_rows(columns, ev, skipped))
+    check_unique_ids(ids, ev.id_column)
     docs.sort()
     return docs[: ev.max_documents] if ev.max_documents else docs
 
 
-def document_rows(columns: dict[str, Sequence], ev: EvalConfig) -> list[tuple[str, str]]:
-    """(doc_id, text) pairs from a column batch; documents without an id are named by their text's hash."""
+def check_unique_ids(ids: Iterable, column: str) -> None:
+    """Refuse an id given to more than one row: its document would count twice, its windows tie in order."""
+    counts = Counter(str(i) for i in ids if i is not None)
+    dups = sorted((k, n) for k, n in counts.items() if n > 1)
+    if dups:
+        shown = ", ".join(f"{k!r} ({n} rows)" for k, n in dups[:5])
+        raise ValueError(f"eval.id_column {column!r}: {len(dups)} ids name more than one row: {shown}")
+
+
+def document_rows(columns: dict[str, Sequence], ev: EvalConfig, skipped: Counter | None = None) -> list[tuple[str, str]]:
+    """(doc_id, text) pairs from a column batch; documents without an id are named by their text's hash.
+
+    Null, empty and invalid UTF-8 texts are left out, counted by reason in `skipped`; a text column
+    holding something other than text raises ValueError naming it.
+    """
     if ev.text_column not in columns:
         raise ValueError(f"eval.text_column: column {ev.text_column!r} not found (columns: {sorted(columns)})")
     texts = columns[ev.text_column]
     ids = columns.get(ev.id_column) or [None] * len(texts)
-    return [
-        (str(i) if i is not None else "sha256:" + hashlib.sha256(t.encode()).hexdigest()[:16], t)
-        for i, t in zip(ids, texts)
-        if isinstance(t, str) and t
-    ]
+    out = []
+    for doc_id, raw in zip(ids, texts):
+        text, reason = usable_text(raw, ev.text_column)
+        if reason:
+            if skipped is not None:
+                skipped[reason] += 1
+            continue
+        out.append((str(doc_id) if doc_id is not None else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16], text))
+    return out
 
 
 def load_module(path: str, decoder: Decoder, storage_options: dict | None = None):
@@ -351,9 +376,10 @@ def run_eval(cfg, *, decoder: Decoder | None = None, modules: dict[str, object] 
         decoder = load_decoder(cfg.model, device=ev.device, storage_options=storage_options)
     if modules is None:
         modules = load_conditions(decoder, ev, storage_options)
-    docs = read_documents(ev, storage_options)
+    skipped: Counter = Counter()
+    docs = read_documents(ev, storage_options, skipped)
     rows = evaluate_documents(decoder, modules, docs, ev, cfg.augmentation.min_prefix)
-    meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor})
+    meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor}) | {"skipped_documents": dict(skipped)}
     report = summarise(rows, list(modules), cfg.augmentation.n_ahead, ev, meta | {"device": str(decoder.device)})
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     out = output or ev.output

@@ -18,6 +18,7 @@ text. Anything else falls back; a request never fails because a cache is missing
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import time
@@ -94,6 +95,23 @@ def _integer(data: dict, name: str) -> int | None:
     return value
 
 
+def _unicode(text: str, name: str) -> str:
+    """`text` if it is valid Unicode: JSON may carry lone surrogates ("\\ud800"), which neither tokenizer nor UTF-8 takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(f"{name} is not valid Unicode: lone surrogate at character {e.start}", name) from None
+    return text
+
+
+def json_body(raw: bytes) -> object:
+    """The decoded JSON of a request body; RequestError 400 if it is not JSON (bad syntax, bad UTF-8, nested too deep)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: e.g. 200k nested arrays
+        raise _bad(f"body is not valid JSON: {e}") from None
+
+
 def valid_document_id(doc_id: object) -> str:
     """A plain identifier: no path separators, no '..', no control characters, at most 256 characters."""
     if not isinstance(doc_id, str):
@@ -110,7 +128,9 @@ def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionReques
         raise _bad(f"the request body must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - _KNOWN)
     if unknown:
-        raise _bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+        # a name is echoed back: one that is not valid Unicode (a lone surrogate) is shown escaped
+        shown = [u.encode("utf-8", "backslashreplace").decode() for u in unknown]
+        raise _bad(f"unrecognized request argument(s): {', '.join(shown)}", shown[0])
     for name, neutral in _UNSUPPORTED.items():
         if name in data and data[name] is not None and data[name] != neutral:
             raise _bad(f"{name}={data[name]!r} is not supported (only {neutral!r})", name)
@@ -130,11 +150,15 @@ def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionReques
     if not 1 <= max_tokens <= cfg.max_tokens:
         raise _bad(f"max_tokens must be in [1, {cfg.max_tokens}], got {max_tokens}", "max_tokens")
     seed = _integer(data, "seed")
+    if seed is not None and not 0 <= seed < 2**63:  # torch.Generator.manual_seed takes no more
+        raise _bad(f"seed must be in [0, 2^63), got {seed}", "seed")
 
     stop = data.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise _bad("stop must be a non-empty string or a list of at most 4 of them", "stop")
+    for s in stop:
+        _unicode(s, "stop")
 
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
@@ -150,7 +174,7 @@ def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionReques
         raise _bad("document must be a non-empty string", "document")
     if document is not None and doc_id is None:
         raise _bad("document needs a document_id to go with it", "document")
-    if document is not None and len(document.encode("utf-8", "surrogatepass")) > cfg.max_request_bytes:
+    if document is not None and len(_unicode(document, "document").encode("utf-8")) > cfg.max_request_bytes:
         raise _bad("document is too large", "document", 413)
 
     prompt = data.get("prompt", "")
@@ -158,7 +182,7 @@ def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionReques
         prompt = prompt[0]  # the openai client may send one prompt as a list
     vocab = len(tokenizer)
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        ids = tokenizer.encode(_unicode(prompt, "prompt"), add_special_tokens=False) if prompt else []
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if any(not 0 <= t < vocab for t in prompt):
             raise _bad(f"prompt token ids must be in [0, {vocab})", "prompt")
@@ -192,13 +216,16 @@ class DocumentTexts:
 
     def get(self, doc_id: str) -> str | None:
         """The text of `doc_id`, or None if it is absent, duplicated or not valid UTF-8."""
+        import pyarrow as pa
         import pyarrow.dataset as pads
 
         if time.monotonic() - self._made > self.refresh_s:  # new files appear as the corpus grows
             parts = [pads.dataset(p, filesystem=self.fs, format="parquet") for p in self.paths]  # files or directories
             self._dataset = parts[0] if len(parts) == 1 else pads.dataset(parts)
             self._made = time.monotonic()
-        table = self._dataset.to_table(columns=[self.text_column], filter=pads.field(self.id_column) == doc_id)
+        # compared as strings: the corpus job accepts integer ids too, and stores them as str(id)
+        match = pads.field(self.id_column).cast(pa.string()) == doc_id
+        table = self._dataset.to_table(columns=[self.text_column], filter=match)
         if table.num_rows != 1:
             return None
         text = table.column(0)[0].as_py()
@@ -292,7 +319,12 @@ class CompletionEngine:
         reason = self._stored(req.document_id, want)
         if isinstance(reason, AugmentedCache):
             return Plan("stored", None, req.prompt_ids, cache=reason, document_tokens=reason.doc_len)
-        text = req.document if req.document is not None else (self.documents.get(req.document_id) if self.documents else None)
+        text = req.document
+        if text is None and self.documents is not None:
+            try:
+                text = self.documents.get(req.document_id)
+            except Exception as e:  # storage trouble is a fallback, not a failure
+                reason = f"{reason}; document store unreadable ({type(e).__name__}: {e})"[:500]
         if text is None:
             if not req.prompt_ids:
                 raise _bad(f"document {req.document_id!r}: {reason} and its text is unknown, and the prompt is empty: "

@@ -32,12 +32,22 @@ def pack_blocks(token_ids: Iterable[list[int]], seq_len: int, eos_id: int | None
 
 
 def iterate_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless shuffled (batch_size, T) batches over the blocks, reshuffled every epoch."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(blocks.shape[0], generator=g)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield blocks[order[i : i + batch_size]]
+    """Endless shuffled (batch_size, T) batches over the blocks, reshuffled every epoch.
+
+    Refuses at once (not at the first batch, and not by spinning forever) blocks that make no batch.
+    """
+    if blocks.shape[0] < batch_size:
+        raise ValueError(f"training data: {blocks.shape[0]} packed blocks of {blocks.shape[-1]} tokens, fewer than one "
+                         f"batch of {batch_size}: add text, or lower the batch size or seq_len")
+
+    def batches() -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(blocks.shape[0], generator=g)
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                yield blocks[order[i : i + batch_size]]
+
+    return batches()
 
 
 @dataclass
@@ -62,6 +72,9 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(decoder: Decoder, module, blocks: torch.Tensor, aug: AugmentationConfig, *, batch_size: int = 8, seed: int = 1234) -> EvalResult:
     """Mean ahead loss over held-out blocks at fixed (seeded) points, augmented vs none."""
+    if blocks.shape[0] == 0:
+        raise ValueError("held-out data: the held-out text packs into no block of seq_len tokens; "
+                         "add held-out text or lower seq_len")
     was_training = module.training
     module.eval()
     g = torch.Generator().manual_seed(seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,9 @@ def _load(uri: str, decoder, s3):
 
     with local_copy(uri, s3, prefix="cache-aug-module-") as local:
         return load_latent_module(local, decoder).eval()
+
+
+SKIPPED = -1  # the window index of a row that reports a document left out, not a window
 
 
 class DocumentEvaluator:
@@ -55,34 +59,44 @@ class DocumentEvaluator:
         from cache_aug.evaluate import document_rows, evaluate_documents
 
         ev = self.cfg.eval
-        docs = document_rows(batch.to_pydict(), ev)
+        skipped: Counter = Counter()
+        docs = document_rows(batch.to_pydict(), ev, skipped)
         rows = evaluate_documents(self.decoder, self.modules, docs, ev, self.cfg.augmentation.min_prefix)
+        # a document left out (no usable text) comes back as a row of window SKIPPED naming the reason
+        rows += [{"doc_id": reason, "window": SKIPPED, "points": [], **{f"ce_{name}": [] for name in self.modules}}
+                 for reason, n in skipped.items() for _ in range(n)]
         columns = ["doc_id", "window", "points"] + [f"ce_{name}" for name in self.modules]
         return pa.table({c: [r[c] for r in rows] for c in columns}) if rows else pa.table({c: [] for c in columns})
 
 
-def _read_documents(cfg: CacheAugConfig) -> ray.data.Dataset:
+def _read_documents(cfg: CacheAugConfig) -> tuple[ray.data.Dataset, Counter]:
+    """The documents to evaluate, and the documents the driver already left out (by reason)."""
+    import pyarrow.dataset as pads
+
+    from cache_aug.evaluate import check_unique_ids, document_rows
+
     ev = cfg.eval
     paths = [resolve_embedded_path(p) for p in ev.paths]
     fs = resolve(paths[0], cfg.s3)[0]
     ds = ray.data.read_parquet([resolve(p, cfg.s3)[1] for p in paths], filesystem=fs)
-    names = ds.schema().names
+    schema = ds.schema()
+    names = schema.names if schema is not None else []
     if ev.text_column not in names:
         raise ValueError(f"eval.text_column: column {ev.text_column!r} not found in {paths} (columns: {names})")
     columns = [c for c in (ev.id_column, ev.text_column) if c in names]
     ds = ds.select_columns(columns)
+
+    def tables(cols: list[str]) -> list[pa.Table]:  # these columns of every input file, read on the driver
+        return [pads.dataset(t, filesystem=f, format="parquet").to_table(columns=cols) for f, t in (resolve(p, cfg.s3) for p in paths)]
+
+    if ev.id_column in names:  # the id column only: a duplicate would count twice, whichever actor sees it
+        check_unique_ids([i for t in tables([ev.id_column]) for i in t.column(0).to_pylist()], ev.id_column)
+    skipped: Counter = Counter()
     if ev.max_documents:  # the first documents in id order, as the in-process evaluation takes them
-        import pyarrow.dataset as pads
-
-        from cache_aug.evaluate import document_rows
-
-        found = []
-        for p in paths:
-            fs_p, target = resolve(p, cfg.s3)
-            found += document_rows(pads.dataset(target, filesystem=fs_p, format="parquet").to_table(columns=columns).to_pydict(), ev)
+        found = [d for t in tables(columns) for d in document_rows(t.to_pydict(), ev, skipped)]
         keep = {doc_id for doc_id, _ in sorted(found)[: ev.max_documents]}
-        ds = ds.filter(lambda row: document_rows({k: [v] for k, v in row.items()}, ev)[0][0] in keep)
-    return ds.repartition(4 * ev.num_actors)  # a single input file is one block: split it so every actor gets work
+        ds = ds.filter(lambda row: any(d in keep for d, _ in document_rows({k: [v] for k, v in row.items()}, ev)))
+    return ds.repartition(4 * ev.num_actors), skipped  # a single input file is one block: split it so every actor gets work
 
 
 def run_eval_job(cfg: CacheAugConfig) -> dict:
@@ -99,7 +113,8 @@ def run_eval_job(cfg: CacheAugConfig) -> dict:
     meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor})
     del decoder, modules
 
-    windows = _read_documents(cfg).map_batches(
+    documents, skipped = _read_documents(cfg)
+    windows = documents.map_batches(
         DocumentEvaluator, batch_format="pyarrow", batch_size=ev.docs_per_batch,
         fn_constructor_kwargs={"config": to_dict(cfg), "modules": module_uris,
                                "fingerprints": {name: d["fingerprint"] for name, d in meta["modules"].items()}},
@@ -107,9 +122,11 @@ def run_eval_job(cfg: CacheAugConfig) -> dict:
         num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None,
     )
     rows = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in windows.take_all()]
+    skipped.update(r["doc_id"] for r in rows if r["window"] == SKIPPED)
     rows = [r | {k: [list(map(float, x)) for x in r[k]] for k in r if k.startswith("ce_")} | {"points": list(map(int, r["points"]))}
-            for r in rows]
-    report = summarise(rows, ["none", *module_uris], cfg.augmentation.n_ahead, ev, meta | {"workers": ev.num_actors})
+            for r in rows if r["window"] != SKIPPED]
+    report = summarise(rows, ["none", *module_uris], cfg.augmentation.n_ahead, ev,
+                       meta | {"skipped_documents": dict(skipped), "workers": ev.num_actors})
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     with tempfile.TemporaryDirectory() as tmp:
         write_report(report, rows, tmp)

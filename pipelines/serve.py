@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from cache_aug.config import CacheAugConfig, from_dict, load_config, to_dict
-from cache_aug.serving import CompletionEngine, CompletionRequest, Plan, RequestError, parse_request, response_meta
+from cache_aug.serving import CompletionEngine, CompletionRequest, Plan, RequestError, json_body, parse_request, response_meta
 
 api = FastAPI(title="cache-aug", description="Completions decoded against augmented KV caches")
 
@@ -150,11 +150,7 @@ class CompletionServer:
             if len(body) > limit:
                 return _error(413, f"request body over {limit} bytes")
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _error(400, f"body is not valid JSON: {e}")
-        try:
-            req = parse_request(data, self.engine.decoder.tokenizer, self.cfg.serve)
+            req = parse_request(json_body(body), self.engine.decoder.tokenizer, self.cfg.serve)
             plan = await asyncio.to_thread(self.engine.plan, req)
         except RequestError as e:
             return _error(e.status, e.message, e.param, e.code)

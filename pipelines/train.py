@@ -178,6 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     interval_loss, interval_n, tokens, t0 = 0.0, 0, 0, time.perf_counter()
     micro = 0
     while step < t.max_steps:
+        micro_before = micro
         for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long, drop_last=True):
             ids = batch["input_ids"].to(device)
             points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(device)
@@ -217,6 +218,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             interval_loss, interval_n, tokens, t0 = 0.0, 0, 0, time.perf_counter()
             if last:
                 break
+        if micro == micro_before:  # a whole pass gave no batch: another pass would not either
+            raise RuntimeError(
+                f"training data: rank {rank}'s shard of {cfg.data.paths} gave no batch of {t.micro_batch_size} blocks of "
+                f"{cfg.data.seq_len} tokens in a whole pass (too little text for {world} workers, or every row's "
+                f"{cfg.data.text_column!r} null or empty); add text, or lower train.micro_batch_size or data.seq_len")
 
     export = _export(engine, module, decoder, cfg, rank)
     if rank == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from cache_aug import cli
-from cache_aug.config import CoprocessorConfig, ModelConfig
+from cache_aug.config import CoprocessorConfig, EvalConfig, ModelConfig
 from cache_aug.coprocessor import build_latent_module, save_latent_module
 from cache_aug.decoder import load_decoder
+from cache_aug.evaluate import document_rows, read_documents
 from cache_aug.losses import plain_ahead_loss, reference_loss
 
 MAX_AHEAD, N_A, WINDOW = 6, 3, 48
@@ -35,7 +37,8 @@ def setup(tiny_default_dir, tmp_path_factory):
         module = build_latent_module(decoder, CoprocessorConfig(mode=mode, first_ahead_from=first), n_latents=2)
         paths[name] = save_latent_module(module, decoder, root / name)
     docs = root / "heldout.parquet"
-    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(len(TEXTS))], "text": TEXTS}), docs)
+    texts = [*TEXTS, None, " \n"]  # no usable text: left out, and counted
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts}), docs)
     return decoder, paths, docs, root
 
 
@@ -60,6 +63,7 @@ def test_eval_end_to_end_schema_and_identical_points(setup, tmp_path, capsys):
     assert report["n_latents"] == 2 and report["n_ahead"] == N_A and report["max_ahead"] == MAX_AHEAD
     assert report["modules"]["coprocessor"]["first_ahead_from"] == "last_token"
     assert report["documents"] == 3 and report["windows"] == len(positions)  # "short" holds no window
+    assert report["skipped_documents"] == {"null text": 1, "empty text": 1}
     assert report["points"] == sum(len(p["points"]) for p in positions) > 0
     for c in conds:
         lo, hi = report["ppl_ci"][c]
@@ -106,3 +110,18 @@ def test_points_follow_the_seed(setup, tmp_path):
     b, _ = _run(setup, tmp_path / "s1", "--set", "eval.seed=1")
     assert a["positions_sha256"]["none"] != b["positions_sha256"]["none"]
     assert a["loss"]["none"] != b["loss"]["none"]
+
+
+def test_duplicate_ids_and_non_text_columns_are_refused_naming_them(tmp_path):
+    ev = EvalConfig(paths=[str(tmp_path / "docs")])
+    (tmp_path / "docs").mkdir()
+    pq.write_table(pa.table({"doc_id": ["a", "b"], "text": ["one text", "two"]}), tmp_path / "docs" / "part-0.parquet")
+    pq.write_table(pa.table({"doc_id": ["c", "a"], "text": ["three", "another text"]}), tmp_path / "docs" / "part-1.parquet")
+    with pytest.raises(ValueError, match="eval.id_column 'doc_id': 1 ids name more than one row: 'a' \\(2 rows\\)"):
+        read_documents(ev)
+    skipped = Counter()
+    rows = {"doc_id": ["a", "b", "c", "d"], "text": ["fine", None, b"\xff", "\t"]}
+    assert document_rows(rows, ev, skipped) == [("a", "fine")]
+    assert skipped == {"null text": 1, "text is not valid UTF-8": 1, "empty text": 1}
+    with pytest.raises(ValueError, match="column 'text' holds a int"):
+        document_rows({"doc_id": ["a", "b"], "text": ["fine", 12]}, ev)

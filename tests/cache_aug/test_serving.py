@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -9,7 +13,7 @@ from cache_aug.augment import augment, generate
 from cache_aug.config import CoprocessorConfig, ServeConfig
 from cache_aug.coprocessor import build_latent_module, latent_fingerprint
 from cache_aug.records import encode_record
-from cache_aug.serving import CacheLRU, CompletionEngine, RequestError, _held_back, parse_request
+from cache_aug.serving import CacheLRU, CompletionEngine, DocumentTexts, RequestError, _held_back, json_body, parse_request
 from cache_aug.testing import tiny_decoder
 
 
@@ -69,11 +73,71 @@ def req(setup, body, **cfg):
     ({"prompt": "x", "document_id": "x" * 257}, 400, "document_id"),
     ({"prompt": "x", "document_id": 7}, 400, "document_id"),
     ({"prompt": "x", "document": "text"}, 400, "document"),
+    ({"prompt": "x", "seed": 2**63}, 400, "seed"),  # seeds are in [0, 2^63): past 2^64 torch.Generator.manual_seed overflows
+    ({"prompt": "x", "seed": 2**70}, 400, "seed"),
+    ({"prompt": "x", "seed": -1}, 400, "seed"),
+    ({"prompt": "x", "seed": 1.5}, 400, "seed"),
+    ({"prompt": "ab\ud800cd"}, 400, "prompt"),  # lone surrogates: legal JSON ("\ud800"), not encodable text
+    ({"prompt": ["\udfff"]}, 400, "prompt"),
+    ({"prompt": "x", "document_id": "d", "document": "text \ud800"}, 400, "document"),
+    ({"prompt": "x", "stop": "\ud800"}, 400, "stop"),
+    ({"prompt": "x", "stop": ["ok", "a\udc00"]}, 400, "stop"),
+    ({"prompt": "x", "b\ud800": 1}, 400, "b\\ud800"),  # an unknown name is echoed escaped: the answer must encode
 ])
 def test_bad_requests_are_refused_naming_the_field(setup, body, status, param):
     with pytest.raises(RequestError) as e:
         req(setup, body, max_prompt_tokens=100)
     assert (e.value.status, e.value.param) == (status, param), e.value.message
+    json.dumps({"message": e.value.message, "param": e.value.param}, ensure_ascii=False).encode("utf-8")
+
+
+def test_lone_surrogates_are_named_in_the_refusal(setup):
+    for body, param in [({"prompt": "ab\ud800cd"}, "prompt"), ({"prompt": "x", "document_id": "d", "document": "t\ud800"}, "document"),
+                        ({"prompt": "x", "stop": ["\ud800"]}, "stop")]:
+        with pytest.raises(RequestError, match=f"{param} is not valid Unicode: lone surrogate"):
+            req(setup, body)
+
+
+def test_seed_range_ends_are_accepted_and_decode(setup):
+    eng = engine(setup)
+    for seed in (0, 2**63 - 1):
+        r = req(setup, {"prompt": [5, 6], "max_tokens": 3, "temperature": 1.0, "seed": seed})
+        assert r.seed == seed
+        assert eng.complete(r)["token_ids"] == eng.complete(r)["token_ids"]  # the seed reaches the sampler
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "x",', b'{"prompt": "\xff\xfe"}', b"[" * 200_000 + b"]" * 200_000],
+                         ids=["truncated", "bad utf-8", "nested 200k deep"])
+def test_bodies_that_are_not_json_are_refused_with_400(raw):
+    with pytest.raises(RequestError) as e:
+        json_body(bytearray(raw))
+    assert (e.value.status, e.value.param) == (400, None) and e.value.message.startswith("body is not valid JSON")
+    assert json_body(b'{"prompt": [[1]]}') == {"prompt": [[1]]}
+
+
+def test_document_texts_with_integer_ids(tmp_path):
+    # the corpus job accepts integer ids and stores them as str(id): the lookup must find them by that string
+    pq.write_table(pa.table({"doc_id": pa.array([1, 2, 22], pa.int64()), "text": ["one", "two", "twenty-two"]}), tmp_path / "int.parquet")
+    pq.write_table(pa.table({"doc_id": ["a", "b"], "text": ["alpha", "beta"]}), tmp_path / "str.parquet")
+    ints, strs = DocumentTexts([str(tmp_path / "int.parquet")]), DocumentTexts([str(tmp_path / "str.parquet")])
+    assert [ints.get(i) for i in ("1", "2", "22", "3", "01")] == ["one", "two", "twenty-two", None, None]
+    assert [strs.get(i) for i in ("a", "b", "c")] == ["alpha", "beta", None]
+
+
+def test_document_lookup_failures_fall_back(setup, tmp_path):
+    dec, module, fp = setup
+    pq.write_table(pa.table({"doc_id": [7], "text": ["seven days"]}), tmp_path / "int.parquet")
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=DocumentTexts([str(tmp_path / "int.parquet")]))
+    plan = eng.plan(req(setup, {"prompt": [5, 6], "document_id": "7"}))  # integer-id corpus: the text is found
+    assert plan.source == "online" and plan.compute_ids == dec.tokenizer.encode("seven days", add_special_tokens=False)
+
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=DocumentTexts([str(tmp_path / "broken.parquet")]))
+    plan = eng.plan(req(setup, {"prompt": [5, 6], "document_id": "7"}))  # unreadable store: a reason, not a failure
+    assert plan.source == "none" and plan.compute_ids == [5, 6] and "document store unreadable" in plan.reason
+    with pytest.raises(RequestError) as e:  # and nothing to continue without the text: the usual 404
+        eng.plan(req(setup, {"prompt": "", "document_id": "7"}))
+    assert e.value.status == 404 and "document store unreadable" in e.value.message
 
 
 def test_good_request_fields(setup):

@@ -8,7 +8,7 @@ import torch
 from cache_aug.config import AugmentationConfig, CoprocessorConfig
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.testing import tiny_decoder
-from cache_aug.training import iterate_batches, lr_factor, train_local
+from cache_aug.training import evaluate, iterate_batches, lr_factor, pack_blocks, train_local
 
 AUG = AugmentationConfig(n_latents=2, n_ahead=3, points_per_sequence=3, min_prefix=2)
 
@@ -49,3 +49,16 @@ def test_lr_factor_warmup_then_cosine_to_ten_percent():
     assert lr_factor(7, 10, 4) == pytest.approx(0.55)  # halfway down
     assert lr_factor(10, 10, 4) == pytest.approx(0.1) == lr_factor(50, 10, 4)  # and stays at 10%
     assert lr_factor(9, 10, 4, cosine=False) == 1.0
+
+
+def test_too_little_text_is_refused_not_looped_over():
+    """Fewer packed blocks than one batch used to make iterate_batches spin forever; no held-out block divided by zero."""
+    blocks = pack_blocks([[5, 6, 7]] * 3, seq_len=8, eos_id=0)  # 12 tokens: 1 block
+    assert blocks.shape == (1, 8)
+    with pytest.raises(ValueError, match="1 packed blocks of 8 tokens, fewer than one batch of 4"):
+        iterate_batches(blocks, 4, seed=0)
+    assert next(iterate_batches(blocks, 1, seed=0)).shape == (1, 8)
+    decoder = tiny_decoder("llama")
+    module = build_latent_module(decoder, CoprocessorConfig(mode="pause"), 2)
+    with pytest.raises(ValueError, match="held-out text packs into no block"):
+        evaluate(decoder, module, pack_blocks([[5, 6]], seq_len=8, eos_id=0), AUG)

@@ -62,3 +62,22 @@ def test_missing_column_and_mixed_locations_fail_clearly(tmp_path):
         read_documents([str(path)], "parquet", "text", S3Config()).take_all()
     with pytest.raises(ValueError, match="mix local and s3"):
         read_documents([str(path), "s3://b/x.parquet"], "parquet", "text", S3Config())
+
+
+def test_unusable_rows_are_skipped_and_counted_a_non_text_column_fails(tiny_default_dir, capsys):
+    tok = AutoTokenizer.from_pretrained(tiny_default_dir)
+    fn = TokenizeAndPack(tok, 8, column="body")
+    good = DOCS[:10]
+    batch = {"text": np.asarray(good[:5] + [None, "", float("nan"), b"\xff\xfe bad", good[5].encode()] + good[6:], dtype=object)}
+    assert np.array_equal(fn(batch)["input_ids"], _expected_blocks(tok, good, 8))  # bytes are text; the rest is left out
+    assert "skipped 4 of 14 documents of a batch: 1 empty text, 2 null text, 1 text is not valid UTF-8" in capsys.readouterr().out
+    for wrong in (7, [1, 2]):
+        with pytest.raises(ValueError, match=f"column 'body' holds a {type(wrong).__name__}.*not text"):
+            fn({"text": np.asarray(["fine", wrong], dtype=object)})
+
+
+def test_empty_input_fails_naming_the_paths(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(ValueError, match="no rows could be read from .*empty.jsonl"):
+        read_documents([str(path)], "jsonl", "text", S3Config())

@@ -16,7 +16,7 @@ from cache_aug.config import CoprocessorConfig, ModelConfig, S3Config, load_conf
 from cache_aug.coprocessor import build_latent_module, save_latent_module
 from cache_aug.decoder import load_decoder
 from cache_aug.evaluate import run_eval
-from pipelines.evaluate import DocumentEvaluator, run_eval_job
+from pipelines.evaluate import DocumentEvaluator, _read_documents, run_eval_job
 from pipelines.storage import upload_dir
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -35,7 +35,8 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
     torch.manual_seed(0)
     for name, mode in (("pause", "pause"), ("coprocessor", "full")):
         save_latent_module(build_latent_module(decoder, CoprocessorConfig(mode=mode), n_latents=2), decoder, tmp_path / name)
-    table = pa.table({"doc_id": [f"d{i}" for i in range(len(TEXTS))], "text": TEXTS})
+    texts = [*TEXTS, None, ""]  # no usable text: both paths leave them out and count them
+    table = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts})
     pq.write_table(table, tmp_path / "heldout.parquet")
     client = s3_server["client"]
     client.create_bucket(Bucket="eval-docs")
@@ -58,6 +59,7 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
     assert {p.name for p in Path(tempfile.gettempdir()).glob("cache-aug-*")} == copies
 
     assert remote["documents"] == local["documents"] == 4 and remote["points"] == local["points"] > 0
+    assert remote["skipped_documents"] == local["skipped_documents"] == {"null text": 1, "empty text": 1}
     assert remote["positions_sha256"] == local["positions_sha256"]
     assert len(set(remote["positions_sha256"].values())) == 1
     for c in ("none", "pause", "coprocessor"):
@@ -73,3 +75,15 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
     assert DocumentEvaluator(to_dict(remote_cfg), modules, good).modules.keys() == {"none", "pause", "coprocessor"}
     with pytest.raises(RuntimeError, match="eval.coprocessor / model.path changed during the run"):
         DocumentEvaluator(to_dict(remote_cfg), modules, good | {"coprocessor": "deadbeef"})
+
+
+def test_first_documents_are_chosen_past_unusable_rows_and_duplicates_refused(s3_server, tmp_path):
+    """eval.max_documents picks the first usable documents in id order; rows without text are counted, not a crash."""
+    pq.write_table(pa.table({"doc_id": ["c", "a", "b", "d"], "text": [TEXTS[0], None, TEXTS[1], ""]}), tmp_path / "docs.parquet")
+    cfg = load_config(None, overrides=[f"eval.paths=[{tmp_path / 'docs.parquet'}]", "eval.max_documents=1"])
+    documents, skipped = _read_documents(cfg)
+    assert [r["doc_id"] for r in documents.take_all()] == ["b"]
+    assert skipped == {"null text": 1, "empty text": 1}
+    pq.write_table(pa.table({"doc_id": ["c", "a", "c"], "text": TEXTS[:3]}), tmp_path / "dups.parquet")
+    with pytest.raises(ValueError, match="1 ids name more than one row: 'c' \\(2 rows\\)"):
+        _read_documents(load_config(None, overrides=[f"eval.paths=[{tmp_path / 'dups.parquet'}]"]))

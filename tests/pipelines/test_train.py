@@ -6,6 +6,7 @@ import dataclasses
 import io
 import uuid
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -119,3 +120,13 @@ def test_kv_channel_under_zero3_equals_zero0_and_exports(tiny_default_dir, corpu
     assert exported.latent_channel == "kv" and exported.reread == 1
     aug = augment(decoder, exported, [decoder.tokenizer.encode("In the beginning God created the heaven")])[0]
     assert aug.latents is None and aug.seq_len == aug.doc_len + 3 and torch.isfinite(aug.next_logits).all()
+
+
+def test_too_little_text_fails_naming_it_instead_of_looping(tiny_default_dir, tmp_path):
+    """A shard that makes no micro-batch used to restart its empty pass forever; now the run fails and says why."""
+    for split in ("train", "heldout"):
+        (tmp_path / "tiny" / split).mkdir(parents=True)
+        pq.write_table(pa.table({"text": ["In the beginning God created the heaven", None]}), tmp_path / "tiny" / split / "part-0.parquet")
+    cfg = _cfg(tiny_default_dir, str(tmp_path / "tiny"), "starved", str(tmp_path / "runs"), zero_stage=0, max_steps=2, max_failures=0)
+    with pytest.raises(Exception, match="gave no batch of 2 blocks of 64 tokens in a whole pass"):
+        run_training(cfg)

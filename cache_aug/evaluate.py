@@ -98,15 +98,6 @@ def document_rows(columns: dict[str, Sequence], ev: EvalConfig, skipped: Counter
     return out
 
 
-def load_module(path: str, decoder: Decoder, storage_options: dict | None = None):
-    """A trained pause/coprocessor module from a local directory or a remote (s3://) one."""
-    from cache_aug.coprocessor import load_latent_module
-    from cache_aug.decoder import fetch_checkpoint
-
-    local = fetch_checkpoint(path, storage_options=storage_options) if "://" in path else Path(path)
-    return load_latent_module(local, decoder).eval()
-
-
 # --------------------------------------------------------------------------- #
 # Windows and points
 # --------------------------------------------------------------------------- #
@@ -357,11 +348,13 @@ def module_meta(decoder: Decoder, modules: dict[str, object], paths: dict[str, s
 
 def load_conditions(decoder: Decoder, ev: EvalConfig, storage_options: dict | None = None) -> dict[str, object]:
     """condition -> module: always "none", then "pause" / "coprocessor" where a path is configured."""
+    from cache_aug.coprocessor import load_latent_module
+
     modules: dict[str, object] = {"none": None}
     for name in ("pause", "coprocessor"):
         path = getattr(ev, name)
         if path:
-            modules[name] = load_module(path, decoder, storage_options)
+            modules[name] = load_latent_module(path, decoder, storage_options).eval()
     return modules
 
 

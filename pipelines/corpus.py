@@ -29,7 +29,7 @@ from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import DocumentError, prepare_document
 from cache_aug.records import RECORD_SCHEMA
 from cache_aug.store import MANIFESTS, NO_BUCKET, RUNS, bucket_of, done_documents, new_run_id, read_kind
-from pipelines.storage import local_copy, portable, resolve
+from pipelines.storage import portable, resolve
 
 FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
 
@@ -80,15 +80,14 @@ class Augmenter:
         from cache_aug.config import from_dict
         from cache_aug.coprocessor import latent_fingerprint, load_latent_module
         from cache_aug.decoder import load_decoder
-        from pipelines.storage import fsspec_options, local_copy
+        from pipelines.storage import fsspec_options
 
         self.cfg = from_dict(CacheAugConfig, config)
         self.device = "cuda" if self.cfg.corpus.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(self.cfg.corpus.cpus_per_actor)))
         self.decoder = load_decoder(self.cfg.model, device=self.device, storage_options=fsspec_options(self.cfg.s3))
-        with local_copy(coprocessor, self.cfg.s3, prefix="cache-aug-coprocessor-") as local:
-            self.module = load_latent_module(local, self.decoder)
+        self.module = load_latent_module(coprocessor, self.decoder, fsspec_options(self.cfg.s3))
         self.fingerprint = latent_fingerprint(self.decoder, self.module)
         if self.fingerprint != fingerprint:  # every record of a run must come from the models the driver checked
             raise RuntimeError(f"corpus.coprocessor / model.path changed during the run: the driver loaded fingerprint "
@@ -173,8 +172,7 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
 
     coprocessor = portable(c.coprocessor)  # each actor loads it from there: the driver's disk may not be theirs
     decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver checks the fingerprint once
-    with local_copy(coprocessor, cfg.s3, prefix="cache-aug-coprocessor-") as local:
-        module = load_latent_module(local, decoder)
+    module = load_latent_module(coprocessor, decoder, fsspec_options(cfg.s3))
     if module.latent_channel == "kv" and cfg.storage.mode == "latents":
         raise ValueError(f"storage.mode: the coprocessor at {c.coprocessor} writes keys and values (latent_channel=\"kv\"), "
                          "not input embeddings: store \"latent_kv\" or \"full\"")

@@ -21,14 +21,7 @@ import ray
 
 from cache_aug.config import CacheAugConfig, from_dict, to_dict
 from cache_aug.corpus import resolve_embedded_path
-from pipelines.storage import fsspec_options, local_copy, portable, resolve, upload_dir
-
-
-def _load(uri: str, decoder, s3):
-    from cache_aug.coprocessor import load_latent_module
-
-    with local_copy(uri, s3, prefix="cache-aug-module-") as local:
-        return load_latent_module(local, decoder).eval()
+from pipelines.storage import fsspec_options, portable, resolve, upload_dir
 
 
 SKIPPED = -1  # the window index of a row that reports a document left out, not a window
@@ -40,7 +33,7 @@ class DocumentEvaluator:
     def __init__(self, config: dict, modules: dict[str, str], fingerprints: dict[str, str]):
         import torch
 
-        from cache_aug.coprocessor import latent_fingerprint
+        from cache_aug.coprocessor import latent_fingerprint, load_latent_module
         from cache_aug.decoder import load_decoder
 
         self.cfg = from_dict(CacheAugConfig, config)
@@ -49,7 +42,8 @@ class DocumentEvaluator:
         if device == "cpu":
             torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
         self.decoder = load_decoder(self.cfg.model, device=device, storage_options=fsspec_options(self.cfg.s3))
-        self.modules = {"none": None} | {name: _load(uri, self.decoder, self.cfg.s3) for name, uri in modules.items()}
+        options = fsspec_options(self.cfg.s3)
+        self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, options).eval() for name, uri in modules.items()}
         for name, m in self.modules.items():  # the report describes the models the driver loaded: these must be them
             if m is not None and (got := latent_fingerprint(self.decoder, m)) != fingerprints[name]:
                 raise RuntimeError(f"eval.{name} / model.path changed during the run: the driver loaded fingerprint "
@@ -101,6 +95,7 @@ def _read_documents(cfg: CacheAugConfig) -> tuple[ray.data.Dataset, Counter]:
 
 def run_eval_job(cfg: CacheAugConfig) -> dict:
     """Evaluate with Ray Data and write the report to eval.output; returns the report."""
+    from cache_aug.coprocessor import load_latent_module
     from cache_aug.decoder import load_decoder
     from cache_aug.evaluate import module_meta, summarise, write_report
 
@@ -109,7 +104,7 @@ def run_eval_job(cfg: CacheAugConfig) -> dict:
     # each actor loads the modules from where they are: the driver's disk may not be theirs
     module_uris = {name: portable(getattr(ev, name)) for name in ("pause", "coprocessor") if getattr(ev, name)}
     decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver describes what is evaluated
-    modules = {"none": None} | {name: _load(uri, decoder, cfg.s3) for name, uri in module_uris.items()}
+    modules = {"none": None} | {name: load_latent_module(uri, decoder, fsspec_options(cfg.s3)) for name, uri in module_uris.items()}
     meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor})
     del decoder, modules
 

@@ -56,7 +56,7 @@ def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
     from cache_aug.decoder import load_decoder
     from cache_aug.serving import DocumentTexts
     from cache_aug.store import AugmentedCacheReader
-    from pipelines.storage import fsspec_options, local_copy, resolve
+    from pipelines.storage import fsspec_options, resolve
 
     s = cfg.serve
     device = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -68,12 +68,11 @@ def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
     module, fingerprint = None, None
     cop = s.coprocessor or cfg.corpus.coprocessor
     if cop:
-        with local_copy(cop, cfg.s3, prefix="cache-aug-coprocessor-") as local:  # held in memory, no copy left behind
-            if s.online:
-                module = load_latent_module(local, decoder)
-                fingerprint = latent_fingerprint(decoder, module)
-            else:
-                fingerprint = saved_fingerprint(local, decoder)
+        if s.online:
+            module = load_latent_module(cop, decoder, fsspec_options(cfg.s3))
+            fingerprint = latent_fingerprint(decoder, module)
+        else:
+            fingerprint = saved_fingerprint(cop, decoder, fsspec_options(cfg.s3))
     records = None
     prefix = s.cache_prefix or cfg.corpus.output
     if fingerprint and prefix:

@@ -6,10 +6,7 @@ or the standard AWS variables, and the keys from environment variables only.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
@@ -76,21 +73,6 @@ def portable(path: str) -> str:
     config; a local path must then be on storage both see (a shared volume), an s3:// one works anywhere.
     """
     return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
-
-
-@contextlib.contextmanager
-def local_copy(src: str, cfg: S3Config, prefix: str = "cache-aug-") -> Iterator[str]:
-    """A local directory holding `src`'s files: `src` itself when local, else a temporary copy deleted on exit.
-
-    For loading a saved module (which reads everything into memory) without leaving a copy of it behind
-    on every node and run.
-    """
-    fs, path = resolve(src, cfg)
-    if fs is None:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        yield download_dir(src, tmp, cfg)
 
 
 def download_dir(src: str, local_dir: str, cfg: S3Config) -> str:

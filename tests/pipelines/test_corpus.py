@@ -19,7 +19,7 @@ from cache_aug.documents import content_hash
 from cache_aug.records import restore
 from cache_aug.store import AugmentedCacheReader, read_kind
 from pipelines.corpus import FAIL_AFTER_ENV, Augmenter, run_corpus_job
-from pipelines.storage import local_copy, s3_filesystem
+from pipelines.storage import fsspec_options, s3_filesystem
 from tests.pipelines.shared import upload_fresh_coprocessor
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -76,7 +76,8 @@ def test_incremental_runs_with_exact_accounting(setup):
 
     copies_before = _module_copies()
     first = run_corpus_job(cfg)
-    # the driver and each actor loaded the coprocessor from S3 themselves and left no copy behind
+    # the driver and each actor loaded the coprocessor from S3 themselves (through the node's checkpoint cache),
+    # with no temporary copy left behind
     assert _module_copies() == copies_before
     assert first["counts"] == {"read": n, "written": len(good), "skipped": 0, "failed": len(bad)}
     fs = s3_filesystem(cfg.s3)
@@ -89,8 +90,7 @@ def test_incremental_runs_with_exact_accounting(setup):
 
     # a stored record continues decoding like augmenting in-process
     decoder = setup["decoder"]
-    with local_copy(cfg.corpus.coprocessor, cfg.s3) as local:
-        module = load_latent_module(local, decoder)
+    module = load_latent_module(cfg.corpus.coprocessor, decoder, fsspec_options(cfg.s3))
     reader = AugmentedCacheReader(fs, "caches/kjv", cfg.corpus.index_buckets)
     doc_id, text = good[17]
     record = reader.get(doc_id)
@@ -141,8 +141,7 @@ def test_actor_refuses_models_other_than_the_drivers(setup):
     cfg = _cfg(setup, "s3://caches/never")
     with pytest.raises(RuntimeError, match="changed during the run.*fingerprint deadbeef"):
         Augmenter(to_dict(cfg), "s3://models/cop", fingerprint="deadbeef")
-    with local_copy("s3://models/cop", cfg.s3) as local:
-        fingerprint = latent_fingerprint(setup["decoder"], load_latent_module(local, setup["decoder"]))
+    fingerprint = latent_fingerprint(setup["decoder"], load_latent_module("s3://models/cop", setup["decoder"], fsspec_options(cfg.s3)))
     assert Augmenter(to_dict(cfg), "s3://models/cop", fingerprint=fingerprint).fingerprint == fingerprint
 
 

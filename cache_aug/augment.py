@@ -193,7 +193,7 @@ def decode_steps(
             step = torch.tensor([pending], dtype=torch.long, device=decoder.device)  # (1, S)
             positions = torch.arange(pos, pos + step.shape[1], device=decoder.device)[None]  # (1, S)
             last = torch.tensor([step.shape[1] - 1], device=decoder.device)
-            logits = logits_at(decoder, last, input_ids=step, past_key_values=cache, position_ids=positions, use_cache=True)[0, -1]
+            logits = logits_at(decoder, last, input_ids=step, cache=cache, position_ids=positions, use_cache=True)[0, -1]
             pos += step.shape[1]
         if temperature <= 0:
             token = int(logits.argmax())

@@ -1,6 +1,6 @@
 """The coprocessor C and the pause-token baseline: the trainable modules that produce latents z.
 
-Both are `LatentModule`s: `forward(past_key_values, position_ids, attention_mask, n_blocks)`
+Both are `LatentModule`s: `forward(cache, position_ids, attention_mask, n_blocks)`
 returns z of shape (N, n_blocks * N_L, d), or, for a coprocessor with latent_channel="kv", its own
 keys and values at the latent slots, per layer (N, H_kv, n_blocks * N_L, D). All trainable tensors
 live inside the module, and all computation goes through `forward`, so DeepSpeed (ZeRO-3 included)
@@ -26,7 +26,6 @@ A trained module is saved as a directory:
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from pathlib import Path
 
@@ -34,27 +33,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cache_aug.architecture import check_architecture, with_cache
 from cache_aug.config import CoprocessorConfig
 from cache_aug.decoder import Decoder, fetch_checkpoint
 from cache_aug.fingerprint import FingerprintMismatch, augmentation_fingerprint
 from cache_aug.kv import layer_kv
-from cache_aug.masks import POSITION_RULES, UnsupportedArchitecture, block_position_ids
+from cache_aug.masks import POSITION_RULES, block_position_ids
 
 FORMAT = "cache-aug/latents"
 FORMAT_VERSION = 1
 REREAD = {"last_latent": 0, "last_token": 1}  # first_ahead_from -> tokens fed again after the latents
 CHANNELS = ("embeds", "kv")
-
-
-def check_architecture(model) -> None:
-    """Augmentation needs a trunk that takes inputs_embeds, explicit position ids and a cache."""
-    params = inspect.signature(model.base_model.forward).parameters
-    missing = [p for p in ("inputs_embeds", "position_ids", "past_key_values") if p not in params]
-    if missing:
-        raise UnsupportedArchitecture(
-            f"{model.config.model_type}: its forward takes no {', '.join(missing)}; cache augmentation "
-            "places latents at explicit positions on top of a KV cache, so this architecture cannot be used"
-        )
 
 
 def init_soft_tokens(decoder: Decoder, n_latents: int, how: str, seed: int) -> torch.Tensor:
@@ -117,25 +106,20 @@ class Coprocessor(LatentModule):
         self.lora = lora
         self.latent_channel = latent_channel
 
-    def forward(self, past_key_values, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1):
+    def forward(self, cache, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1):
         """z (N, n_blocks*N_L, d); with latent_channel="kv", per layer (keys, values) (N, H_kv, n_blocks*N_L, D).
 
-        For the kv channel the new columns are read back off every layer of past_key_values, so each layer
+        For the kv channel the new columns are read back off every layer of the cache, so each layer
         must keep them: a plain cache (`kv.plain_cache`, as `passes.latent_pass` uses), or a model cache
         whose sliding windows are longer than the latents.
         """
         x = self.tiled_soft_tokens(position_ids.shape[0], n_blocks).to(self.trunk.dtype)  # (N, n_blocks*N_L, d)
-        out = self.trunk(
-            inputs_embeds=x,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-        )
+        out = self.trunk(**with_cache(self.trunk, cache, inputs_embeds=x, position_ids=position_ids,
+                                      attention_mask=attention_mask, use_cache=True))
         if self.latent_channel == "embeds":
             return out.last_hidden_state  # (N, n_blocks*N_L, d)
         n = x.shape[1]
-        layers = layer_kv(past_key_values)
+        layers = layer_kv(cache)
         if min(k.shape[2] for k, _ in layers) < n:
             raise ValueError(f"a cache layer kept fewer than the {n} latent columns (a sliding window shorter than them); "
                              "pass a plain cache")
@@ -155,7 +139,7 @@ class PauseTokens(LatentModule):
     mode = "pause"
     uses_cache = False
 
-    def forward(self, past_key_values, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
+    def forward(self, cache, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
         return self.tiled_soft_tokens(position_ids.shape[0], n_blocks)  # (N, n_blocks*N_L, d)
 
 
@@ -275,6 +259,7 @@ def module_dir(path: str | Path, storage_options: dict | None = None) -> Path:
 
 def load_latent_module(directory: str | Path, decoder: Decoder, storage_options: dict | None = None) -> LatentModule:
     """Load a saved module (local or s3://) for `decoder`; refuses one trained against other decoder weights."""
+    check_architecture(decoder.model)
     directory = module_dir(directory, storage_options)
     meta_path = directory / "latents.json"
     if not meta_path.exists():

@@ -17,6 +17,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from cache_aug.architecture import with_cache
+
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (N, H_kv, S, D)
 
 
@@ -77,7 +79,7 @@ class CacheSpec:
         cache = DynamicCache(config=model.config)
         ids = torch.zeros(1, 1, dtype=torch.long, device=param.device)
         with torch.no_grad():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(**with_cache(model, cache, input_ids=ids, use_cache=True))
         layers = tuple(
             LayerSpec(
                 kv_heads=layer.keys.shape[1],

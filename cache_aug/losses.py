@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from cache_aug.architecture import with_cache
 from cache_aug.decoder import Decoder
 from cache_aug.kv import layer_kv, model_cache
 from cache_aug.passes import decoder_pass, kv_decoder_pass, latent_pass, logits_at, prefill
@@ -141,7 +142,7 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
             p = int(points[n, b])
             cache = DynamicCache(config=model.config)
             with torch.no_grad():
-                model.base_model(input_ids=input_ids[n : n + 1, :p], past_key_values=cache, use_cache=True)
+                model.base_model(**with_cache(model.base_model, cache, input_ids=input_ids[n : n + 1, :p], use_cache=True))
             kv = layer_kv(cache)
             dev = input_ids.device
             if module.position_rule == "keep":  # latents over the prefix's last L positions, the text at its own
@@ -158,7 +159,7 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
                     decoder,
                     torch.arange(r - 1, r - 1 + n_ahead, device=dev),
                     inputs_embeds=ahead_in,
-                    past_key_values=model_cache(joined, model.config, p + L),
+                    cache=model_cache(joined, model.config, p + L),
                     position_ids=text_pos,
                     use_cache=True,
                 )  # (1, N_A, V)
@@ -172,7 +173,7 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
                 decoder,
                 keep,
                 inputs_embeds=embeds,
-                past_key_values=model_cache(kv, model.config, p),
+                cache=model_cache(kv, model.config, p),
                 position_ids=trace_pos,
                 use_cache=True,
             )  # (1, N_A, V)

@@ -17,6 +17,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from cache_aug.architecture import with_cache
 from cache_aug.decoder import Decoder
 from cache_aug.kv import KV, layer_kv, plain_cache
 from cache_aug.masks import block_masks_for, kv_block_masks_for
@@ -26,9 +27,12 @@ def _takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def logits_at(decoder: Decoder, keep: torch.Tensor | None, **kwargs) -> torch.Tensor:
-    """Run the LM and return logits at sequence indices `keep` (all when None): (N, len(keep), V)."""
+def logits_at(decoder: Decoder, keep: torch.Tensor | None, cache=None, **kwargs) -> torch.Tensor:
+    """Run the LM (on top of `cache`, if given) and return logits at sequence indices `keep` (all when None):
+    (N, len(keep), V)."""
     model = decoder.model
+    if cache is not None:
+        kwargs = with_cache(model, cache, **kwargs)
     if keep is not None and _takes_logits_to_keep(model):
         return model(**kwargs, logits_to_keep=keep).logits
     logits = model(**kwargs).logits
@@ -48,12 +52,13 @@ def prefill(
     """
     cache = DynamicCache()
     with torch.no_grad():
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
         if keep is None:
-            decoder.model.base_model(**kwargs)
+            trunk = decoder.model.base_model
+            trunk(**with_cache(trunk, cache, **kwargs))
             logits = None
         else:
-            logits = logits_at(decoder, keep, **kwargs)
+            logits = logits_at(decoder, keep, cache, **kwargs)
     return layer_kv(cache), logits
 
 
@@ -93,7 +98,7 @@ def _extend(decoder: Decoder, layers: list[KV], embeds: torch.Tensor, mask, keep
             position_ids: torch.Tensor) -> tuple[torch.Tensor, list[KV]]:
     """D over embeds on top of the given cache layers: logits at `keep`, and the extended layers."""
     cache = plain_cache(layers)
-    logits = logits_at(decoder, keep, inputs_embeds=embeds, past_key_values=cache, position_ids=position_ids,
+    logits = logits_at(decoder, keep, inputs_embeds=embeds, cache=cache, position_ids=position_ids,
                        attention_mask=mask, use_cache=True)
     return logits, layer_kv(cache)
 

@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local cluster started here")
     args = ap.parse_args(argv)
 
-    import ray
+    from pipelines.ray_session import init_ray
 
     from cache_aug.config import dump_config, load_config
     from cache_aug.sweep import run_sweep, sweep_table
 
     cfg = load_config(args.config, overrides=[*args.set, "sweep.trainer=ray"])
     print(dump_config(cfg), flush=True)
-    ray.init(num_cpus=args.num_cpus, ignore_reinit_error=True)  # joins RAY_ADDRESS's cluster when set
+    init_ray(args.num_cpus)
     reports = run_sweep(cfg, train_fn=ray_train_condition)
     print(sweep_table(reports), flush=True)
     return reports

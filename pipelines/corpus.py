@@ -29,6 +29,7 @@ from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import DocumentError, prepare_document
 from cache_aug.records import RECORD_SCHEMA
 from cache_aug.store import MANIFESTS, NO_BUCKET, RUNS, bucket_of, done_documents, new_run_id, read_kind
+from pipelines.ray_session import init_ray
 from pipelines.storage import portable, resolve
 
 FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
@@ -254,7 +255,7 @@ def augment_job(config: str | None, overrides: list[str], num_cpus: int | None =
 
     cfg = load_config(config, overrides=overrides)
     print(dump_config(cfg), flush=True)
-    ray.init(num_cpus=num_cpus, ignore_reinit_error=True)  # joins RAY_ADDRESS's cluster when set
+    init_ray(num_cpus)
     manifest = run_corpus_job(cfg)
     print(json.dumps({k: manifest[k] for k in ("run_id", "fingerprint", "status", "counts", "timings")}, indent=2), flush=True)
     return manifest

@@ -20,6 +20,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 
+from pipelines.ray_session import init_ray
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -57,8 +59,7 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
     print(dump_config(cfg), flush=True)
 
     _say(f"2/6 local Ray cluster ({num_cpus or 'all'} CPUs)")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    init_ray(num_cpus, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     try:
         _say(f"3/6 train a coprocessor: Ray Train + DeepSpeed, {cfg.train.num_workers} workers, {steps} steps")
         result = run_training(cfg)
@@ -86,9 +87,6 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
         body = {"model": cfg.serve.model_name, "max_tokens": 24, "temperature": 0}
         with_cache = requests.post(url, json=body | {"prompt": "", "document_id": row["doc_id"]}, timeout=300).json()
         plain = requests.post(url, json=body | {"prompt": row["text"]}, timeout=300).json()
-        print(f"[demo] document {row['doc_id']!r} ends: ...{row['text'][-120:]!r}")
-        print(f"[demo] with its augmented cache ({with_cache['cache_aug']['source']}): {with_cache['choices'][0]['text']!r}")
-        print(f"[demo] plain decoding            ({plain['cache_aug']['source']}): {plain['choices'][0]['text']!r}")
         gain = 1 - m["eval_ppl"] / m["eval_ppl_none"]
         summary = {
             "ppl": {"none": m["eval_ppl_none"], "augmented": m["eval_ppl"]},
@@ -99,17 +97,23 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
             "storage": storage,
             "seconds": time.time() - t_start,
         }
-        print(f"[demo] held-out perplexity change from augmentation: {100 * -gain:+.1f}% "
-              f"({m['eval_ppl_none']:.2f} -> {m['eval_ppl']:.2f}; lower is better)")
         print(json.dumps(summary, indent=2), flush=True)
-        return summary
     finally:
         _say("stopping Serve and Ray")
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
-        print(f"[demo] done; artefacts under {storage}", flush=True)
+    # the results last, after every log line of the cluster, where a reader of a log file looks first
+    rule = "=" * 100
+    print(f"\n{rule}\n[demo] RESULTS ({summary['seconds']:.0f} s in all; artefacts under {storage})\n{rule}")
+    print(f"[demo] document {row['doc_id']!r} ends: ...{row['text'][-120:]!r}")
+    print(f"[demo] with its augmented cache ({summary['sources']['stored']}): {summary['answer']['stored']!r}")
+    print(f"[demo] plain decoding            ({summary['sources']['plain']}): {summary['answer']['plain']!r}")
+    print(f"[demo] corpus job: {summary['corpus_counts']}")
+    print(f"[demo] held-out ahead-token perplexity: none {m['eval_ppl_none']:.2f}, augmented {m['eval_ppl']:.2f} "
+          f"({100 * -gain:+.1f}%; lower is better)\n{rule}", flush=True)
+    return summary
 
 
 if __name__ == "__main__":

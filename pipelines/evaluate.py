@@ -21,6 +21,7 @@ import ray
 
 from cache_aug.config import CacheAugConfig, from_dict, to_dict
 from cache_aug.corpus import resolve_embedded_path
+from pipelines.ray_session import init_ray
 from pipelines.storage import fsspec_options, portable, resolve, upload_dir
 
 
@@ -135,7 +136,7 @@ def eval_job(config: str | None, overrides: list[str], num_cpus: int | None = No
 
     cfg = load_config(config, overrides=overrides)
     print(dump_config(cfg), flush=True)
-    ray.init(num_cpus=num_cpus, ignore_reinit_error=True)  # joins RAY_ADDRESS's cluster when set
+    init_ray(num_cpus)
     report = run_eval_job(cfg)
     print(json.dumps({k: report[k] for k in ("ppl", "relative_reduction", "points", "wall_s") if k in report}, indent=2), flush=True)
     return report

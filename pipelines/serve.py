@@ -226,8 +226,8 @@ def build_app(args: dict) -> serve.Application:
 
 def serve_job(config: str | None, overrides: list[str], host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None) -> None:
     """Run the endpoint on the cluster named by RAY_ADDRESS (or a local one) until interrupted."""
-    import ray
+    from pipelines.ray_session import init_ray
 
-    ray.init(num_cpus=num_cpus, ignore_reinit_error=True)
+    init_ray(num_cpus)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app({"config": config, "overrides": overrides}), name="cache-aug", route_prefix="/", blocking=True)

@@ -32,6 +32,7 @@ from cache_aug.coprocessor import build_latent_module, latent_fingerprint, save_
 from cache_aug.decoder import load_decoder
 from cache_aug.losses import one_pass_loss, plain_ahead_loss, sample_points
 from pipelines.data import training_datasets
+from pipelines.ray_session import init_ray
 from pipelines.storage import fsspec_options, resolve, upload_dir
 
 CKPT_TAG = "ckpt"
@@ -292,7 +293,7 @@ def train_job(config: str | None, overrides: list[str], debug_steps: int = 0, nu
     if debug_steps:
         cfg = apply_debug_steps(cfg, debug_steps)
     print(dump_config(cfg), flush=True)
-    ray.init(num_cpus=num_cpus, ignore_reinit_error=True)  # joins RAY_ADDRESS's cluster when set
+    init_ray(num_cpus)
     result = run_training(cfg)
     summary = {
         "metrics": result.metrics,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -9,6 +10,22 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
+
+
+class RenamedArgument(AssertionError):
+    """transformers said an argument we pass is deprecated: the next rename is caught the day it lands."""
+
+
+class _FailOnDeprecatedCache(logging.Handler):
+    """transformers logs (not warns) some renames once per process; pyproject's filterwarnings cannot see those."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "deprecated" in msg and ("past_key_values" in msg or "cache_params" in msg):
+            raise RenamedArgument(f"transformers: {msg}")
+
+
+logging.getLogger("transformers").addHandler(_FailOnDeprecatedCache())
 
 
 @pytest.fixture(scope="session")

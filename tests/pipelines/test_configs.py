@@ -31,6 +31,7 @@ SERVE_FILES = sorted((CLUSTER / "serve").glob("*.yaml"))
 LAUNCHERS = sorted(p for p in CLUSTER.glob("*.yaml") if "provider" in (yaml.safe_load(p.read_text()) or {}))
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
+LOCK = CLUSTER / "constraints.txt"
 
 RAY_KINDS = {"RayCluster", "RayJob", "RayService", "RayCronJob"}
 # Spec fields KubeRay knows (ray.io/v1, KubeRay 1.5-1.6); the API server silently drops unknown ones.
@@ -322,6 +323,53 @@ def test_kuberay_manifest_is_complete_and_consistent(path):
 
 
 # --------------------------------------------------------------------------- #
+# The lock: every install goes through it
+# --------------------------------------------------------------------------- #
+
+
+def _lock() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and not set(version) & set("<>=!~ ;"), f"{LOCK.name}: {line!r} is not an exact pin"
+            assert canonicalize_name(name) not in pins, f"{LOCK.name}: {name} pinned twice"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_lock_pins_every_requirement_within_its_range():
+    """Each dependency (and dev extra) of pyproject.toml is pinned exactly, and the pin is one its range admits."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _lock()
+    for extra in [None, *project["optional-dependencies"]]:
+        for line in project["dependencies"] if extra is None else project["optional-dependencies"][extra]:
+            req = Requirement(line)
+            if req.name == project["name"] or (req.marker and not req.marker.evaluate({"extra": extra or ""})):
+                continue
+            name = canonicalize_name(req.name)
+            assert name in pins, f"{req.name} ({extra or 'dependencies'}) is not in {LOCK.name}: run bash .ci/lock"
+            assert req.specifier.contains(pins[name], prereleases=True), f"{LOCK.name} pins {req.name}=={pins[name]}, outside {req}"
+    for name in ("torch", "transformers", "ray", "deepspeed"):  # what the code reaches inside of: below the next minor
+        req = next(Requirement(r) for r in project["dependencies"] if canonicalize_name(Requirement(r).name) == name)
+        major, minor = (int(x) for x in pins[name].split(".")[:2])
+        assert not req.specifier.contains(f"{major}.{minor + 1}.0", prereleases=True), f"{req}: admits the untested {major}.{minor + 1}"
+
+
+def test_installs_go_through_the_lock():
+    for path in (ROOT / ".ci" / "run", ROOT / "README.md", DOCKERFILE):
+        installs = [line for line in path.read_text().splitlines() if re.search(r"pip install .*(-e |\.\[|\s\.$)", line)]
+        assert installs, f"{path.name}: no install of the project found"
+        for line in installs:
+            assert "-c cluster/constraints.txt" in line, f"{path.name}: installs without the lock: {line.strip()}"
+
+
+# --------------------------------------------------------------------------- #
 # Every file in cluster/: covered, documented, free of credentials
 # --------------------------------------------------------------------------- #
 
@@ -336,7 +384,8 @@ def _covered_by(path: Path) -> str | None:
         return "serve"
     if path in LAUNCHERS:
         return "launcher"
-    return {RUNTIME_ENV: "runtime_env", DOCKERFILE: "dockerfile", CLUSTER / "Dockerfile.dockerignore": "dockerfile"}.get(path)
+    return {RUNTIME_ENV: "runtime_env", DOCKERFILE: "dockerfile", CLUSTER / "Dockerfile.dockerignore": "dockerfile",
+            LOCK: "lock"}.get(path)
 
 
 def _values(obj):
@@ -363,7 +412,7 @@ def test_cluster_file_is_checked_documented_and_free_of_credentials(path):
         assert json.loads(text).get("_comment"), "JSON has no comments: a _comment says how it is used"
         return
     header = _header(path)
-    assert re.search(r"^#\s+(kubectl|ray|serve|docker) ", header, re.M), "the header comment shows the command that uses it"
+    assert re.search(r"^#\s+(kubectl|ray|serve|docker|.*\bpip install) ", header, re.M), "the header comment shows the command that uses it"
     assert not re.search(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY", text), "a credential is committed"
     if path == DOCKERFILE:
         names = re.findall(r"^(?:ENV|ARG)\s+([A-Za-z_][A-Za-z0-9_]*)", text, re.M)

@@ -1,0 +1,24 @@
+"""Joining (or starting) the Ray cluster a job runs on, with logs a person can read."""
+
+from __future__ import annotations
+
+import sys
+
+import ray
+
+
+def line_progress() -> None:
+    """Where stdout is no terminal (a log file, `ray job logs`, `kubectl logs`), Ray Data logs its progress a line
+    at a time instead of redrawing bars, here and in every actor and train worker that runs this driver's datasets.
+
+    Ray Data already does so for the driver's own datasets; what it cannot know is that a train worker's or
+    actor's bars (distributed tqdm, forwarded to the driver) end up in a file too.
+    """
+    if not sys.stdout.isatty():
+        ray.data.DataContext.get_current().use_ray_tqdm = False
+
+
+def init_ray(num_cpus: int | None = None, **kwargs) -> None:
+    """`ray.init` (joins RAY_ADDRESS's cluster when set, else starts a local one), then `line_progress`."""
+    ray.init(num_cpus=num_cpus, ignore_reinit_error=True, **kwargs)
+    line_progress()

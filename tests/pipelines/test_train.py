@@ -77,10 +77,11 @@ def test_end_to_end_s3_checkpoint_resume_and_export(tiny_default_dir, corpus_buc
     assert latent_fingerprint(decoder, module) == __import__("json").load(open(f"{local}/latents.json"))["fingerprint"]
 
 
-@pytest.mark.parametrize("stages", [(0, 3), pytest.param((0, 1), marks=pytest.mark.slow)], ids=lambda s: f"zero{s[0]}-vs-{s[1]}")
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [(0, 3), (0, 1)], ids=lambda s: f"zero{s[0]}-vs-{s[1]}")
 def test_zero_stages_give_the_same_loss(stages, tiny_default_dir, corpus_bucket, tmp_path):
-    """Same data, seed and points: ZeRO partitioning must not change the math (stage 2: the end-to-end test;
-    stage 1, which partitions less than stage 2 and 3, only with -m slow)."""
+    """Same data, seed and points: ZeRO partitioning must not change the math, for the embeds channel (only with
+    -m slow: the default suite holds ZeRO-3 == ZeRO-0 for the kv channel, and runs stage 2 end to end)."""
     losses = {}
     for stage in stages:
         cfg = _cfg(tiny_default_dir, corpus_bucket, f"zero{stage}", str(tmp_path), zero_stage=stage, max_steps=2, checkpoint_every=2, eval_every=2)
@@ -91,6 +92,7 @@ def test_zero_stages_give_the_same_loss(stages, tiny_default_dir, corpus_bucket,
     assert losses[stages[1]] == pytest.approx(losses[0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_worker_failure_restarts_from_checkpoint(tiny_default_dir, corpus_bucket, tmp_path):
     """LoRA run killed at step 2: restarted from the step-1 checkpoint, which holds only the trainable weights."""
     marker = tmp_path / "failed-once"

@@ -1,12 +1,13 @@
 """How near a no-op each position rule starts: held-out ahead-token perplexity of untrained modules.
 
     python -m bench.position_rules [--config jobs/configs/sweep_tiny.yaml] [--n-latents 16]
+    python -m bench.position_rules --config jobs/configs/sweep_smollm2.yaml --name position_rules_smollm2 --all
 
 For each position rule ("shift", "keep") and each module (pause tokens, coprocessor), a freshly
 initialised module (the sweep's seed and settings) is scored on the sweep's held-out check set (the
 first 16 packed blocks of data.eval_paths, the same points for every condition) next to the decoder
-alone. This is the sweep's step-0 check, for both rules side by side. Writes
-bench/results/position_rules.json.
+alone. This is the sweep's step-0 check, for both rules side by side. With --all, also each latent
+channel of the coprocessor and each soft-token initialisation. Writes bench/results/<name>.json.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--n-latents", type=int, default=16)
     ap.add_argument("--check-blocks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--all", action="store_true", help="every latent channel and soft-token init too")
+    ap.add_argument("--name", default="position_rules")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -40,15 +43,19 @@ def main() -> None:
     held = training_blocks(cfg, decoder, cfg.data.eval_paths)[: args.check_blocks].to(decoder.device)
     ppl, none = {}, None
     t0 = time.perf_counter()
+    channels = ("embeds", "kv") if args.all else (cfg.coprocessor.latent_channel,)
+    inits = ("vocab", "normal") if args.all else (cfg.coprocessor.soft_token_init,)
     for rule in POSITION_RULES:
-        for condition in ("pause", "coprocessor"):
-            rule_cfg = dataclasses.replace(cfg, coprocessor=dataclasses.replace(cfg.coprocessor, position_rule=rule))
-            run_cfg = condition_config(rule_cfg, condition, args.n_latents)
-            module = build_latent_module(decoder, run_cfg.coprocessor, args.n_latents).eval()
-            r = evaluate(decoder, module, held, run_cfg.augmentation, batch_size=16)
-            ppl.setdefault(rule, {})[condition] = r.ppl_augmented
-            none = r.ppl_none
-    write_result("position_rules", {
+        for init in inits:
+            for condition, channel in [("pause", "embeds"), *(("coprocessor", c) for c in channels)]:
+                cop = dataclasses.replace(cfg.coprocessor, position_rule=rule, soft_token_init=init, latent_channel=channel)
+                run_cfg = condition_config(dataclasses.replace(cfg, coprocessor=cop), condition, args.n_latents)
+                module = build_latent_module(decoder, run_cfg.coprocessor, args.n_latents).eval()
+                r = evaluate(decoder, module, held, run_cfg.augmentation, batch_size=16)
+                name = condition if not args.all else f"{condition}-{channel}-{init}" if condition != "pause" else f"pause-{init}"
+                ppl.setdefault(rule, {})[name] = r.ppl_augmented
+                none = r.ppl_none
+    write_result(args.name, {
         "bench": "position_rules",
         "config": args.config,
         "decoder": cfg.model.path,

@@ -1,7 +1,11 @@
 """Serve endpoint latency: stored cache vs plain decoding vs online augmentation, side by side in one run.
 
     python -m bench.serve [--docs 24] [--doc-tokens 1000] [--max-tokens 16] [--clients 8] [--load-s 30]
-                          [--ingress both|haproxy|proxy]
+                          [--ingress both|haproxy|proxy] [--config JOB.yaml --name NAME]
+
+    # a real model (bench/results/real_model.json): SmolLM2-135M, its LoRA kv coprocessor's settings
+    python -m bench.serve --config jobs/configs/smollm2_cpu.yaml --name real_model --ingress haproxy \
+                          --docs 6 --max-tokens 8 --load-s 0
 
 Local Ray (2 CPUs), the embedded tiny-kjv decoder and a coprocessor, KJV chapters cut to ~1,000 tokens,
 caches written by the corpus job (latent_kv and full modes). Requests go over loopback HTTP with
@@ -57,6 +61,20 @@ def stream_once(url: str, body: dict) -> tuple[float, float, str, str]:
     return ttft, time.perf_counter() - t0, "".join(text), source
 
 
+def _payload_bytes(root: Path) -> dict:
+    """Mean and max payload bytes of the records the corpus job wrote under `root` (the Parquet file sizes too)."""
+    import pyarrow.parquet as pq
+
+    sizes, files = [], 0
+    for path in root.rglob("*.parquet"):
+        table = pq.read_table(path)
+        if "payload" in table.column_names:
+            files += path.stat().st_size
+            sizes += [len(b) for b in table.column("payload").to_pylist() if b]
+    return {"records": len(sizes), "payload_mean": statistics.mean(sizes) if sizes else 0, "payload_max": max(sizes, default=0),
+            "parquet_bytes_per_record": files / len(sizes) if sizes else 0}
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -71,6 +89,9 @@ def main() -> None:
     ap.add_argument("--load-s", type=float, default=30.0)
     ap.add_argument("--n-latents", type=int, default=8)
     ap.add_argument("--ingress", choices=["both", "haproxy", "proxy"], default="both")
+    ap.add_argument("--config", help="a job config whose model, augmentation and coprocessor sections are used "
+                    "(default: the embedded tiny-kjv with the default coprocessor)")
+    ap.add_argument("--name", default="serve", help="the result's name: bench/results/NAME.json")
     ap.add_argument("--json-out", help=argparse.SUPPRESS)  # one ingress's result, for the `both` parent
     args = ap.parse_args()
     if args.ingress == "both":
@@ -81,7 +102,7 @@ def main() -> None:
         return
     from bench.results_io import write_result
 
-    write_result("serve", result)
+    write_result(args.name, result)
 
 
 def run_both(args) -> None:
@@ -94,8 +115,9 @@ def run_both(args) -> None:
     for ingress in ("haproxy", "proxy"):
         out = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "result.json"
         argv = [sys.executable, "-m", "bench.serve", "--ingress", ingress, "--json-out", str(out)]
-        for name in ("docs", "doc_tokens", "max_tokens", "clients", "load_s", "n_latents"):
-            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        for name in ("docs", "doc_tokens", "max_tokens", "clients", "load_s", "n_latents", "config"):
+            if getattr(args, name) is not None:
+                argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         subprocess.run(argv, check=True, cwd=Path(__file__).resolve().parents[1],
                        env=os.environ | {"RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0"})
         runs[ingress] = json.loads(out.read_text())
@@ -104,7 +126,7 @@ def run_both(args) -> None:
     result = runs["haproxy"] | {"ingress": "haproxy", "by_ingress": {k: {n: v[n] for n in keys} for k, v in runs.items()}}
     from bench.results_io import write_result
 
-    write_result("serve", result)
+    write_result(args.name, result)
 
 
 def measure(args) -> dict:
@@ -128,10 +150,11 @@ def measure(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     base = [f"augmentation.n_latents={args.n_latents}", f"corpus.max_tokens={args.doc_tokens}", "corpus.truncate=true",
             f"corpus.input_paths=[{work / 'in'}]", f"corpus.coprocessor={work / 'cop'}", "storage.dtype=bfloat16"]
-    cfg = load_config(None, overrides=base)
+    cfg = load_config(args.config, overrides=base)
     decoder = load_decoder(cfg.model)
     tok = decoder.tokenizer
     save_latent_module(build_latent_module(decoder, cfg.coprocessor, args.n_latents).eval(), decoder, work / "cop")
+    params = sum(p.numel() for p in decoder.model.parameters())
 
     # the longest chapters, cut to doc_tokens: stored docs, online docs (never stored), load docs
     rows = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").to_pylist()
@@ -145,7 +168,7 @@ def measure(args) -> dict:
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     for mode in ("latent_kv", "full"):
-        job = load_config(None, overrides=base + [f"storage.mode={mode}", f"corpus.output={work / mode}"])
+        job = load_config(args.config, overrides=base + [f"storage.mode={mode}", f"corpus.output={work / mode}"])
         assert run_corpus_job(job)["counts"]["written"] == len(stored_ids)
 
     port = 8123
@@ -153,12 +176,12 @@ def measure(args) -> dict:
     url = f"http://127.0.0.1:{port}"
 
     def deploy(mode: str) -> None:
-        c = load_config(None, overrides=base + [f"serve.cache_prefix={work / mode}", "serve.cache_ttl_s=0", "serve.documents=[]",
+        c = load_config(args.config, overrides=base + [f"serve.cache_prefix={work / mode}", "serve.cache_ttl_s=0", "serve.documents=[]",
                                                 f"serve.max_prompt_tokens={args.doc_tokens + 64}", f"serve.max_document_tokens={args.doc_tokens}"])
         serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug", route_prefix="/")
 
     prompt = " And the LORD said"
-    common = {"model": "cache-aug", "max_tokens": args.max_tokens, "temperature": 0}
+    common = {"model": cfg.serve.model_name, "max_tokens": args.max_tokens, "temperature": 0}
     bodies = {
         "stored": lambda i: common | {"prompt": prompt, "document_id": stored_ids[i]},
         "plain": lambda i: common | {"prompt": texts[stored_ids[i]] + prompt},
@@ -180,9 +203,11 @@ def measure(args) -> dict:
 
     lat = rounds("latent_kv", ["stored", "plain", "online"])
     full = rounds("full", ["stored", "plain", "online"])
+    stored_bytes = {mode: _payload_bytes(work / mode) for mode in ("latent_kv", "full")}
 
-    # load: concurrent clients over the stored path
-    deploy("latent_kv")
+    # load: concurrent clients over the stored path (--load-s 0: none)
+    if args.load_s > 0:
+        deploy("latent_kv")
     lats: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + args.load_s
@@ -221,7 +246,12 @@ def measure(args) -> dict:
     return {
         "bench": "serve",
         "ingress": args.ingress,
-        "decoder": "tiny-kjv",
+        "decoder": cfg.model.path,
+        "decoder_parameters": params,
+        "coprocessor": {"mode": cfg.coprocessor.mode, "latent_channel": cfg.coprocessor.latent_channel,
+                        "position_rule": cfg.coprocessor.position_rule, "first_ahead_from": cfg.coprocessor.first_ahead_from},
+        "storage_dtype": cfg.storage.dtype,
+        "bytes_per_document": stored_bytes,
         "doc_tokens_mean": doc_tokens,
         "max_tokens": args.max_tokens,
         "n_latents": args.n_latents,

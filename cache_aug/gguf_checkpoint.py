@@ -14,9 +14,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +60,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _home() -> Path:
-    env = os.environ.get("CACHE_AUG_HOME")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "cache-aug") / "gguf"
-
-
 def check_gguf_file(path: Path) -> None:
     """Refuse, naming the file, what is not a GGUF file at all."""
     if not path.is_file():
@@ -108,12 +100,12 @@ def convert_gguf(path: str | Path, dtype_name: str, home: str | Path | None = No
     The checkpoint directory is keyed by the file's sha256 and the dtype; `gguf_source.json` in it records both,
     and the decoder's fingerprint includes the sha256 (`decoder.load_decoder`).
     """
-    from cache_aug.decoder import torch_dtype
+    from cache_aug.decoder import cache_home, materialise, torch_dtype
 
     path = Path(path).expanduser().resolve()
     check_gguf_file(path)
     digest = file_sha256(path)
-    root = Path(home) if home else _home()
+    root = Path(home) if home else cache_home() / "gguf"
     out = root / f"{digest[:16]}-{dtype_name}"
     if (out / ".complete").exists():
         return out
@@ -126,20 +118,13 @@ def convert_gguf(path: str | Path, dtype_name: str, home: str | Path | None = No
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     if unexpected or [k for k in missing if k not in (plain._tied_weights_keys or {})]:
         raise GGUFError(f"{path}: weights do not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "gguf_source.json").write_text(json.dumps({"file": path.name, "sha256": digest, "dtype": dtype_name}) + "\n")
-        (tmp / ".complete").write_text(str(path))
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return materialise(out, fill, str(path))
 
 
 def gguf_source(checkpoint: Path) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -187,7 +188,9 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     ctx = ray.data.DataContext.get_current()
     extra = [e for e in ("HTTP status 500", "HTTP status 502", "HTTP status 504") if e not in ctx.retried_io_errors]
     if extra:
-        ctx.retried_io_errors = [*ctx.retried_io_errors, *extra]
+        with warnings.catch_warnings():  # Ray warns on any non-default list; these are valid regexes, as it asks
+            warnings.filterwarnings("ignore", message=".*retried_io_errors.*substring matching", category=DeprecationWarning)
+            ctx.retried_io_errors = [*ctx.retried_io_errors, *extra]
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if total_cpus and c.num_actors * c.cpus_per_actor > total_cpus - 1:
         print(f"[corpus] WARNING: corpus.num_actors x corpus.cpus_per_actor = {c.num_actors * c.cpus_per_actor:g} leaves less than "

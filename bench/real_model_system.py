@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["logs_tail"] = {j: job_logs(j, head["env"], head["address"])[-1500:] for j in ("augment-full",)}
     result["wall_s"] = time.time() - t_all
     out = REPO / "bench" / "results" / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "logs_tail"}, indent=2)[:6000])
     return result

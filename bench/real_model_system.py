@@ -38,6 +38,17 @@ from pipelines.local_head import (
 PROMPT = " And it came to pass"
 
 
+def _train_lines(logs: str) -> list[str]:
+    """The training job's own lines ("[train] ..."), without Ray's worker prefix; each once."""
+    out = []
+    for line in logs.splitlines():
+        if "[train] " in line:
+            line = line[line.index("[train] "):]
+            if line not in out:
+                out.append(line)
+    return out
+
+
 def _submit(head: dict, job_id: str, argv: list[str]) -> None:
     runtime_env = json.dumps({"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token"}})
     submit_job(["ray", "job", "submit", "--address", head["address"], "--working-dir", ".", "--runtime-env-json",
@@ -56,11 +67,11 @@ def train(head: dict, args, work: Path) -> dict:
     logs = wait_job("train-1", head["env"], head["address"], timeout=args.timeout, until=f"[train] step={args.checkpoint_every} ")
     run_cli(["ray", "job", "stop", "--address", head["address"], "train-1"], head["env"])
     out["first_run"] = {"wall_s": time.time() - t0, "stopped_after_step": args.checkpoint_every,
-                        "log": [line for line in logs.splitlines() if line.startswith("[train]")]}
+                        "log": _train_lines(logs)}
     t0 = time.time()
     _submit(head, "train-2", argv)
     logs = wait_job("train-2", head["env"], head["address"], timeout=args.timeout)
-    lines = [line for line in logs.splitlines() if line.startswith("[train]")]
+    lines = _train_lines(logs)
     resumed = [line for line in lines if "resumed at step" in line]
     if not resumed or f"resumed at step {args.checkpoint_every};" not in resumed[0]:
         raise RuntimeError("the second submission did not resume from the first one's checkpoint:\n" + "\n".join(lines))

@@ -9,7 +9,7 @@ Outputs, under sweep.results_dir: nl<N_L>.json (the evaluation report plus a "tr
 
 Resumable: a condition whose module is saved is not trained again; one that was interrupted
 resumes from its latest checkpoint (local trainer) or its Ray Train run (trainer "ray", passed in
-by jobs/sweep.py, since this library knows no Ray).
+by pipelines/sweep.py, since this library knows no Ray).
 """
 
 from __future__ import annotations

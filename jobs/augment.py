@@ -4,24 +4,11 @@
 #
 # Scheduled runs (cron, Airflow, KubeRay): the same command; a re-run costs only the changes.
 # cluster/kuberay/augment-cronjob.yaml and augment-raycronjob.yaml run it on Kubernetes.
-"""Entrypoint of the corpus augmentation job (same as `cache-aug augment`)."""
+"""Entrypoint of the corpus augmentation job: `cache-aug augment` (jobs/cli.py defines its flags and function)."""
 
-from __future__ import annotations
+from jobs.cli import command
 
-import argparse
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="Precompute augmented caches for a corpus with Ray Data.")
-    ap.add_argument("--config", help="YAML config (the cache_aug config tree)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. corpus.output=s3://b/caches")
-    ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local cluster started here")
-    args = ap.parse_args(argv)
-
-    from pipelines.corpus import augment_job
-
-    return augment_job(args.config, args.set, args.num_cpus)
-
+main = command("augment")
 
 if __name__ == "__main__":
     main()

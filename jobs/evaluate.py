@@ -6,24 +6,11 @@
 #
 # Without a running cluster (no RAY_ADDRESS) it starts a local one. `cache-aug eval` runs the same
 # evaluation in one process, without Ray.
-"""Entrypoint of the evaluation job (same as `cache-aug eval --ray`)."""
+"""Entrypoint of the evaluation job: `cache-aug eval --ray` (jobs/cli.py defines its flags and function)."""
 
-from __future__ import annotations
+from jobs.cli import command
 
-import argparse
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="Evaluate none / pause / coprocessor on held-out text with Ray Data.")
-    ap.add_argument("--config", help="YAML config (the cache_aug config tree)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. eval.output=s3://b/eval")
-    ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local cluster started here")
-    args = ap.parse_args(argv)
-
-    from pipelines.evaluate import eval_job
-
-    return eval_job(args.config, args.set, args.num_cpus)
-
+main = command("eval", ray=True)
 
 if __name__ == "__main__":
     main()

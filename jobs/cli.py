@@ -1,5 +1,9 @@
 """`cache-aug` command line: each subcommand is a plain typed function; `--help` comes from its docstring.
 
+This is the one definition of every command's flags: each `python -m jobs.<name>` entrypoint is one of these
+commands (`main = command("train")`), so `ray job submit ... -- python -m jobs.train` and `cache-aug train`
+parse the same flags and call the same function.
+
     cache-aug pretrain-tiny                      build (or reuse) the embedded default decoder
     cache-aug train-local --steps 300            train a coprocessor locally (no Ray) and evaluate it
     cache-aug train --config jobs/configs/tiny_cpu.yaml   train on a Ray cluster (Ray Train + DeepSpeed)
@@ -8,6 +12,7 @@
     cache-aug demo                               the whole system once: train, augment, serve, ask (local Ray)
     cache-aug eval --config jobs/configs/eval_tiny.yaml   none / pause / coprocessor at the same held-out points
     cache-aug sweep --set sweep.steps=1000       train and evaluate pause and coprocessor at N_L = 4, 8, 16
+    cache-aug sweep --ray --config jobs/configs/sweep_tiny.yaml   the same, each condition trained with Ray Train
     cache-aug config                             print the default configuration with every field documented
 """
 
@@ -20,7 +25,7 @@ import json
 import re
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 
 def pretrain_tiny(name: str = "tiny-kjv", force: bool = False) -> None:
@@ -74,7 +79,8 @@ def train_local(
     from cache_aug.corpus import load_kjv, load_text_documents, split_heldout
     from cache_aug.decoder import load_decoder
     from cache_aug.tiny import TINY_SPECS
-    from cache_aug.training import evaluate, iterate_batches, pack_blocks, train_local as run
+    from cache_aug.training import evaluate, iterate_batches, pack_blocks
+    from cache_aug.training import train_local as run
 
     if threads:
         torch.set_num_threads(threads)
@@ -100,7 +106,7 @@ def train_local(
     print(f"saved to {path}")
 
 
-def train(config: str | None = None, set: list[str] | None = None, debug_steps: int = 0, num_cpus: int | None = None) -> None:
+def train(config: str | None = None, set: list[str] | None = None, debug_steps: int = 0, num_cpus: int | None = None) -> dict:
     """Train a coprocessor on a Ray cluster with Ray Train + DeepSpeed (same as `python -m jobs.train`).
 
     Joins the cluster named by RAY_ADDRESS, or starts a local one.
@@ -113,10 +119,10 @@ def train(config: str | None = None, set: list[str] | None = None, debug_steps: 
     """
     from pipelines.train import train_job
 
-    train_job(config, set or [], debug_steps, num_cpus)
+    return train_job(config, set or [], debug_steps, num_cpus)
 
 
-def augment(config: str | None = None, set: list[str] | None = None, num_cpus: int | None = None) -> None:
+def augment(config: str | None = None, set: list[str] | None = None, num_cpus: int | None = None) -> dict:
     """Precompute augmented caches for a corpus with Ray Data (same as `python -m jobs.augment`).
 
     Incremental: only new or changed documents, or all after a model change, are augmented.
@@ -128,7 +134,7 @@ def augment(config: str | None = None, set: list[str] | None = None, num_cpus: i
     """
     from pipelines.corpus import augment_job
 
-    augment_job(config, set or [], num_cpus)
+    return augment_job(config, set or [], num_cpus)
 
 
 def serve(config: str | None = None, set: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -178,7 +184,7 @@ def demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port: int
     run_demo(storage, steps, docs, port, num_cpus, set or [])
 
 
-def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool = False, num_cpus: int | None = None) -> None:
+def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool = False, num_cpus: int | None = None) -> dict:
     """Evaluate none / pause / coprocessor on held-out text at the same sampled points; write JSON, Markdown and a PNG.
 
     Reports ahead-token perplexity per ahead position (1..eval.max_ahead), overall (1..N_A) and
@@ -195,8 +201,7 @@ def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool 
     if ray:
         from pipelines.evaluate import eval_job
 
-        eval_job(config, set or [], num_cpus)
-        return
+        return eval_job(config, set or [], num_cpus)
     from cache_aug.evaluate import markdown_table, run_eval
 
     cfg = load_config(config, overrides=set or ())
@@ -204,32 +209,42 @@ def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool 
     report = run_eval(cfg)
     print(markdown_table(report))
     print(f"written to {cfg.eval.output} in {report['wall_s']:.1f}s")
+    return report
 
 
-def sweep(config: str | None = None, set: list[str] | None = None, threads: int = 0) -> None:
+def sweep(config: str | None = None, set: list[str] | None = None, threads: int = 0, ray: bool = False,
+          num_cpus: int | None = None) -> list[dict]:
     """Train pause tokens and a coprocessor at each N_L of sweep.n_latents with one budget, and evaluate all three.
 
-    Resumable: re-running skips trained conditions and resumes interrupted ones. The Ray Train
-    variant is `python -m jobs.sweep` (sweep.trainer=ray).
+    Resumable: re-running skips trained conditions and resumes interrupted ones. With --ray (the same as
+    `python -m jobs.sweep`, sweep.trainer=ray) each condition is trained by the Ray Train + DeepSpeed job.
 
     Args:
         config: YAML config file; defaults when omitted.
         set: config overrides as dotted key=value, e.g. sweep.steps=2000 or eval.device=cuda.
-        threads: torch CPU threads (0: torch's default).
+        threads: torch CPU threads of this process (0: torch's default).
+        ray: train each condition with Ray Train + DeepSpeed (sets sweep.trainer=ray); default: the library's
+            loop in this process.
+        num_cpus: logical CPUs of a local Ray cluster started here (with --ray).
     """
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
+    if ray:
+        from pipelines.sweep import sweep_job
+
+        return sweep_job(config, set or [], num_cpus)
     from cache_aug.config import dump_config, load_config
     from cache_aug.sweep import run_sweep, sweep_table
 
-    if threads:
-        torch.set_num_threads(threads)
     cfg = load_config(config, overrides=set or ())
     if cfg.sweep.trainer != "local":
-        raise SystemExit("sweep.trainer=ray runs through `python -m jobs.sweep`")
+        raise SystemExit("sweep.trainer=ray runs through `python -m jobs.sweep` (or `cache-aug sweep --ray`)")
     print(dump_config(cfg))
     reports = run_sweep(cfg)
     print(sweep_table(reports))
+    return reports
 
 
 def arithmetic(config: str | None = "jobs/configs/arithmetic_tiny.yaml", set: list[str] | None = None,
@@ -305,10 +320,13 @@ def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:
     return summary.strip(), helps
 
 
-def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
+def _add_arguments(parser: argparse.ArgumentParser, fn: Callable, fixed: Collection[str] = ()) -> None:
+    """One --flag per parameter of fn (except those named in fixed), typed by its annotation, helped by its docstring."""
     hints = typing.get_type_hints(fn)
     _, helps = _arg_docs(fn)
     for name, param in inspect.signature(fn).parameters.items():
+        if name in fixed:
+            continue
         hint = hints[name]
         flag = "--" + name.replace("_", "-")
         kwargs: dict = {"help": helps.get(name, ""), "default": param.default, "dest": name}
@@ -336,9 +354,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`cache-aug <command> ...` (the console script: returns nothing, so the exit status is 0 on success)."""
     args = vars(build_parser().parse_args(argv))
     fn = COMMANDS[args.pop("command")]
     fn(**args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand as a `python -m jobs.<name>` entrypoint: `main = command("train")`.
+
+    Its parser is built by the same code from the same function as `cache-aug <name>`'s; `fixed` binds
+    parameters the entrypoint does not expose (`python -m jobs.evaluate` is `cache-aug eval --ray`).
+    """
+
+    name: str
+    fixed: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        params = inspect.signature(COMMANDS[self.name]).parameters
+        unknown = sorted(set(self.fixed) - set(params))
+        if unknown:
+            raise TypeError(f"{self.name} has no parameter {', '.join(unknown)}")
+
+    def parser(self) -> argparse.ArgumentParser:
+        fn = COMMANDS[self.name]
+        summary, _ = _arg_docs(fn)
+        parser = argparse.ArgumentParser(description=summary, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_arguments(parser, fn, self.fixed)
+        return parser
+
+    def parse(self, argv: list[str] | None = None) -> dict:
+        """The keyword arguments `argv` calls the command's function with (fixed ones included)."""
+        return {**vars(self.parser().parse_args(argv)), **self.fixed}
+
+    def __call__(self, argv: list[str] | None = None):
+        """Parse argv (default: sys.argv[1:]) and run the command; returns what its function returns."""
+        return COMMANDS[self.name](**self.parse(argv))
+
+
+def command(name: str, **fixed) -> Command:
+    """The entrypoint `main` of a jobs/<module>.py: `cache-aug <name>`, with `fixed` parameters bound."""
+    return Command(name, fixed)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cache_aug import cli
+from jobs import cli
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))

@@ -33,10 +33,11 @@ def equivalences(results: dict) -> None:
     from cache_aug.augment import augment, generate
     from cache_aug.config import CoprocessorConfig, ServeConfig
     from cache_aug.coprocessor import build_latent_module, latent_fingerprint
+    from cache_aug.engine import CompletionEngine
     from cache_aug.losses import one_pass_loss, reference_loss, sample_points
     from cache_aug.records import encode_record, restore
-    from cache_aug.serving import CompletionEngine, parse_request
     from cache_aug.testing import tiny_decoder
+    from pipelines.protocol import parse_request
 
     for arch in ("llama", "qwen2", "gemma2", "mistral"):
         torch.manual_seed(0)

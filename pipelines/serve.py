@@ -27,15 +27,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from cache_aug.config import CacheAugConfig, from_dict, load_config, to_dict
-from cache_aug.serving import CompletionEngine, CompletionRequest, Plan, RequestError, json_body, parse_request, response_meta
+from cache_aug.engine import CompletionEngine, CompletionRequest, Plan, RequestRefused
+from pipelines.protocol import (
+    RequestError,
+    error_body,
+    http_error,
+    json_body,
+    parse_request,
+    read_body,
+    response_meta,
+)
 
 api = FastAPI(title="cache-aug", description="Completions decoded against augmented KV caches")
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
 def _next(gen):
@@ -51,10 +58,14 @@ def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
     import pyarrow.fs as pafs
     import torch
 
-    from cache_aug.coprocessor import latent_fingerprint, load_latent_module, saved_fingerprint
+    from cache_aug.coprocessor import (
+        latent_fingerprint,
+        load_latent_module,
+        saved_fingerprint,
+    )
     from cache_aug.corpus import resolve_embedded_path
     from cache_aug.decoder import load_decoder
-    from cache_aug.serving import DocumentTexts
+    from cache_aug.document_texts import DocumentTexts
     from cache_aug.store import AugmentedCacheReader
     from pipelines.storage import fsspec_options, resolve
 
@@ -95,9 +106,8 @@ class CompletionServer:
     """One replica: decoder (+ coprocessor), cache reader with its LRU, and the HTTP routes."""
 
     def __init__(self, config: dict):
-        import torch
-
         import ray
+        import torch
 
         self.cfg = from_dict(CacheAugConfig, config)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
@@ -139,19 +149,12 @@ class CompletionServer:
     async def completions(self, request: Request):
         if (denied := self._denied(request)) is not None:
             return denied
-        limit = self.cfg.serve.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return _error(413, f"request body over {limit} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return _error(413, f"request body over {limit} bytes")
         try:
+            body = await read_body(request.headers.get("content-length"), request.stream(), self.cfg.serve.max_request_bytes)
             req = parse_request(json_body(body), self.engine.decoder.tokenizer, self.cfg.serve)
             plan = await asyncio.to_thread(self.engine.plan, req)
-        except RequestError as e:
+        except (RequestError, RequestRefused) as refused:  # the engine's refusals get their status from the protocol
+            e = http_error(refused)
             return _error(e.status, e.message, e.param, e.code)
         cache = plan.cache if plan.cache is not None else await self._prepare(plan)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -192,8 +195,8 @@ class CompletionServer:
                 n += token >= 0
                 if delta:
                     yield chunk(delta, None)
-        except Exception as e:  # the status line is already sent: report in-band
-            yield event({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}})
+        except Exception as e:  # the status line is already sent: report in-band  # noqa: BLE001
+            yield event(error_body(500, f"{type(e).__name__}: {e}"))
             return
         if req.include_usage:
             yield event({"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [],

@@ -1,0 +1,186 @@
+"""The serving engine without Ray: where caches come from, the refusals, stop strings and streaming.
+
+Requests are built here as the Serve app's protocol makes them from a body; the parsing itself, and how
+the engine's refusals become HTTP statuses, are tested in tests/pipelines/test_protocol.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cache_aug.augment import augment, generate
+from cache_aug.config import CoprocessorConfig, ServeConfig
+from cache_aug.coprocessor import build_latent_module, latent_fingerprint
+from cache_aug.document_texts import DocumentTexts
+from cache_aug.engine import (
+    CompletionEngine,
+    CompletionRequest,
+    DocumentNotFound,
+    DocumentTooLong,
+    _held_back,
+)
+from cache_aug.records import encode_record
+from cache_aug.testing import tiny_decoder
+
+
+@pytest.fixture(scope="module", params=[("last_latent", "shift"), ("last_token", "shift"), ("last_token", "keep")],
+                ids=lambda p: "-".join(p))
+def setup(request):
+    torch.manual_seed(0)
+    dec = tiny_decoder("llama")
+    first, rule = request.param
+    module = build_latent_module(dec, CoprocessorConfig(first_ahead_from=first, position_rule=rule), 3).eval()
+    return dec, module, latent_fingerprint(dec, module)
+
+
+class Records:
+    """A stand-in store: records by id (the real reader is tested against S3 in tests/pipelines)."""
+
+    def __init__(self, records):
+        self.records, self.reads = records, 0
+
+    def get(self, doc_id):
+        self.reads += 1
+        return self.records.get(doc_id)
+
+
+def engine(setup, records=None, texts=None, **cfg):
+    dec, module, fp = setup
+    docs = type("Docs", (), {"get": staticmethod(lambda i: (texts or {}).get(i))})()
+    return CompletionEngine(dec, module, fp, ServeConfig(**({"max_tokens": 64} | cfg)), records=records, documents=docs)
+
+
+def req(**fields) -> CompletionRequest:
+    """A checked request with the protocol's defaults for the fields a body leaves out (temperature 1, max_tokens 16)."""
+    cfg = ServeConfig()
+    return CompletionRequest(**({"model": cfg.model_name, "prompt_ids": [], "max_tokens": cfg.default_max_tokens,
+                                 "temperature": 1.0} | fields))
+
+
+def test_seed_range_ends_decode(setup):
+    eng = engine(setup)
+    for seed in (0, 2**63 - 1):  # the ends of the seeds the protocol accepts
+        r = req(prompt_ids=[5, 6], max_tokens=3, temperature=1.0, seed=seed)
+        assert eng.complete(r)["token_ids"] == eng.complete(r)["token_ids"]  # the seed reaches the sampler
+
+
+def test_document_lookup_failures_fall_back(setup, tmp_path):
+    dec, module, fp = setup
+    pq.write_table(pa.table({"doc_id": [7], "text": ["seven days"]}), tmp_path / "int.parquet")
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=DocumentTexts([str(tmp_path / "int.parquet")]))
+    plan = eng.plan(req(prompt_ids=[5, 6], document_id="7"))  # integer-id corpus: the text is found
+    assert plan.source == "online" and plan.compute_ids == dec.tokenizer.encode("seven days", add_special_tokens=False)
+
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=DocumentTexts([str(tmp_path / "broken.parquet")]))
+    plan = eng.plan(req(prompt_ids=[5, 6], document_id="7"))  # unreadable store: a reason, not a failure
+    assert plan.source == "none" and plan.compute_ids == [5, 6] and "document store unreadable" in plan.reason
+    with pytest.raises(DocumentNotFound) as e:  # and nothing to continue without the text: the usual refusal
+        eng.plan(req(prompt_ids=[], document_id="7"))
+    assert e.value.param == "document_id" and "document store unreadable" in e.value.message
+
+
+def test_documents_over_the_token_limit_are_refused_or_truncated(setup):
+    dec, module, fp = setup
+    text = "a document of forty-one characters, long."
+    assert len(dec.tokenizer.encode(text, add_special_tokens=False)) == 41
+    docs = type("Docs", (), {"get": staticmethod(lambda i: text)})()
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=docs, max_document_tokens=40)
+    with pytest.raises(DocumentTooLong) as e:
+        eng.plan(req(prompt_ids=[5, 6], document_id="d"))
+    assert (e.value.param, e.value.message) == ("document", "document has 41 tokens, more than the limit of 40")
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=docs, max_document_tokens=40, truncate=True)
+    plan = eng.plan(req(prompt_ids=[5, 6], document_id="d"))
+    assert plan.source == "online" and plan.compute_ids == dec.tokenizer.encode(text, add_special_tokens=False)[:40]
+
+
+def test_sources_and_equivalence(setup):
+    dec, module, fp = setup
+    g = torch.Generator().manual_seed(1)
+    docs = {f"d{i}": torch.randint(3, 90, (n,), generator=g).tolist() for i, n in enumerate([9, 14, 6])}
+    augs = dict(zip(docs, augment(dec, module, list(docs.values()))))
+    good = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode="latent_kv", dtype="float32", spec=dec.cache_spec)
+    for mode in ("latents", "full"):  # every storage mode restores to the same answers
+        rec = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode=mode, dtype="float32", spec=dec.cache_spec)
+        out = engine(setup, Records({"d0": rec})).complete(req(prompt_ids=[5, 6], max_tokens=6, temperature=0.0, document_id="d0"))
+        assert out["token_ids"] == generate(dec, augs["d0"], [5, 6], max_new_tokens=6), mode
+    forged = encode_record(augs["d1"], doc_id="d1", fingerprint="0" * 32, mode="latent_kv", dtype="float32", spec=dec.cache_spec)
+    texts = {"d1": "some text", "d2": "more text"}
+    store = Records({"d0": good, "d1": forged})
+    eng = engine(setup, store, texts)
+    prompt = [5, 6, 7]
+    body = {"prompt_ids": prompt, "max_tokens": 6, "temperature": 0.0}
+
+    plan = eng.plan(req(**body, document_id="d0"))
+    assert plan.source == "stored" and plan.reason is None
+    out = eng.run(plan, eng.prepare([plan])[0], req(**body, document_id="d0"))
+    assert out["token_ids"] == generate(dec, augs["d0"], prompt, max_new_tokens=6)
+    eng.plan(req(**body, document_id="d0"))
+    assert store.reads == 1 and eng.lru.hits == 1  # the second request is served from the LRU
+
+    plan = eng.plan(req(**body, document_id="d1"))  # forged record: refused, text known -> online
+    assert plan.source == "online" and "fingerprint" in plan.reason
+    ids = dec.tokenizer.encode("some text", add_special_tokens=False)
+    out = eng.run(plan, eng.prepare([plan])[0], req(**body, document_id="d1"))
+    assert out["token_ids"] == generate(dec, augment(dec, module, [ids])[0], prompt, max_new_tokens=6)
+
+    plans = [eng.plan(req(**body, document_id=d)) for d in ("d2", "zz")]
+    assert [p.source for p in plans] == ["online", "none"] and "unknown" in plans[1].reason
+    batched = eng.prepare(plans)  # online and plain in one call: each equals its own one-document result
+    plain = augment(dec, None, [prompt])[0]
+    assert eng.run(plans[1], batched[1], req(**body))["token_ids"] == generate(dec, plain, [], max_new_tokens=6)
+
+    with pytest.raises(DocumentNotFound) as e:  # unknown document and nothing else to continue
+        eng.plan(req(prompt_ids=[], document_id="zz"))
+    assert e.value.param == "document_id" and "'zz'" in e.value.message
+
+    eng_none = engine(setup, store, texts, fallback="none")
+    plan = eng_none.plan(req(**body, document_id="d2"))
+    assert plan.source == "none" and "fallback" in plan.reason
+    # the request's own text that differs from what was stored: the stored cache is not used for it
+    plan = eng.plan(req(**body, document_id="d0", document="different text"))
+    assert plan.source == "online" and "another text" in plan.reason
+
+
+# A prompt whose greedy answer on the fixture's decoder varies. That of [5, 6, 7, 8] is " ," over and over: any two
+# of its characters are found at its very start, so a stop string taken from it cut the answer to at most one
+# character and was never held back across tokens (the test passed with the hold-back removed from the engine).
+STOP_PROMPT = [9, 10, 11, 12]
+
+
+def test_stop_strings_and_streaming_equal_the_whole_answer(setup):
+    dec = setup[0]
+    eng = engine(setup)
+    base = {"prompt_ids": STOP_PROMPT, "max_tokens": 40, "temperature": 0.0}
+    whole = eng.complete(req(**base))
+    assert whole["finish_reason"] in ("length", "stop") and whole["text"]
+    text = whole["text"]
+    plan = eng.plan(req(**base))
+    deltas = [d for d, _ in eng.stream(plan, eng.prepare([plan])[0], req(**base))]
+    assert "".join(deltas) == text
+    # the stop string: two characters from the second half of the answer, not blank, on either side of the end
+    # of a token's text (so the stream must hold the first back until the next token), first found there (so the
+    # answer is cut there, after a non-empty part)
+    ends = sorted(set(itertools.accumulate(len(d) for d in deltas)))
+    at = next((b - 1 for b in ends if len(text) // 2 <= b < len(text) and text[b - 1 : b + 1].strip()
+               and text.find(text[b - 1 : b + 1]) == b - 1), None)
+    assert at is not None, f"no stop string to take from the answer {text!r}: pick another STOP_PROMPT"
+    stop = text[at : at + 2]
+    cut = eng.complete(req(**base, stop=[stop]))
+    assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.find(stop)] and cut["text"]
+    # streamed deltas join to the same text, and none of them leaks part of the stop string
+    plan = eng.plan(req(**base, stop=[stop]))
+    deltas = [d for d, _ in eng.stream(plan, eng.prepare([plan])[0], req(**base, stop=[stop]))]
+    assert "".join(deltas) == cut["text"]
+    assert dec is eng.decoder
+
+
+def test_held_back_tail():
+    assert _held_back("abc\n", ["\n\n"]) == 1
+    assert _held_back("abc", ["\n\n"]) == 0
+    assert _held_back("xEN", ["END", "ENOUGH"]) == 2

@@ -266,8 +266,8 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
         by_nl.append({"n_latents": n_latents} | summary)
         log(f"[arith] N_L={n_latents}: exact match " + ", ".join(f"{c} {100 * summary['accuracy'][c]:.1f}%" for c in CONDITIONS))
     # how far augmentation moves the text after a point: N_L (+1 re-read) under "shift", nothing under "keep"
-    reread, rule = modules["coprocessor"].reread, modules["coprocessor"].position_rule
-    moved = {n + reread for n in run_cfg.sweep.n_latents} if rule == "shift" else set()
+    layout = modules["coprocessor"].layout
+    moved = {dataclasses.replace(layout, n_latents=n).text_shift for n in run_cfg.sweep.n_latents}
     shifts = sorted({0, 1} | moved)
     gap = position_gap_ppl(decoder, eval_docs, shifts, n_ahead=run_cfg.augmentation.n_ahead)
     log("[arith] decoder alone, tokens after a point moved on by g positions: " +

@@ -21,6 +21,8 @@ position T, as if nothing had been inserted (`next_position`).
 A coprocessor with latent_channel="kv" writes its own keys and values at the N_L latent slots of every
 layer; the decoder then reads only the re-read last token on top (such a module always re-reads). The
 cache has the same layout and length; `latents` is None, since no input embeddings exist.
+
+All of this is the module's `LatentLayout` (cache_aug/layout.py), which the cache carries as `layout`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from cache_aug.decoder import Decoder
 from cache_aug.kv import KV, model_cache
-from cache_aug.passes import decoder_pass, kv_decoder_pass, latent_pass, logits_at, prefill
+from cache_aug.layout import PLAIN, LatentLayout
+from cache_aug.passes import (
+    decoder_pass,
+    kv_decoder_pass,
+    latent_pass,
+    logits_at,
+    prefill,
+)
 
 
 @dataclass
@@ -44,10 +53,23 @@ class AugmentedCache:
     input_ids: torch.Tensor  # (T,) the document's tokens
     layers: list[KV]  # per layer (1, H_kv, S, D) with S = T + N_L (a sliding layer may hold only its window)
     next_logits: torch.Tensor  # (V,) prediction of the first token after the cache
-    n_latents: int  # N_L; 0 for the plain (fallback) cache
+    layout: LatentLayout = PLAIN  # the module's layout; PLAIN (N_L = 0) for the plain (fallback) cache
     latents: torch.Tensor | None = None  # (N_L, d) z; None for the fallback and a latent_channel="kv" module
-    n_reread: int = 0  # 1 when the document's last token was fed again after the latents
-    position_rule: str = "shift"  # "keep": the text after the document goes on at position T (masks.block_position_ids)
+
+    @property
+    def n_latents(self) -> int:
+        """N_L; 0 for the plain (fallback) cache."""
+        return self.layout.n_latents
+
+    @property
+    def n_reread(self) -> int:
+        """1 when the document's last token was fed again after the latents."""
+        return self.layout.reread
+
+    @property
+    def position_rule(self) -> str:
+        """"keep": the text after the document goes on at position T (masks.block_position_ids)."""
+        return self.layout.position_rule
 
     @property
     def doc_len(self) -> int:
@@ -56,17 +78,17 @@ class AugmentedCache:
     @property
     def n_added(self) -> int:
         """Positions after the document: the latents, and the re-read last token if any."""
-        return self.n_latents + self.n_reread
+        return self.layout.n_added
 
     @property
     def seq_len(self) -> int:
         """Entries held per (full) layer: the next real token is the entry after them."""
-        return self.doc_len + self.n_added
+        return self.layout.cache_len(self.doc_len)
 
     @property
     def next_position(self) -> int:
         """The position (RoPE / position id) the next real token takes."""
-        return self.doc_len if self.position_rule == "keep" else self.seq_len
+        return self.layout.next_position(self.doc_len)
 
     def latent_kv(self) -> list[KV]:
         """KV of the positions after the document per layer: (1, H_kv, N_L (+1 re-read), D) each."""
@@ -112,17 +134,17 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
                 input_ids=ids[i, : lengths[i]],
                 layers=[(k[i : i + 1, :, : lengths[i]], v[i : i + 1, :, : lengths[i]]) for k, v in prefix],
                 next_logits=logits[i, col[i]],
-                n_latents=0,
             )
             for i in range(N)
         ]
 
-    L, r = module.n_latents, module.reread
+    layout = module.layout
+    L, r = layout.n_latents, layout.reread
     points = lengths[:, None]  # (N, 1): one augmentation point, at the end of each document
     prefix, _ = prefill(decoder, ids, attn)
     z = latent_pass(decoder, module, prefix, points)  # (N, L, d), or per layer (N, H, L, D) for the kv channel
-    positions = module.position_ids(points, L + r)  # (N, L+r)
-    if module.latent_channel == "kv":  # the latents' KV from C, then D over the re-read last token (r == 1)
+    positions = layout.position_ids(points, L + r)  # (N, L+r)
+    if layout.writes_kv:  # the latents' KV from C, then D over the re-read last token (r == 1)
         last = decoder.embed(ids.gather(1, lengths[:, None] - 1))  # (N, 1, d)
         keep = torch.tensor([0], device=ids.device)
         logits, layers = kv_decoder_pass(decoder, prefix, z, points, last, 1, keep, positions[:, L:])  # T + L + 1 columns
@@ -142,10 +164,8 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
                     for k, v in layers
                 ],
                 next_logits=logits[i, 0],
-                n_latents=L,
+                layout=layout,
                 latents=None if z is None else z[i],
-                n_reread=r,
-                position_rule=module.position_rule,
             )
         )
     return out

@@ -10,12 +10,12 @@ can wrap it whole.
   reading N_L soft tokens on top of D's cache; z = its final hidden states.
 - `PauseTokens`: N_L soft tokens fed straight into D (Goyal et al. 2023); same loss, no C.
 
-Either module also fixes which slot predicts the first token after the latents
-(`CoprocessorConfig.first_ahead_from`): the last latent (`reread = 0`), or the document's last
-token fed once more after the latents (`reread = 1`); and where the latents and the text after them
-sit (`CoprocessorConfig.position_rule`, `module.position_ids`). Losses, `augment` and `restore` read
-both off the module (records carry the position rule), so a trained module carries its rules into
-corpus augmentation and serving.
+Either module carries its `LatentLayout` (`module.layout`, cache_aug/layout.py): N_L, which slot
+predicts the first token after the latents (`CoprocessorConfig.first_ahead_from`: the last latent,
+`reread = 0`, or the document's last token fed once more after the latents, `reread = 1`), where the
+latents and the text after them sit (`CoprocessorConfig.position_rule`, `module.position_ids`) and the
+latent channel. Losses, `augment` and `restore` read it off the module (records carry it too), so a
+trained module carries its layout into corpus augmentation and serving.
 
 A trained module is saved as a directory:
     latents.json          mode, N_L, first_ahead_from, position_rule, latent_channel, hidden size, LoRA config, decoder fingerprint, fingerprint
@@ -38,12 +38,11 @@ from cache_aug.config import CoprocessorConfig
 from cache_aug.decoder import Decoder, fetch_checkpoint
 from cache_aug.fingerprint import FingerprintMismatch, augmentation_fingerprint
 from cache_aug.kv import layer_kv
-from cache_aug.masks import POSITION_RULES, block_position_ids
+from cache_aug.layout import CHANNELS, REREAD, LatentLayout
+from cache_aug.masks import POSITION_RULES
 
 FORMAT = "cache-aug/latents"
 FORMAT_VERSION = 1
-REREAD = {"last_latent": 0, "last_token": 1}  # first_ahead_from -> tokens fed again after the latents
-CHANNELS = ("embeds", "kv")
 
 
 def init_soft_tokens(decoder: Decoder, n_latents: int, how: str, seed: int) -> torch.Tensor:
@@ -63,22 +62,43 @@ class LatentModule(nn.Module):
 
     mode: str
     uses_cache: bool  # whether forward reads D's cache (pass 2 runs only then)
-    latent_channel: str = "embeds"  # "kv": forward returns per-layer latent KV, not z (pause tokens: always embeds)
 
-    def __init__(self, soft_tokens: torch.Tensor, first_ahead_from: str = "last_latent", position_rule: str = "shift"):
+    def __init__(self, soft_tokens: torch.Tensor, layout: LatentLayout):
         super().__init__()
-        if position_rule not in POSITION_RULES:
-            raise ValueError(f"position_rule {position_rule!r} not in {POSITION_RULES}")
+        if layout.n_latents != soft_tokens.shape[0] or layout.n_latents < 1:
+            raise ValueError(f"{soft_tokens.shape[0]} soft tokens for a layout of N_L={layout.n_latents}")
         self.soft_tokens = nn.Parameter(soft_tokens)  # (N_L, d)
         # kept as plain ints: under ZeRO-3 a parameter's own shape is empty outside forward
-        self.n_latents, self.hidden_size = soft_tokens.shape
-        self.first_ahead_from = first_ahead_from
-        self.reread = REREAD[first_ahead_from]  # 1: the last real token is fed again after the latents
-        self.position_rule = position_rule  # where the latents and the text after them sit (masks.block_position_ids)
+        self.hidden_size = soft_tokens.shape[1]
+        self.layout = layout  # N_L, re-read count, position rule, latent channel (cache_aug/layout.py)
+
+    # the layout's parts under the names the configs and saved modules use
+    @property
+    def n_latents(self) -> int:
+        return self.layout.n_latents
+
+    @property
+    def reread(self) -> int:
+        """1: the last real token is fed again after the latents."""
+        return self.layout.reread
+
+    @property
+    def first_ahead_from(self) -> str:
+        return self.layout.first_ahead_from
+
+    @property
+    def position_rule(self) -> str:
+        """Where the latents and the text after them sit (masks.block_position_ids)."""
+        return self.layout.position_rule
+
+    @property
+    def latent_channel(self) -> str:
+        """"kv": forward returns per-layer latent KV, not z (pause tokens: always embeds)."""
+        return self.layout.channel
 
     def position_ids(self, points: torch.Tensor, block_len: int) -> torch.Tensor:
         """Positions of blocks [latents, (re-read token), following tokens] at points (N, B): (N, B*block_len)."""
-        return block_position_ids(points, block_len, self.position_rule, self.n_latents, self.reread)
+        return self.layout.position_ids(points, block_len)
 
     def tiled_soft_tokens(self, n_rows: int, n_blocks: int) -> torch.Tensor:
         """The soft tokens once per block and row: (n_rows, n_blocks*N_L, d)."""
@@ -94,17 +114,11 @@ class Coprocessor(LatentModule):
 
     uses_cache = True
 
-    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, mode: str, lora: dict | None = None,
-                 first_ahead_from: str = "last_latent", position_rule: str = "shift", latent_channel: str = "embeds"):
-        super().__init__(soft_tokens, first_ahead_from, position_rule)
-        if latent_channel not in CHANNELS:
-            raise ValueError(f"latent_channel {latent_channel!r} not in {CHANNELS}")
-        if latent_channel == "kv" and not self.reread:
-            raise ValueError('latent_channel="kv" needs first_ahead_from="last_token": no decoder logits exist at a latent slot')
+    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, layout: LatentLayout, mode: str, lora: dict | None = None):
+        super().__init__(soft_tokens, layout)
         self.trunk = trunk
         self.mode = mode
         self.lora = lora
-        self.latent_channel = latent_channel
 
     def forward(self, cache, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1):
         """z (N, n_blocks*N_L, d); with latent_channel="kv", per layer (keys, values) (N, H_kv, n_blocks*N_L, D).
@@ -116,7 +130,7 @@ class Coprocessor(LatentModule):
         x = self.tiled_soft_tokens(position_ids.shape[0], n_blocks).to(self.trunk.dtype)  # (N, n_blocks*N_L, d)
         out = self.trunk(**with_cache(self.trunk, cache, inputs_embeds=x, position_ids=position_ids,
                                       attention_mask=attention_mask, use_cache=True))
-        if self.latent_channel == "embeds":
+        if not self.layout.writes_kv:
             return out.last_hidden_state  # (N, n_blocks*N_L, d)
         n = x.shape[1]
         layers = layer_kv(cache)
@@ -138,6 +152,11 @@ class PauseTokens(LatentModule):
 
     mode = "pause"
     uses_cache = False
+
+    def __init__(self, soft_tokens: torch.Tensor, layout: LatentLayout):
+        if layout.writes_kv:
+            raise ValueError("pause tokens have no coprocessor to write keys and values: their latent channel is \"embeds\"")
+        super().__init__(soft_tokens, layout)
 
     def forward(self, cache, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
         return self.tiled_soft_tokens(position_ids.shape[0], n_blocks)  # (N, n_blocks*N_L, d)
@@ -180,7 +199,7 @@ def _make_trunk(decoder: Decoder, mode: str, lora: dict | None) -> nn.Module:
     return trunk
 
 
-def _freeze_unreachable(module: "Coprocessor", decoder: Decoder) -> None:
+def _freeze_unreachable(module: Coprocessor, decoder: Decoder) -> None:
     """Freeze the trainable tensors that cannot reach the latent KV (kv channel), found by one probe backward.
 
     Keys and values are computed before each layer's attention, so the last layer's attention output, MLP and
@@ -202,14 +221,14 @@ def _freeze_unreachable(module: "Coprocessor", decoder: Decoder) -> None:
 def build_latent_module(decoder: Decoder, cfg: CoprocessorConfig, n_latents: int) -> LatentModule:
     """A fresh coprocessor (initialised from D's weights) or pause-token module, in D's dtype/device."""
     check_architecture(decoder.model)
+    layout = LatentLayout.from_config(cfg, n_latents)
     soft = init_soft_tokens(decoder, n_latents, cfg.soft_token_init, cfg.seed).to(decoder.device, decoder.dtype)
     if cfg.mode == "pause":
-        module = PauseTokens(soft, cfg.first_ahead_from, cfg.position_rule)
+        module = PauseTokens(soft, layout)
     else:
         lora = _lora_config(cfg) if cfg.mode == "lora" else None
-        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, cfg.mode, lora, cfg.first_ahead_from, cfg.position_rule,
-                             cfg.latent_channel)
-        if module.latent_channel == "kv":
+        module = Coprocessor(_make_trunk(decoder, cfg.mode, lora), soft, layout, cfg.mode, lora)
+        if layout.writes_kv:
             _freeze_unreachable(module, decoder)
     return module.train()
 
@@ -218,9 +237,10 @@ def latent_fingerprint(decoder: Decoder, module: LatentModule | None) -> str:
     """Fingerprint of the full augmentation setup (decoder alone when module is None)."""
     if module is None:
         return augmentation_fingerprint(decoder.fingerprint, None, "none", 0, decoder.dtype)
+    layout = module.layout
     return augmentation_fingerprint(
-        decoder.fingerprint, module.trainable_state(), module.mode, module.n_latents, decoder.dtype,
-        first_ahead_from=module.first_ahead_from, position_rule=module.position_rule, latent_channel=module.latent_channel,
+        decoder.fingerprint, module.trainable_state(), module.mode, layout.n_latents, decoder.dtype,
+        first_ahead_from=layout.first_ahead_from, position_rule=layout.position_rule, latent_channel=layout.channel,
     )
 
 
@@ -236,10 +256,10 @@ def save_latent_module(module: LatentModule, decoder: Decoder, directory: str | 
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "mode": module.mode,
-        "n_latents": module.n_latents,
-        "first_ahead_from": module.first_ahead_from,
-        "position_rule": module.position_rule,
-        "latent_channel": module.latent_channel,
+        "n_latents": module.layout.n_latents,
+        "first_ahead_from": module.layout.first_ahead_from,
+        "position_rule": module.layout.position_rule,
+        "latent_channel": module.layout.channel,
         "hidden_size": module.hidden_size,
         "dtype": str(decoder.dtype).removeprefix("torch."),
         "lora": getattr(module, "lora", None),
@@ -282,10 +302,11 @@ def load_latent_module(directory: str | Path, decoder: Decoder, storage_options:
     channel = meta.get("latent_channel", "embeds")  # modules saved before the option existed
     if channel not in CHANNELS:
         raise ValueError(f"{meta_path}: unknown latent_channel {channel!r}")
+    layout = LatentLayout.from_names(soft.shape[0], first, rule, channel)
     if meta["mode"] == "pause":
-        module = PauseTokens(soft, first, rule)
+        module = PauseTokens(soft, layout)
     else:
-        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, meta["mode"], meta["lora"], first, rule, channel)
+        module = Coprocessor(_make_trunk(decoder, meta["mode"], meta["lora"]), soft, layout, meta["mode"], meta["lora"])
         state = load_file(directory / "model.safetensors", device=str(decoder.device))
         trunk_state = {k.removeprefix("trunk."): v for k, v in state.items()}
         missing, unexpected = module.trunk.load_state_dict(trunk_state, strict=False)

@@ -148,7 +148,7 @@ class CompletionEngine:
         if want_sha256 is not None and record.content_sha256 != want_sha256:
             return "the stored cache is for another text of this document"
         try:
-            cache = restore(record, self.decoder, self.fingerprint, getattr(self.module, "position_rule", None))
+            cache = restore(record, self.decoder, self.fingerprint, layout=None if self.module is None else self.module.layout)
         except FingerprintMismatch:
             return "stored cache refused: made by other models (fingerprint mismatch)"
         except CacheRecordError as e:

@@ -5,7 +5,7 @@ x_{p+1..p+N_A} given the augmented cache: the logits at the last latent predict 
 logits at x_{p+k} predict x_{p+k+1} (method.md). Only N_A-1 ahead tokens are fed, since the
 last one is only ever a target. A module with `reread = 1` (first_ahead_from="last_token") is
 fed x_p once more right after its latents, and x_p's logits there predict x_{p+1}: the trace is
-[z, x_p, x_{p+1}, .., x_{p+N_A-1}]. Positions follow the module's `position_rule` (masks.py).
+[z, x_p, x_{p+1}, .., x_{p+N_A-1}]. Positions follow the module's `layout.position_rule` (masks.py, layout.py).
 A module with latent_channel="kv" puts its own keys and values at the z slots of every layer instead
 of feeding z (`passes.kv_decoder_pass`); the trace, positions and targets are the same.
 
@@ -29,7 +29,13 @@ from transformers import DynamicCache
 from cache_aug.architecture import with_cache
 from cache_aug.decoder import Decoder
 from cache_aug.kv import layer_kv, model_cache
-from cache_aug.passes import decoder_pass, kv_decoder_pass, latent_pass, logits_at, prefill
+from cache_aug.passes import (
+    decoder_pass,
+    kv_decoder_pass,
+    latent_pass,
+    logits_at,
+    prefill,
+)
 
 
 @dataclass
@@ -82,22 +88,23 @@ def one_pass_ce(decoder: Decoder, module, input_ids: torch.Tensor, points: torch
     N, B = points.shape
     targets = ahead_targets(input_ids, points, n_ahead)  # (N, B, N_A)
 
-    L, r = module.n_latents, module.reread
+    layout = module.layout
+    L, r = layout.n_latents, layout.reread
     block = L + r + n_ahead - 1
     prefix, _ = prefill(decoder, input_ids)  # T columns, no grad
     z = latent_pass(decoder, module, prefix, points)  # (N, B*L, d), or per layer (N, H, B*L, D) for the kv channel
     fed = ahead_targets(input_ids, points - r, n_ahead - 1 + r)  # (N, B, r+N_A-1): [x_p if r,] x_{p+1..p+N_A-1}
     ahead_in = decoder.embed(fed)  # (N, B, r+N_A-1, d)
-    if module.latent_channel == "kv":  # text only; block b's text reads block b's latent KV (r == 1)
+    if layout.writes_kv:  # text only; block b's text reads block b's latent KV (r == 1)
         q = r + n_ahead - 1
         keep = (torch.arange(B, device=points.device)[:, None] * q + r - 1 + torch.arange(n_ahead, device=points.device)).flatten()
-        positions = module.position_ids(points, block).view(N, B, block)[:, :, L:].flatten(1)  # (N, B*q)
+        positions = layout.position_ids(points, block).view(N, B, block)[:, :, L:].flatten(1)  # (N, B*q)
         logits, _ = kv_decoder_pass(decoder, prefix, z, points, ahead_in.flatten(1, 2), q, keep, positions)  # (N, B*N_A, V)
         return _cross_entropy(logits.view(N, B, n_ahead, -1), targets)
     traces = torch.cat([z.view(N, B, L, -1).to(ahead_in.dtype), ahead_in], dim=2).view(N, B * block, -1)  # (N, B*block, d)
     first = L - 1 + r  # index in a trace of the query that predicts x_{p+1}
     keep = (torch.arange(B, device=points.device)[:, None] * block + first + torch.arange(n_ahead, device=points.device)).flatten()
-    logits, _ = decoder_pass(decoder, prefix, points, traces, block, keep, module.position_ids(points, block))  # (N, B*N_A, V)
+    logits, _ = decoder_pass(decoder, prefix, points, traces, block, keep, layout.position_ids(points, block))  # (N, B*N_A, V)
     return _cross_entropy(logits.view(N, B, n_ahead, -1), targets)
 
 
@@ -134,7 +141,8 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
     """
     model = decoder.model
     N, B = points.shape
-    L, r = module.n_latents, module.reread
+    layout = module.layout
+    L, r = layout.n_latents, layout.reread
     targets = ahead_targets(input_ids, points, n_ahead)  # (N, B, N_A)
     all_logits = []
     for n in range(N):
@@ -145,14 +153,13 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
                 model.base_model(**with_cache(model.base_model, cache, input_ids=input_ids[n : n + 1, :p], use_cache=True))
             kv = layer_kv(cache)
             dev = input_ids.device
-            if module.position_rule == "keep":  # latents over the prefix's last L positions, the text at its own
-                positions = torch.arange(p - L, p, device=dev).clamp(min=0)[None]  # (1, L)
-                text_pos = torch.arange(p - r, p + n_ahead - 1, device=dev)[None]  # (1, r+N_A-1)
-            else:  # the paper's rule: everything after the prefix, in order
-                positions = torch.arange(p, p + L, device=dev)[None]  # (1, L)
-                text_pos = torch.arange(p + L, p + L + r + n_ahead - 1, device=dev)[None]
+            # written out per position (layout.latent_positions / text_positions), not by masks.block_position_ids:
+            # "keep" puts the latents over the prefix's last L positions and the text at its own, "shift" (the
+            # paper's rule) everything after the prefix, in order
+            positions = torch.tensor(layout.latent_positions(p), dtype=torch.long, device=dev)[None]  # (1, L)
+            text_pos = torch.tensor(layout.text_positions(p, r + n_ahead - 1), dtype=torch.long, device=dev)[None]  # (1, r+N_A-1)
             ahead_in = decoder.embed(input_ids[n : n + 1, p - r : p + n_ahead - 1])  # (1, r+N_A-1, d)
-            if module.latent_channel == "kv":  # C's own KV at the latent slots joins D's cache; D reads the text only
+            if layout.writes_kv:  # C's own KV at the latent slots joins D's cache; D reads the text only
                 latent = module(model_cache(kv, model.config, p), positions, None, n_blocks=1)  # per layer (1, H, L, D)
                 joined = [(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2)) for (k, v), (lk, lv) in zip(kv, latent)]
                 logits = logits_at(

@@ -20,12 +20,17 @@ Payload tensors by storage mode (H_i, D_i: layer i's KV heads and head dim):
     full        k.i, v.i (H_i, S_i, D_i)        the whole augmented KV; S_i = T+N_L, or the
                 next_logits (V,)                window-1 last columns of a sliding layer
 
+The payload's safetensors header holds the module's `LatentLayout` (cache_aug/layout.py) as JSON, in
+its `__metadata__` under LAYOUT_KEY: N_L, the re-read count, the position rule and the latent channel.
 A module with first_ahead_from="last_token" adds one more position after the latents (the re-read
-last token): seq_len = T+N_L+1, and latent_kv holds N_L+1 columns. `restore` reads the count off
-seq_len - doc_tokens - n_latents (0 or 1). A module with position_rule="keep" stores the same tensors
-(their keys carry its positions); `position_rule` tells `restore` that the next token takes position
-doc_tokens rather than seq_len. The fingerprint names the rule too, and `restore` can be told which
-rule the loaded module follows.
+last token): seq_len = T+N_L+1, and latent_kv holds N_L+1 columns. A module with position_rule="keep"
+stores the same tensors (their keys carry its positions), and the next token takes position doc_tokens
+rather than seq_len. `restore` reads all of it off the stored layout, after checking it against the
+record's n_latents, seq_len and position_rule columns; it can be given the loaded module's layout (or
+only its position rule), and refuses a record made with another. A record written before payloads held
+the layout is read as before: the re-read count is seq_len - doc_tokens - n_latents (0 or 1), the position
+rule its column's (null: "shift"), and the channel the loaded module's when `restore` is given its layout
+(the fingerprint, which names the channel, has been checked), else "embeds".
 
 Stored data is untrusted input: `decode_payload` checks fingerprint, checksum, and every
 tensor's name, dtype, shape and byte range against what the loaded decoder implies before
@@ -54,14 +59,16 @@ from cache_aug.augment import AugmentedCache, added_embeds
 from cache_aug.decoder import Decoder, torch_dtype
 from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.kv import CacheSpec
-from cache_aug.masks import POSITION_RULES, block_position_ids
+from cache_aug.layout import STORAGE_MODES, LatentLayout
+from cache_aug.masks import POSITION_RULES
 from cache_aug.passes import decoder_pass, prefill
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: payload_sha256; 2: chunked payload_checksum
 CHECKSUM_CHUNK = 4 << 20  # bytes per CRC32 chunk written
 _CHECKSUM_RE = re.compile(r"crc32/(\d+):([0-9a-f]{8}(?:,[0-9a-f]{8})*)")
-MODES = ("latents", "latent_kv", "full")
+MODES = STORAGE_MODES
+LAYOUT_KEY = "cache_aug.layout"  # payload header __metadata__ entry: the LatentLayout's JSON (absent in older records)
 STORE_DTYPES = ("float32", "bfloat16")
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "int32": "I32"}
 _ITEMSIZE = {"F32": 4, "BF16": 2, "I32": 4}
@@ -148,7 +155,7 @@ class CacheRecord:
         return asdict(self)
 
     @classmethod
-    def from_row(cls, row: dict) -> "CacheRecord":
+    def from_row(cls, row: dict) -> CacheRecord:
         names = [f.name for f in fields(cls)]
         optional = {"content_sha256", "truncated", "payload_checksum", "payload_sha256", "position_rule"}
         missing = [n for n in names if n not in optional and (n not in row or row[n] is None)]
@@ -169,7 +176,7 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
     tdtype = torch_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {"input_ids": aug.input_ids.to(torch.int32)}
     if mode == "latents":
-        if aug.latents is None:
+        if not aug.layout.allows_storage(mode) or aug.latents is None:
             raise ValueError(f"document {doc_id!r}: storage mode 'latents' needs input-embedding latents, and this cache's "
                              'module writes keys and values (latent_channel="kv"): store "latent_kv" or "full"')
         tensors["latents"] = aug.latents.to(tdtype)
@@ -181,7 +188,7 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
             tensors[f"v.{i}"] = v[0, :, v.shape[2] - keep :].to(tdtype)
         tensors["next_logits"] = aug.next_logits.to(tdtype)
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    payload = st_save(tensors)
+    payload = st_save(tensors, metadata={LAYOUT_KEY: aug.layout.to_json()})
     return CacheRecord(
         doc_id=doc_id,
         fingerprint=fingerprint,
@@ -195,26 +202,60 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
         payload_checksum=payload_checksum(payload),
         content_sha256=content_sha256,
         truncated=truncated,
-        position_rule=aug.position_rule,
+        position_rule=aug.layout.position_rule,
     )
 
 
-def expected_tensors(record: CacheRecord, spec: CacheSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (safetensors dtype, shape) that a valid record of this decoder must hold."""
+def legacy_layout(record: CacheRecord, channel: str = "embeds") -> LatentLayout:
+    """The layout of a record written before payloads held it, from its lengths and position rule column
+    (the channel is not recorded there: `channel` is taken). ValueError when they fit no layout."""
+    reread = record.seq_len - record.doc_tokens - record.n_latents  # 1: the last token was re-read after the latents
+    return LatentLayout(record.n_latents, reread, record.position_rule or "shift", channel)
+
+
+def expected_tensors(record: CacheRecord, spec: CacheSpec, layout: LatentLayout | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) that a valid record of this decoder and layout (default: `legacy_layout`) must hold."""
+    layout = legacy_layout(record) if layout is None else layout
     st = _ST_DTYPES[record.dtype]
     out = {"input_ids": ("I32", (record.doc_tokens,))}
     if record.mode == "latents":
-        out["latents"] = (st, (record.n_latents, spec.hidden_size))
+        out["latents"] = (st, (layout.n_latents, spec.hidden_size))
         return out
     for i in range(len(spec.layers)):
-        s = record.seq_len - record.doc_tokens if record.mode == "latent_kv" else spec.stored_len(i, record.seq_len)
+        s = layout.n_added if record.mode == "latent_kv" else spec.stored_len(i, layout.cache_len(record.doc_tokens))
         out[f"k.{i}"] = out[f"v.{i}"] = (st, spec.kv_shape(i, s))
     out["next_logits"] = (st, (spec.vocab_size,))
     return out
 
 
-def _check_header(record: CacheRecord, spec: CacheSpec) -> None:
-    """Validate the safetensors header against the expected tensors before loading anything."""
+def _record_layout(record: CacheRecord, metadata, channel: str) -> LatentLayout:
+    """The layout the payload header's metadata holds (checked against the record's columns), or `legacy_layout`."""
+    where = f"record {record.doc_id!r}"
+    lengths = f"doc_tokens={record.doc_tokens}, n_latents={record.n_latents}, seq_len={record.seq_len}"
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CacheRecordError(f"{where}: payload header metadata is not a mapping of strings")
+    stored = (metadata or {}).get(LAYOUT_KEY)
+    if stored is None:  # written before payloads held the layout
+        try:
+            return legacy_layout(record, channel)
+        except ValueError:
+            raise CacheRecordError(f"{where}: inconsistent lengths ({lengths})") from None
+    try:
+        layout = LatentLayout.from_json(stored)
+    except ValueError as e:
+        raise CacheRecordError(f"{where}: payload header's latent layout is invalid ({e})") from None
+    if layout.n_latents != record.n_latents or layout.cache_len(record.doc_tokens) != record.seq_len:
+        raise CacheRecordError(f"{where}: inconsistent lengths ({lengths}) for the latent layout in its header ({layout.describe()})")
+    if layout.position_rule != (record.position_rule or "shift"):
+        raise CacheRecordError(f"{where}: position_rule {record.position_rule!r}, the latent layout in its header has "
+                               f"{layout.position_rule!r}")
+    if not layout.allows_storage(record.mode):
+        raise CacheRecordError(f"{where}: mode {record.mode!r} cannot hold a cache of the layout in its header ({layout.describe()})")
+    return layout
+
+
+def _check_header(record: CacheRecord, spec: CacheSpec, channel: str = "embeds") -> LatentLayout:
+    """Validate the safetensors header against the expected tensors before loading anything; returns the record's layout."""
     where = f"record {record.doc_id!r}"
     data = record.payload
     if len(data) < 8:
@@ -228,8 +269,8 @@ def _check_header(record: CacheRecord, spec: CacheSpec) -> None:
         raise CacheRecordError(f"{where}: payload header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CacheRecordError(f"{where}: payload header is not a mapping")
-    header.pop("__metadata__", None)
-    expected = expected_tensors(record, spec)
+    layout = _record_layout(record, header.pop("__metadata__", None), channel)
+    expected = expected_tensors(record, spec, layout)
     if set(header) != set(expected):
         raise CacheRecordError(f"{where}: payload holds tensors {sorted(header)}, expected {sorted(expected)}")
     body = len(data) - 8 - n
@@ -253,10 +294,16 @@ def _check_header(record: CacheRecord, spec: CacheSpec) -> None:
             or not 0 <= offsets[0] <= offsets[1] <= body
         ):
             raise CacheRecordError(f"{where}: tensor {name}: byte range {offsets} does not fit the payload")
+    return layout
 
 
 def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> dict[str, torch.Tensor]:
     """Checked tensors of a record made by the models with `fingerprint` for a decoder of `spec`."""
+    return _decode(record, spec, fingerprint)[0]
+
+
+def _decode(record: CacheRecord, spec: CacheSpec, fingerprint: str, channel: str = "embeds") -> tuple[dict[str, torch.Tensor], LatentLayout]:
+    """`decode_payload`, and the record's checked layout (`channel`: assumed for a record without a stored layout)."""
     where = f"record {record.doc_id!r}"
     if record.format_version not in READABLE_VERSIONS:
         raise CacheRecordError(f"{where}: format_version {record.format_version}, this reader knows {READABLE_VERSIONS}")
@@ -266,7 +313,7 @@ def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> di
         raise CacheRecordError(f"{where}: mode {record.mode!r} not in {MODES}")
     if record.dtype not in STORE_DTYPES:
         raise CacheRecordError(f"{where}: dtype {record.dtype!r} not in {STORE_DTYPES}")
-    if record.doc_tokens < 1 or record.n_latents < 1 or record.seq_len - record.doc_tokens - record.n_latents not in (0, 1):
+    if record.doc_tokens < 1 or record.n_latents < 1:
         raise CacheRecordError(
             f"{where}: inconsistent lengths (doc_tokens={record.doc_tokens}, n_latents={record.n_latents}, seq_len={record.seq_len})"
         )
@@ -278,44 +325,48 @@ def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> di
         intact = record.payload_checksum is not None and checksum_matches(record.payload, record.payload_checksum)
     if not intact:
         raise CacheRecordError(f"{where}: payload checksum mismatch (damaged in storage or transit)")
-    _check_header(record, spec)
+    layout = _check_header(record, spec, channel)
     try:
-        return st_load(bytes(record.payload))
-    except Exception as e:  # the header was checked; anything left is damage
+        return st_load(bytes(record.payload)), layout
+    except Exception as e:  # the header was checked; anything left is damage  # noqa: BLE001
         raise CacheRecordError(f"{where}: payload unreadable ({e})") from None
 
 
 @torch.no_grad()
-def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_rule: str | None = None) -> AugmentedCache:
+def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_rule: str | None = None, *,
+            layout: LatentLayout | None = None) -> AugmentedCache:
     """Rebuild the augmented cache a record stands for, ready for `decode_steps`.
 
     position_rule: the loaded module's rule, when known; a record that says otherwise is refused.
+    layout: the loaded module's whole layout, when known; a record made with another is refused.
     """
-    tensors = decode_payload(record, decoder.cache_spec, fingerprint)
-    rule = record.position_rule or "shift"
-    if position_rule is not None and rule != position_rule:
-        raise CacheRecordError(f"record {record.doc_id!r}: position_rule {rule!r}, the loaded module follows {position_rule!r}")
+    tensors, stored = _decode(record, decoder.cache_spec, fingerprint, layout.channel if layout is not None else "embeds")
+    if position_rule is not None and stored.position_rule != position_rule:
+        raise CacheRecordError(f"record {record.doc_id!r}: position_rule {stored.position_rule!r}, the loaded module follows "
+                               f"{position_rule!r}")
+    if layout is not None and stored != layout:
+        raise CacheRecordError(f"record {record.doc_id!r}: made with latent layout ({stored.describe()}), the loaded module's is "
+                               f"({layout.describe()})")
     device, dtype = decoder.device, decoder.dtype
     ids = tensors["input_ids"].to(device, torch.long)  # (T,)
-    L = record.n_latents
-    r = record.seq_len - record.doc_tokens - L  # 1: the last token was re-read after the latents
+    L, r = stored.n_latents, stored.reread
     if record.mode == "full":
         layers = [(tensors[f"k.{i}"][None].to(device, dtype), tensors[f"v.{i}"][None].to(device, dtype))
                   for i in range(len(decoder.cache_spec.layers))]
-        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L, n_reread=r, position_rule=rule)
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), stored)
     prefix, _ = prefill(decoder, ids[None])  # the document's KV, recomputed: (1, H, T, D) per layer
     if record.mode == "latent_kv":
         layers = [
             (torch.cat([k, tensors[f"k.{i}"][None].to(device, dtype)], 2), torch.cat([v, tensors[f"v.{i}"][None].to(device, dtype)], 2))
             for i, (k, v) in enumerate(prefix)
         ]
-        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), L, n_reread=r, position_rule=rule)
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), stored)
     z = tensors["latents"].to(device, dtype)  # (N_L, d)
     points = torch.tensor([[ids.shape[0]]], device=device)
     embeds = added_embeds(decoder, z[None], ids[None, -1:], r)  # (1, L+r, d)
-    positions = block_position_ids(points, L + r, rule, L, r)  # (1, L+r)
+    positions = stored.position_ids(points, L + r)  # (1, L+r)
     logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, torch.tensor([L + r - 1], device=device), positions)
-    return AugmentedCache(ids, layers, logits[0, 0], L, latents=z, n_reread=r, position_rule=rule)
+    return AugmentedCache(ids, layers, logits[0, 0], stored, latents=z)
 
 
 def records_to_table(records: list[CacheRecord]) -> pa.Table:

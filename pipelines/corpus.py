@@ -29,7 +29,15 @@ from cache_aug.config import CacheAugConfig, to_dict
 from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import DocumentError, prepare_document
 from cache_aug.records import RECORD_SCHEMA
-from cache_aug.store import MANIFESTS, NO_BUCKET, RUNS, bucket_of, done_documents, new_run_id, read_kind
+from cache_aug.store import (
+    MANIFESTS,
+    NO_BUCKET,
+    RUNS,
+    bucket_of,
+    done_documents,
+    new_run_id,
+    read_kind,
+)
 from pipelines.ray_session import init_ray
 from pipelines.storage import portable, resolve
 
@@ -175,7 +183,7 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
     coprocessor = portable(c.coprocessor)  # each actor loads it from there: the driver's disk may not be theirs
     decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver checks the fingerprint once
     module = load_latent_module(coprocessor, decoder, fsspec_options(cfg.s3))
-    if module.latent_channel == "kv" and cfg.storage.mode == "latents":
+    if not module.layout.allows_storage(cfg.storage.mode):
         raise ValueError(f"storage.mode: the coprocessor at {c.coprocessor} writes keys and values (latent_channel=\"kv\"), "
                          "not input embeddings: store \"latent_kv\" or \"full\"")
     fingerprint = latent_fingerprint(decoder, module)
@@ -208,8 +216,8 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
                 "config": {k: to_dict(getattr(cfg, k)) for k in ("model", "augmentation", "storage", "corpus")}}
     prepared = ds.map_batches(
         prepare_rows, batch_format="pyarrow", batch_size=c.batch_size, num_cpus=0.25,
-        fn_kwargs=dict(id_column=c.id_column, text_column=c.text_column, tokenizer=tokenizer, max_tokens=c.max_tokens,
-                       truncate=c.truncate, duplicates=duplicates, done=done, n_buckets=c.index_buckets, run_id=run_id),
+        fn_kwargs={"id_column": c.id_column, "text_column": c.text_column, "tokenizer": tokenizer, "max_tokens": c.max_tokens,
+                   "truncate": c.truncate, "duplicates": duplicates, "done": done, "n_buckets": c.index_buckets, "run_id": run_id},
     )
     augmented = prepared.map_batches(
         Augmenter, batch_format="pyarrow", batch_size=c.batch_size,
@@ -227,7 +235,7 @@ def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dic
         manifest |= {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
         try:
             _write_manifest(out_fs, out_root, manifest, t0)
-        except Exception as m:  # storage down: the write error is the one to report, not the manifest's
+        except Exception as m:  # storage down: the write error is the one to report, not the manifest's  # noqa: BLE001
             e.add_note(f"the failed run's manifest could not be written either: {type(m).__name__}: {m}")
         raise
 

@@ -47,8 +47,8 @@ class ModelConfig:
         require(bool(self.path), "path", "must be non-empty", self.path)
         if self.gguf_file is not None:
             require(bool(self.gguf_file) and os.path.basename(self.gguf_file) == self.gguf_file and "\\" not in self.gguf_file
-                     and self.gguf_file not in ("..", "."),
-                     "gguf_file", "must be a file name inside model.path (no directories)", self.gguf_file)
+                    and self.gguf_file not in ("..", "."),
+                    "gguf_file", "must be a file name inside model.path (no directories)", self.gguf_file)
         if self.attn_implementation is not None:
             require(
                 self.attn_implementation in _ATTN_IMPLEMENTATIONS,
@@ -142,8 +142,8 @@ class CoprocessorConfig:
         require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
         require(bool(self.lora_targets), "lora_targets", "must be non-empty", self.lora_targets)
         require(self.latent_channel == "embeds" or self.first_ahead_from == "last_token", "latent_channel",
-                 'latent_channel="kv" needs first_ahead_from="last_token" (no decoder logits exist at a latent slot)',
-                 self.latent_channel)
+                'latent_channel="kv" needs first_ahead_from="last_token" (no decoder logits exist at a latent slot)',
+                self.latent_channel)
 
 
 @dataclass(kw_only=True)

@@ -320,7 +320,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.n_latents) and all(n >= 1 for n in self.n_latents), "n_latents",
-                 "must list N_L values >= 1", self.n_latents)
+                "must list N_L values >= 1", self.n_latents)
         for name in ("steps", "batch_size", "checkpoint_every"):
             at_least(name, getattr(self, name), 1)
         at_least("warmup_steps", self.warmup_steps, 0)

@@ -22,7 +22,6 @@ import torch
 from bench.results_io import write_result
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=1000)
@@ -39,12 +38,17 @@ def main() -> None:
     import ray
 
     from cache_aug.augment import augment
-    from cache_aug.config import load_config
-    from cache_aug.coprocessor import build_latent_module, latent_fingerprint, load_latent_module, save_latent_module
+    from cache_aug.coprocessor import (
+        build_latent_module,
+        latent_fingerprint,
+        load_latent_module,
+        save_latent_module,
+    )
     from cache_aug.corpus import ensure_embedded_corpus
     from cache_aug.decoder import load_decoder
     from cache_aug.documents import prepare_document
     from cache_aug.records import encode_record, write_records
+    from pipelines.config import load_job_config
     from pipelines.corpus import run_corpus_job
 
     work = Path(tempfile.mkdtemp(prefix="bench-augment-"))
@@ -54,7 +58,7 @@ def main() -> None:
     base = [f"corpus.input_paths=[{work / 'in'}]", f"corpus.max_tokens={args.max_tokens}", "corpus.truncate=true",
             f"corpus.batch_size={args.batch_size}", f"corpus.augment_batch_size={args.augment_batch_size}", "augmentation.n_latents=8",
             f"corpus.num_actors={args.actors}", f"corpus.cpus_per_actor={args.cpus_per_actor}"]
-    cfg = load_config(None, overrides=base)
+    cfg = load_job_config(None, overrides=base)
     decoder = load_decoder(cfg.model)
     module = build_latent_module(decoder, cfg.coprocessor, cfg.augmentation.n_latents).eval()
     save_latent_module(module, decoder, work / "cop")
@@ -101,7 +105,7 @@ def main() -> None:
     # machine shared with other work that alone skews the comparison, so both sides get the same priority here.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    job_cfg = load_config(None, overrides=base + [f"corpus.output={work / 'out'}", f"corpus.coprocessor={work / 'cop'}"])
+    job_cfg = load_job_config(None, overrides=base + [f"corpus.output={work / 'out'}", f"corpus.coprocessor={work / 'cop'}"])
     ray.get(ray.remote(lambda: None).remote())  # the cluster is up before the clock starts (a user's cluster already is)
     t = time.perf_counter()
     manifest = run_corpus_job(job_cfg)

@@ -25,11 +25,11 @@ import time
 import torch
 
 from bench.results_io import write_result
-from cache_aug.config import load_config
 from cache_aug.decoder import Decoder, load_decoder
 from cache_aug.evaluate import evaluate_documents, read_documents, summarise
 from cache_aug.sweep import training_blocks
 from cache_aug.training import iterate_batches, lr_factor
+from pipelines.config import load_job_config
 
 
 def paired_report(cfg, rows_frozen: list[dict], rows_tuned: list[dict]) -> dict:
@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.config)
+    cfg = load_job_config(args.config)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_documents=args.max_documents))
     sw, lr = cfg.sweep, args.lr if args.lr is not None else cfg.sweep.lr
     frozen = load_decoder(cfg.model, device=cfg.eval.device)

@@ -103,12 +103,17 @@ def main() -> None:
     from ray import serve
 
     from cache_aug.augment import augment, generate
-    from cache_aug.config import load_config, to_dict
-    from cache_aug.coprocessor import build_latent_module, latent_fingerprint, save_latent_module
+    from cache_aug.config import to_dict
+    from cache_aug.coprocessor import (
+        build_latent_module,
+        latent_fingerprint,
+        save_latent_module,
+    )
     from cache_aug.corpus import ensure_embedded_corpus
     from cache_aug.decoder import load_decoder
     from cache_aug.records import restore
     from cache_aug.store import AugmentedCacheReader
+    from pipelines.config import load_job_config
     from pipelines.corpus import run_corpus_job
     from pipelines.serve import CompletionServer
 
@@ -116,7 +121,7 @@ def main() -> None:
     base = [f"augmentation.n_latents={args.n_latents}", f"corpus.max_tokens={args.doc_tokens}", "corpus.truncate=true",
             f"corpus.input_paths=[{work / 'in'}]", f"corpus.coprocessor={work / 'cop'}", "storage.dtype=bfloat16",
             "storage.mode=latent_kv", f"corpus.output={work / 'caches'}"]
-    cfg = load_config(None, overrides=base)
+    cfg = load_job_config(None, overrides=base)
     decoder = load_decoder(cfg.model)
     tok = decoder.tokenizer
     module = build_latent_module(decoder, cfg.coprocessor, args.n_latents).eval()
@@ -148,7 +153,7 @@ def main() -> None:
     port = 8124
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    c = load_config(None, overrides=base + [f"serve.cache_entries={args.cache_entries}", f"serve.max_tokens={args.max_tokens}",
+    c = load_job_config(None, overrides=base + [f"serve.cache_entries={args.cache_entries}", f"serve.max_tokens={args.max_tokens}",
                                             f"serve.max_prompt_tokens={len(prompt_ids) + 8}"])
     serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug", route_prefix="/")
     pid = replica_pid()

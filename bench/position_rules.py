@@ -19,12 +19,12 @@ import time
 import torch
 
 from bench.results_io import write_result
-from cache_aug.config import load_config
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.decoder import load_decoder
 from cache_aug.masks import POSITION_RULES
 from cache_aug.sweep import condition_config, training_blocks
 from cache_aug.training import evaluate
+from pipelines.config import load_job_config
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.config)
+    cfg = load_job_config(args.config)
     decoder = load_decoder(cfg.model, device=cfg.eval.device)
     held = training_blocks(cfg, decoder, cfg.data.eval_paths)[: args.check_blocks].to(decoder.device)
     ppl, none = {}, None

@@ -105,7 +105,7 @@ def serve_checks(head: dict, args, work: Path, mode: str, export: str, doc_ids: 
     serve_cfg["http_options"] |= {"host": "127.0.0.1", "port": port}
     app = serve_cfg["applications"][0]
     app["args"] = {"config": "jobs/configs/serve_smollm2.yaml", "overrides": [
-        f"corpus.output={work / 'caches' / mode}", f"corpus.coprocessor={export}", f"corpus.input_paths=[{work / 'in'}]"]}
+        f"serve.cache_prefix={work / 'caches' / mode}", f"serve.coprocessor={export}", f"serve.documents=[{work / 'in'}]"]}
     app["deployments"][0]["autoscaling_config"] |= {"max_replicas": 1}
     (work / f"serve_{mode}.yaml").write_text(yaml.safe_dump(serve_cfg))
     t0 = time.time()
@@ -161,13 +161,13 @@ def _offline(work: Path, mode: str, export: str, doc_ids: list[str], max_tokens:
     import pyarrow.fs as pafs
 
     from cache_aug.augment import generate
-    from cache_aug.config import load_config
     from cache_aug.coprocessor import latent_fingerprint, load_latent_module
     from cache_aug.decoder import load_decoder
     from cache_aug.records import restore
     from cache_aug.store import AugmentedCacheReader
+    from pipelines.config import load_job_config
 
-    cfg = load_config(str(REPO / "jobs/configs/serve_smollm2.yaml"))
+    cfg = load_job_config(str(REPO / "jobs/configs/serve_smollm2.yaml"))
     decoder = load_decoder(cfg.model)
     module = load_latent_module(export, decoder)
     fp = latent_fingerprint(decoder, module)

@@ -140,17 +140,18 @@ def measure(args) -> dict:
     import ray
     from ray import serve
 
-    from cache_aug.config import load_config, to_dict
+    from cache_aug.config import to_dict
     from cache_aug.coprocessor import build_latent_module, save_latent_module
     from cache_aug.corpus import ensure_embedded_corpus
     from cache_aug.decoder import load_decoder
+    from pipelines.config import load_job_config
     from pipelines.corpus import run_corpus_job
     from pipelines.serve import CompletionServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     base = [f"augmentation.n_latents={args.n_latents}", f"corpus.max_tokens={args.doc_tokens}", "corpus.truncate=true",
             f"corpus.input_paths=[{work / 'in'}]", f"corpus.coprocessor={work / 'cop'}", "storage.dtype=bfloat16"]
-    cfg = load_config(args.config, overrides=base)
+    cfg = load_job_config(args.config, overrides=base)
     decoder = load_decoder(cfg.model)
     tok = decoder.tokenizer
     save_latent_module(build_latent_module(decoder, cfg.coprocessor, args.n_latents).eval(), decoder, work / "cop")
@@ -168,7 +169,7 @@ def measure(args) -> dict:
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     for mode in ("latent_kv", "full"):
-        job = load_config(args.config, overrides=base + [f"storage.mode={mode}", f"corpus.output={work / mode}"])
+        job = load_job_config(args.config, overrides=base + [f"storage.mode={mode}", f"corpus.output={work / mode}"])
         assert run_corpus_job(job)["counts"]["written"] == len(stored_ids)
 
     port = 8123
@@ -176,7 +177,7 @@ def measure(args) -> dict:
     url = f"http://127.0.0.1:{port}"
 
     def deploy(mode: str) -> None:
-        c = load_config(args.config, overrides=base + [f"serve.cache_prefix={work / mode}", "serve.cache_ttl_s=0", "serve.documents=[]",
+        c = load_job_config(args.config, overrides=base + [f"serve.cache_prefix={work / mode}", "serve.cache_ttl_s=0", "serve.documents=[]",
                                                 f"serve.max_prompt_tokens={args.doc_tokens + 64}", f"serve.max_document_tokens={args.doc_tokens}"])
         serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug", route_prefix="/")
 

@@ -60,7 +60,7 @@ def train_local(
     The distributed job is `jobs/train.py`; this is the same math on one process, for a quick check.
 
     Args:
-        config: YAML config file (the cache_aug config tree); defaults when omitted.
+        config: YAML config file (the job config tree, pipelines.config.JobConfig); defaults when omitted.
         set: config overrides as dotted key=value, e.g. augmentation.n_latents=16.
         data: plain-text corpus (file with blank-line-separated documents, or a dir of .txt files);
             default: the KJV Bible with the embedded decoder's held-out chapters.
@@ -74,17 +74,18 @@ def train_local(
     """
     import torch
 
-    from cache_aug.config import dump_config, load_config
+    from cache_aug.config import dump_config
     from cache_aug.coprocessor import build_latent_module, save_latent_module
     from cache_aug.corpus import load_kjv, load_text_documents, split_heldout
     from cache_aug.decoder import load_decoder
     from cache_aug.tiny import TINY_SPECS
     from cache_aug.training import evaluate, iterate_batches, pack_blocks
     from cache_aug.training import train_local as run
+    from pipelines.config import load_job_config
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = load_config(config, overrides=set or ())
+    cfg = load_job_config(config, overrides=set or ())
     print(dump_config(cfg))
     decoder = load_decoder(cfg.model)
     every = TINY_SPECS[cfg.model.path].heldout_every if cfg.model.path in TINY_SPECS else 20
@@ -196,7 +197,8 @@ def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool 
         ray: spread the documents over a Ray Data actor pool (same as `python -m jobs.evaluate`); default: this process.
         num_cpus: logical CPUs of a local Ray cluster started here (with --ray).
     """
-    from cache_aug.config import dump_config, load_config
+    from cache_aug.config import dump_config
+    from pipelines.config import load_job_config
 
     if ray:
         from pipelines.evaluate import eval_job
@@ -204,7 +206,7 @@ def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool 
         return eval_job(config, set or [], num_cpus)
     from cache_aug.evaluate import markdown_table, run_eval
 
-    cfg = load_config(config, overrides=set or ())
+    cfg = load_job_config(config, overrides=set or ())
     print(dump_config(cfg))
     report = run_eval(cfg)
     print(markdown_table(report))
@@ -235,10 +237,11 @@ def sweep(config: str | None = None, set: list[str] | None = None, threads: int 
         from pipelines.sweep import sweep_job
 
         return sweep_job(config, set or [], num_cpus)
-    from cache_aug.config import dump_config, load_config
+    from cache_aug.config import dump_config
     from cache_aug.sweep import run_sweep, sweep_table
+    from pipelines.config import load_job_config
 
-    cfg = load_config(config, overrides=set or ())
+    cfg = load_job_config(config, overrides=set or ())
     if cfg.sweep.trainer != "local":
         raise SystemExit("sweep.trainer=ray runs through `python -m jobs.sweep` (or `cache-aug sweep --ray`)")
     print(dump_config(cfg))
@@ -271,10 +274,10 @@ def arithmetic(config: str | None = "jobs/configs/arithmetic_tiny.yaml", set: li
     import torch
 
     from cache_aug.arithmetic import ArithmeticSpec, markdown, run_arithmetic
-    from cache_aug.config import load_config
+    from pipelines.config import load_job_config
 
     torch.set_num_threads(threads)
-    cfg = load_config(config, overrides=set or ())
+    cfg = load_job_config(config, overrides=set or ())
     report = run_arithmetic(cfg, ArithmeticSpec(op=op, digits=digits, steps=decoder_steps, threads=threads), work_dir=work_dir,
                             results_dir=results_dir, modules_dir=modules_dir)
     print(markdown(report))
@@ -287,10 +290,11 @@ def config(file: str | None = None, set: list[str] | None = None) -> None:
         file: YAML config file to load; defaults when omitted.
         set: overrides as dotted key=value.
     """
-    from cache_aug.config import CacheAugConfig, dump_config, field_docs, load_config
+    from cache_aug.config import dump_config, field_docs
+    from pipelines.config import JobConfig, load_job_config
 
-    cfg = load_config(file, overrides=set or ())
-    for f in dataclasses.fields(CacheAugConfig):
+    cfg = load_job_config(file, overrides=set or ())
+    for f in dataclasses.fields(JobConfig):
         section = getattr(cfg, f.name)
         print(f"# {f.name}:")
         for name, doc in field_docs(type(section)).items():

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from cache_aug.config import CacheAugConfig, to_dict
+from cache_aug.config import to_dict
 from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import DocumentError, prepare_document
 from cache_aug.records import RECORD_SCHEMA
@@ -38,6 +38,7 @@ from cache_aug.store import (
     new_run_id,
     read_kind,
 )
+from pipelines.config import JobConfig
 from pipelines.ray_session import init_ray
 from pipelines.storage import portable, resolve
 
@@ -92,7 +93,7 @@ class Augmenter:
         from cache_aug.decoder import load_decoder
         from pipelines.storage import fsspec_options
 
-        self.cfg = from_dict(CacheAugConfig, config)
+        self.cfg = from_dict(JobConfig, config)
         self.device = "cuda" if self.cfg.corpus.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(self.cfg.corpus.cpus_per_actor)))
@@ -136,7 +137,7 @@ class Augmenter:
         return pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
 
 
-def _input_dataset(cfg: CacheAugConfig) -> tuple[ray.data.Dataset, list[str]]:
+def _input_dataset(cfg: JobConfig) -> tuple[ray.data.Dataset, list[str]]:
     c = cfg.corpus
     paths = [resolve_embedded_path(p) for p in c.input_paths]
     fs = resolve(paths[0], cfg.s3)[0]
@@ -152,7 +153,7 @@ def _input_dataset(cfg: CacheAugConfig) -> tuple[ray.data.Dataset, list[str]]:
     return ds.select_columns([c.id_column, c.text_column]), paths
 
 
-def _scan_ids(paths: list[str], cfg: CacheAugConfig) -> tuple[int, dict[str, int]]:
+def _scan_ids(paths: list[str], cfg: JobConfig) -> tuple[int, dict[str, int]]:
     """(row count, {duplicated id: occurrences}) from the id column alone, read on the driver (no Ray job)."""
     import pyarrow.dataset as pads
 
@@ -166,7 +167,7 @@ def _scan_ids(paths: list[str], cfg: CacheAugConfig) -> tuple[int, dict[str, int
     return n, {k: v for k, v in counts.items() if v > 1}
 
 
-def run_corpus_job(cfg: CacheAugConfig, *, actor_env: dict | None = None) -> dict:
+def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     """Run one incremental pass over the corpus; returns (and writes) the run manifest."""
     from cache_aug.coprocessor import latent_fingerprint, load_latent_module
     from cache_aug.decoder import load_decoder
@@ -262,9 +263,10 @@ def _write_manifest(fs, root: str, manifest: dict, t0: float) -> None:
 
 def augment_job(config: str | None, overrides: list[str], num_cpus: int | None = None) -> dict:
     """The corpus job as `ray job submit` and `cache-aug augment` run it; returns the run manifest."""
-    from cache_aug.config import dump_config, load_config
+    from cache_aug.config import dump_config
+    from pipelines.config import load_job_config
 
-    cfg = load_config(config, overrides=overrides)
+    cfg = load_job_config(config, overrides=overrides)
     print(dump_config(cfg), flush=True)
     init_ray(num_cpus)
     manifest = run_corpus_job(cfg)

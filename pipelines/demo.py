@@ -35,9 +35,10 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
     import requests
     from ray import serve
 
-    from cache_aug.config import dump_config, load_config, to_dict
+    from cache_aug.config import dump_config, to_dict
     from cache_aug.corpus import ensure_embedded_corpus
     from cache_aug.tiny import ensure_tiny_decoder
+    from pipelines.config import load_job_config
     from pipelines.corpus import run_corpus_job
     from pipelines.serve import CompletionServer
     from pipelines.storage import resolve
@@ -51,7 +52,7 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
     print(ensure_tiny_decoder("tiny-kjv"), flush=True)
 
     run = time.strftime("demo-%Y%m%dT%H%M%S")  # a fresh run each time (the same name would resume the finished one)
-    cfg = load_config(REPO / "jobs/configs/tiny_cpu.yaml", overrides=[
+    cfg = load_job_config(REPO / "jobs/configs/tiny_cpu.yaml", overrides=[
         f"train.storage_path={storage}/train", f"train.run_name={run}", f"train.max_steps={steps}",
         f"train.warmup_steps={min(50, steps // 10)}", f"train.checkpoint_every={steps}", f"train.eval_every={max(1, steps // 2)}",
         f"corpus.input_paths=[{storage}/corpus/]", f"corpus.output={storage}/caches", f"corpus.coprocessor={storage}/train/{run}/export",

@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from cache_aug.config import CacheAugConfig, from_dict, to_dict
+from cache_aug.config import from_dict, to_dict
 from cache_aug.corpus import resolve_embedded_path
+from pipelines.config import JobConfig
 from pipelines.ray_session import init_ray
 from pipelines.storage import fsspec_options, portable, resolve, upload_dir
-
 
 SKIPPED = -1  # the window index of a row that reports a document left out, not a window
 
@@ -37,7 +37,7 @@ class DocumentEvaluator:
         from cache_aug.coprocessor import latent_fingerprint, load_latent_module
         from cache_aug.decoder import load_decoder
 
-        self.cfg = from_dict(CacheAugConfig, config)
+        self.cfg = from_dict(JobConfig, config)
         ev = self.cfg.eval
         device = "cuda" if ev.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         if device == "cpu":
@@ -64,7 +64,7 @@ class DocumentEvaluator:
         return pa.table({c: [r[c] for r in rows] for c in columns}) if rows else pa.table({c: [] for c in columns})
 
 
-def _read_documents(cfg: CacheAugConfig) -> tuple[ray.data.Dataset, Counter]:
+def _read_documents(cfg: JobConfig) -> tuple[ray.data.Dataset, Counter]:
     """The documents to evaluate, and the documents the driver already left out (by reason)."""
     import pyarrow.dataset as pads
 
@@ -94,7 +94,7 @@ def _read_documents(cfg: CacheAugConfig) -> tuple[ray.data.Dataset, Counter]:
     return ds.repartition(4 * ev.num_actors), skipped  # a single input file is one block: split it so every actor gets work
 
 
-def run_eval_job(cfg: CacheAugConfig) -> dict:
+def run_eval_job(cfg: JobConfig) -> dict:
     """Evaluate with Ray Data and write the report to eval.output; returns the report."""
     from cache_aug.coprocessor import load_latent_module
     from cache_aug.decoder import load_decoder
@@ -132,9 +132,10 @@ def run_eval_job(cfg: CacheAugConfig) -> dict:
 
 def eval_job(config: str | None, overrides: list[str], num_cpus: int | None = None) -> dict:
     """The evaluation job as `ray job submit` and `cache-aug eval --ray` run it; returns the report."""
-    from cache_aug.config import dump_config, load_config
+    from cache_aug.config import dump_config
+    from pipelines.config import load_job_config
 
-    cfg = load_config(config, overrides=overrides)
+    cfg = load_job_config(config, overrides=overrides)
     print(dump_config(cfg), flush=True)
     init_ray(num_cpus)
     report = run_eval_job(cfg)

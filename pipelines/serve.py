@@ -26,8 +26,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from cache_aug.config import CacheAugConfig, from_dict, load_config, to_dict
+from cache_aug.config import from_dict, resolve_serve_sources, to_dict
 from cache_aug.engine import CompletionEngine, CompletionRequest, Plan, RequestRefused
+from pipelines.config import JobConfig, load_job_config
 from pipelines.protocol import (
     RequestError,
     error_body,
@@ -53,7 +54,7 @@ def _next(gen):
         return True, stop.value
 
 
-def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
+def build_engine(cfg: JobConfig) -> CompletionEngine:
     """Load the models, the stored-cache reader and the document lookup a replica serves with."""
     import pyarrow.fs as pafs
     import torch
@@ -77,7 +78,8 @@ def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     decoder = load_decoder(cfg.model, device=device, storage_options=fsspec_options(cfg.s3))
     module, fingerprint = None, None
-    cop = s.coprocessor or cfg.corpus.coprocessor
+    sources = resolve_serve_sources(cfg)  # serve.coprocessor / cache_prefix / documents, corpus.* where unset
+    cop = sources.coprocessor
     if cop:
         if s.online:
             module = load_latent_module(cop, decoder, fsspec_options(cfg.s3))
@@ -85,11 +87,11 @@ def build_engine(cfg: CacheAugConfig) -> CompletionEngine:
         else:
             fingerprint = saved_fingerprint(cop, decoder, fsspec_options(cfg.s3))
     records = None
-    prefix = s.cache_prefix or cfg.corpus.output
+    prefix = sources.cache_prefix
     if fingerprint and prefix:
         fs, root = resolve(prefix.rstrip("/"), cfg.s3)
         records = AugmentedCacheReader(fs or pafs.LocalFileSystem(), root, cfg.corpus.index_buckets)
-    doc_paths = cfg.corpus.input_paths if s.documents is None else s.documents
+    doc_paths = sources.documents
     documents = None
     if doc_paths:
         paths = [resolve_embedded_path(p) for p in doc_paths]
@@ -109,7 +111,7 @@ class CompletionServer:
         import ray
         import torch
 
-        self.cfg = from_dict(CacheAugConfig, config)
+        self.cfg = from_dict(JobConfig, config)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
         self.engine = build_engine(self.cfg)
@@ -218,10 +220,10 @@ def _config_source(config):
 def build_app(args: dict) -> serve.Application:
     """Serve application builder (`import_path: pipelines.serve:build_app`).
 
-    args: {"config": the cache_aug config tree: a YAML path (relative ones are also looked up in the repository
+    args: {"config": the job config tree (pipelines.config.JobConfig): a YAML path (relative ones are also looked up in the repository
     that holds this package) or the tree itself, inline; optional. "overrides": ["serve.max_tokens=128", ...]}
     """
-    cfg = load_config(_config_source(args.get("config")), overrides=list(args.get("overrides") or []))
+    cfg = load_job_config(_config_source(args.get("config")), overrides=list(args.get("overrides") or []))
     s = cfg.serve
     return CompletionServer.options(max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests).bind(
         to_dict(cfg))

@@ -10,13 +10,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from cache_aug.config import CacheAugConfig, dump_config, load_config
+from cache_aug.config import dump_config
 from cache_aug.sweep import run_sweep, sweep_table
+from pipelines.config import JobConfig, load_job_config
 from pipelines.ray_session import init_ray
 from pipelines.train import run_training
 
 
-def ray_train_condition(cfg: CacheAugConfig, condition: str, run_dir: Path) -> Path:
+def ray_train_condition(cfg: JobConfig, condition: str, run_dir: Path) -> Path:
     """One condition through pipelines.train (Ray Train + DeepSpeed), exported into run_dir/module."""
     module_dir = run_dir / "module"
     train = dataclasses.replace(
@@ -33,7 +34,7 @@ def ray_train_condition(cfg: CacheAugConfig, condition: str, run_dir: Path) -> P
 
 def sweep_job(config: str | None, overrides: list[str], num_cpus: int | None = None) -> list[dict]:
     """The sweep as `ray job submit` and `cache-aug sweep --ray` run it; returns the per-N_L reports."""
-    cfg = load_config(config, overrides=[*overrides, "sweep.trainer=ray"])
+    cfg = load_job_config(config, overrides=[*overrides, "sweep.trainer=ray"])
     print(dump_config(cfg), flush=True)
     init_ray(num_cpus)
     reports = run_sweep(cfg, train_fn=ray_train_condition)

@@ -24,13 +24,25 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
-from cache_aug.config import CacheAugConfig, from_dict, to_dict
-from cache_aug.coprocessor import build_latent_module, latent_fingerprint, save_latent_module
+from cache_aug.config import from_dict, to_dict
+from cache_aug.coprocessor import (
+    build_latent_module,
+    latent_fingerprint,
+    save_latent_module,
+)
 from cache_aug.decoder import load_decoder
 from cache_aug.losses import one_pass_loss, plain_ahead_loss, sample_points
+from pipelines.config import JobConfig
 from pipelines.data import training_datasets
 from pipelines.ray_session import init_ray
 from pipelines.storage import fsspec_options, resolve, upload_dir
@@ -39,7 +51,7 @@ CKPT_TAG = "ckpt"
 FAIL_ONCE_ENV = "CACHE_AUG_FAIL_ONCE"  # "STEP:MARKER_PATH": raise once at STEP (fault-injection tests)
 
 
-def deepspeed_config(cfg: CacheAugConfig) -> dict:
+def deepspeed_config(cfg: JobConfig) -> dict:
     """The JSON from `train.deepspeed_config`, with batch sizes, lr, schedule and clipping filled in."""
     t = cfg.train
     path = Path(t.deepspeed_config)
@@ -98,7 +110,7 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def _evaluate(decoder, engine, cfg: CacheAugConfig, rank: int, world: int, device) -> dict:
+def _evaluate(decoder, engine, cfg: JobConfig, rank: int, world: int, device) -> dict:
     """Held-out ahead loss with and without augmentation, at the same seeded points, over all ranks."""
     aug, t = cfg.augmentation, cfg.train
     shard = ray.train.get_dataset_shard("eval")
@@ -130,7 +142,7 @@ def _evaluate(decoder, engine, cfg: CacheAugConfig, rank: int, world: int, devic
     }
 
 
-def _export(engine, module, decoder, cfg: CacheAugConfig, rank: int) -> str | None:
+def _export(engine, module, decoder, cfg: JobConfig, rank: int) -> str | None:
     """Rank 0 writes the trained module in cache_aug format to the export path (all ranks gather under ZeRO-3)."""
     import deepspeed
 
@@ -148,7 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import deepspeed
 
-    cfg: CacheAugConfig = from_dict(CacheAugConfig, loop_config["config"])
+    cfg: JobConfig = from_dict(JobConfig, loop_config["config"])
     t, aug = cfg.train, cfg.augmentation
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
@@ -230,14 +242,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[train] exported coprocessor ({latent_fingerprint(decoder, module)}) to {export}", flush=True)
 
 
-def _ingest_config(cfg: CacheAugConfig) -> DataConfig:
+def _ingest_config(cfg: JobConfig) -> DataConfig:
     """Split only the training stream; keep block order when the config asks for reproducible runs."""
     options = DataConfig.default_ingest_options()
     options.preserve_order = cfg.data.preserve_order
     return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
-def build_trainer(cfg: CacheAugConfig, *, datasets: dict | None = None, tokenizer=None, worker_env: dict | None = None) -> TorchTrainer:
+def build_trainer(cfg: JobConfig, *, datasets: dict | None = None, tokenizer=None, worker_env: dict | None = None) -> TorchTrainer:
     """A TorchTrainer for the config (datasets built from cfg.data unless given).
 
     worker_env: extra environment variables for the training workers.
@@ -271,12 +283,12 @@ def build_trainer(cfg: CacheAugConfig, *, datasets: dict | None = None, tokenize
     )
 
 
-def run_training(cfg: CacheAugConfig, **kwargs):
+def run_training(cfg: JobConfig, **kwargs):
     """Fit, and return Ray Train's Result (metrics of the last report, latest checkpoint)."""
     return build_trainer(cfg, **kwargs).fit()
 
 
-def apply_debug_steps(cfg: CacheAugConfig, steps: int) -> CacheAugConfig:
+def apply_debug_steps(cfg: JobConfig, steps: int) -> JobConfig:
     """A smoke-run variant: `steps` optimizer steps, evaluated and checkpointed at the end."""
     import dataclasses
 
@@ -287,9 +299,10 @@ def apply_debug_steps(cfg: CacheAugConfig, steps: int) -> CacheAugConfig:
 
 def train_job(config: str | None, overrides: list[str], debug_steps: int = 0, num_cpus: int | None = None) -> dict:
     """The training job as `ray job submit` and `cache-aug train` run it; returns the final metrics."""
-    from cache_aug.config import dump_config, load_config
+    from cache_aug.config import dump_config
+    from pipelines.config import load_job_config
 
-    cfg = load_config(config, overrides=overrides)
+    cfg = load_job_config(config, overrides=overrides)
     if debug_steps:
         cfg = apply_debug_steps(cfg, debug_steps)
     print(dump_config(cfg), flush=True)

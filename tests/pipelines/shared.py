@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from cache_aug.config import ModelConfig, load_config
+from cache_aug.config import ModelConfig
 from cache_aug.coprocessor import build_latent_module, save_latent_module
 from cache_aug.decoder import load_decoder
+from pipelines.config import load_job_config
 from pipelines.storage import upload_dir
 
 
@@ -16,7 +17,7 @@ def upload_fresh_coprocessor(client, buckets: tuple[str, ...], model_dir, dest: 
     for b in buckets:
         client.create_bucket(Bucket=b)
     decoder = load_decoder(ModelConfig(path=str(model_dir)))
-    cfg = load_config(None, overrides=[f"model.path={model_dir}"])
+    cfg = load_job_config(None, overrides=[f"model.path={model_dir}"])
     module = build_latent_module(decoder, cfg.coprocessor, n_latents).eval()
     upload_dir(str(save_latent_module(module, decoder, local_dir)), dest, cfg.s3)
     return decoder, module, cfg

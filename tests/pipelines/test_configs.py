@@ -13,13 +13,13 @@ import ast
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
-from cache_aug.config import load_config
+from pipelines.config import load_job_config
 from pipelines.train import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def test_job_config_loads_and_names_existing_files(path, monkeypatch):
     header = _header(path)
     launch = re.search(r"python -m jobs\.|serve (run|deploy) |cache-aug [a-z]", header)
     assert launch, "each config opens with the command that launches it"
-    cfg = load_config(path)
+    cfg = load_job_config(path)
     if "python -m jobs.train" not in header:
         return
     assert (ROOT / cfg.train.deepspeed_config).exists()
@@ -123,8 +123,8 @@ def test_job_config_loads_and_names_existing_files(path, monkeypatch):
 
 @pytest.mark.parametrize("path", [p for p in JOB_CONFIGS if "python -m jobs.augment" in _header(p)], ids=lambda p: p.name)
 def test_corpus_config_uses_a_coprocessor_trained_for_its_decoder(path):
-    cfg = load_config(path)
-    trainers = {_export_path(t): t for t in (load_config(p) for p in JOB_CONFIGS if "python -m jobs.train" in _header(p))}
+    cfg = load_job_config(path)
+    trainers = {_export_path(t): t for t in (load_job_config(p) for p in JOB_CONFIGS if "python -m jobs.train" in _header(p))}
     assert cfg.corpus.coprocessor in trainers, f"corpus.coprocessor is no shipped training config's export: {sorted(trainers)}"
     trained = trainers[cfg.corpus.coprocessor]
     assert (cfg.model.path, cfg.model.dtype) == (trained.model.path, trained.model.dtype)
@@ -140,7 +140,7 @@ def test_deepspeed_json_accepted_by_deepspeed(path):
     ds = DeepSpeedConfig(raw)  # world size 1 without a process group; raises on anything DeepSpeed rejects
     assert ds.zero_optimization_stage == raw["zero_optimization"]["stage"]
     assert ds.bfloat16_config.enabled == raw.get("bf16", {}).get("enabled", False)
-    users = [p.name for p in JOB_CONFIGS if load_config(p).train.deepspeed_config == str(path.relative_to(ROOT))]
+    users = [p.name for p in JOB_CONFIGS if load_job_config(p).train.deepspeed_config == str(path.relative_to(ROOT))]
     assert users and "Used by" in raw.get("_comment", ""), "every DeepSpeed JSON is used by a job config and says which"
 
 
@@ -220,7 +220,11 @@ def _defines(module_file: Path, name: str) -> bool:
 
 @pytest.mark.parametrize("config,workdir", _serve_configs())
 def test_serve_config_passes_serve_schema_and_imports_repo_code(config, workdir):
-    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+    from ray.serve.schema import (
+        DeploymentSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+    )
 
     ServeDeploySchema.model_validate(config)
     # The schema ignores unknown keys; a misspelt option would silently do nothing.
@@ -234,7 +238,7 @@ def test_serve_config_passes_serve_schema_and_imports_repo_code(config, workdir)
         assert module_file.exists() and _defines(module_file, attr), f"{app['import_path']} is not in the repo"
         args = app.get("args") or {}
         if isinstance(args.get("config"), str):
-            load_config(ROOT / args["config"], overrides=args.get("overrides", []))
+            load_job_config(ROOT / args["config"], overrides=args.get("overrides", []))
         working_dir = (app.get("runtime_env") or {}).get("working_dir")
         if workdir and working_dir:
             assert working_dir == f"local://{workdir}", "a RayService runs the code baked into the image"
@@ -270,7 +274,7 @@ def _check_entrypoint(entry: str) -> None:
     assert argv[:2] == ["python", "-m"] and (ROOT / (argv[2].replace(".", "/") + ".py")).exists(), entry
     config = argv[argv.index("--config") + 1]
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    load_config(ROOT / config, overrides=overrides)  # the job config and its overrides are valid
+    load_job_config(ROOT / config, overrides=overrides)  # the job config and its overrides are valid
 
 
 def _check_cluster_spec(cs: dict, image: str, workdir: str) -> None:

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from cache_aug.augment import augment, decode_steps
-from cache_aug.config import load_config, to_dict
+from cache_aug.config import to_dict
 from cache_aug.coprocessor import latent_fingerprint, load_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.documents import content_hash
 from cache_aug.records import restore
 from cache_aug.store import AugmentedCacheReader, read_kind
+from pipelines.config import load_job_config
 from pipelines.corpus import FAIL_AFTER_ENV, Augmenter, run_corpus_job
 from pipelines.storage import fsspec_options, s3_filesystem
 from tests.pipelines.shared import upload_fresh_coprocessor
@@ -64,7 +65,7 @@ def _cfg(setup, output, inputs="s3://corpus-in/v1/", **corpus):
         "corpus.max_tokens": 400, "corpus.batch_size": 32, "corpus.augment_batch_size": 8, "corpus.index_buckets": 8,
         "corpus.max_rows_per_file": 50,
     } | {f"corpus.{k}": v for k, v in corpus.items()}
-    return load_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return load_job_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
 def test_incremental_runs_with_exact_accounting(setup):

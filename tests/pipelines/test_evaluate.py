@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cache_aug.config import CoprocessorConfig, ModelConfig, S3Config, load_config, to_dict
+from cache_aug.config import CoprocessorConfig, ModelConfig, S3Config, to_dict
 from cache_aug.coprocessor import build_latent_module, save_latent_module
 from cache_aug.decoder import load_decoder
 from cache_aug.evaluate import run_eval
+from pipelines.config import load_job_config
 from pipelines.evaluate import DocumentEvaluator, _read_documents, run_eval_job
 from pipelines.storage import upload_dir
 
@@ -47,12 +48,12 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
     common = [f"model.path={tiny_default_dir}", f"eval.pause={tmp_path / 'pause'}", f"eval.coprocessor={tmp_path / 'coprocessor'}",
               "eval.window=32", "eval.max_ahead=5", "eval.points_per_window=3", "augmentation.n_ahead=3",
               "augmentation.min_prefix=4", "eval.bootstrap_samples=100", "eval.docs_per_batch=2"]
-    local = run_eval(load_config(None, overrides=[*common, f"eval.paths=[{tmp_path / 'heldout.parquet'}]",
+    local = run_eval(load_job_config(None, overrides=[*common, f"eval.paths=[{tmp_path / 'heldout.parquet'}]",
                                                   f"eval.output={tmp_path / 'local'}"]))
     # the actors load the coprocessor from S3 themselves (the pause module from its local path) and keep no copy
     upload_dir(str(tmp_path / "coprocessor"), "s3://eval-docs/coprocessor", S3Config())
     copies = {p.name for p in Path(tempfile.gettempdir()).glob("cache-aug-*")}
-    remote_cfg = load_config(None, overrides=[*common, "eval.paths=[s3://eval-docs/heldout/]", "eval.num_actors=2",
+    remote_cfg = load_job_config(None, overrides=[*common, "eval.paths=[s3://eval-docs/heldout/]", "eval.num_actors=2",
                                               "eval.cpus_per_actor=0.5", "eval.output=s3://eval-docs/report",
                                               "eval.coprocessor=s3://eval-docs/coprocessor"])
     remote = run_eval_job(remote_cfg)
@@ -80,10 +81,10 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
 def test_first_documents_are_chosen_past_unusable_rows_and_duplicates_refused(s3_server, tmp_path):
     """eval.max_documents picks the first usable documents in id order; rows without text are counted, not a crash."""
     pq.write_table(pa.table({"doc_id": ["c", "a", "b", "d"], "text": [TEXTS[0], None, TEXTS[1], ""]}), tmp_path / "docs.parquet")
-    cfg = load_config(None, overrides=[f"eval.paths=[{tmp_path / 'docs.parquet'}]", "eval.max_documents=1"])
+    cfg = load_job_config(None, overrides=[f"eval.paths=[{tmp_path / 'docs.parquet'}]", "eval.max_documents=1"])
     documents, skipped = _read_documents(cfg)
     assert [r["doc_id"] for r in documents.take_all()] == ["b"]
     assert skipped == {"null text": 1, "empty text": 1}
     pq.write_table(pa.table({"doc_id": ["c", "a", "c"], "text": TEXTS[:3]}), tmp_path / "dups.parquet")
     with pytest.raises(ValueError, match="1 ids name more than one row: 'c' \\(2 rows\\)"):
-        _read_documents(load_config(None, overrides=[f"eval.paths=[{tmp_path / 'dups.parquet'}]"]))
+        _read_documents(load_job_config(None, overrides=[f"eval.paths=[{tmp_path / 'dups.parquet'}]"]))

@@ -22,13 +22,26 @@ import pytest
 import torch
 from pyarrow.fs import LocalFileSystem
 
-from cache_aug.config import ModelConfig, load_config
+from cache_aug.config import ModelConfig
 from cache_aug.coprocessor import build_latent_module, save_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.decoder import load_decoder
 from cache_aug.kv import CacheSpec
-from cache_aug.records import CacheRecord, CacheRecordError, decode_payload, payload_checksum, write_records
-from cache_aug.store import AugmentedCacheReader, done_documents, kind_files, read_kind, run_ids
+from cache_aug.records import (
+    CacheRecord,
+    CacheRecordError,
+    decode_payload,
+    payload_checksum,
+    write_records,
+)
+from cache_aug.store import (
+    AugmentedCacheReader,
+    done_documents,
+    kind_files,
+    read_kind,
+    run_ids,
+)
+from pipelines.config import load_job_config
 from tests.conftest import SeaweedFS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,7 +184,7 @@ def test_damaged_parquet_files_are_ignored_by_accounting_and_reader(tmp_path):
 def corpus_setup(tiny_default_dir, tmp_path_factory):
     """A local coprocessor; 160 KJV documents as one local Parquet file, and 480 as 12 files (blocks stream through)."""
     decoder = load_decoder(ModelConfig(path=str(tiny_default_dir)))
-    cfg0 = load_config(None, overrides=[f"model.path={tiny_default_dir}"])
+    cfg0 = load_job_config(None, overrides=[f"model.path={tiny_default_dir}"])
     cop = save_latent_module(build_latent_module(decoder, cfg0.coprocessor, 2), decoder, tmp_path_factory.mktemp("cop"))
     rows = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").slice(0, 480).to_pylist()
     table = pa.table({"doc_id": [r["doc_id"] for r in rows], "text": [r["text"][:600] for r in rows]})
@@ -191,7 +204,7 @@ def _corpus_cfg(setup, output, *extra, inputs=None):
         "corpus.max_tokens": 400, "corpus.batch_size": 8, "corpus.augment_batch_size": 8, "corpus.index_buckets": 4,
         "corpus.max_rows_per_file": 16,
     }
-    return load_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()] + list(extra))
+    return load_job_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()] + list(extra))
 
 
 class _Background:
@@ -365,7 +378,7 @@ def test_training_resumes_from_last_checkpoint_after_sigkill_of_a_worker(tiny_de
         "train.deepspeed_config": "cluster/deepspeed/cpu.json", "train.zero_stage": 2, "train.max_steps": 60,
         "train.checkpoint_every": 20, "train.eval_every": 60, "train.max_failures": 1, "train.checkpoints_to_keep": 10,
     }
-    cfg = load_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_job_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])
     run_dir = tmp_path / "runs" / name
     job = _Background(run_training, cfg)
     # a checkpoint is resumable once Ray Train's controller has registered it; a written but unregistered one is not

@@ -83,7 +83,7 @@ def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_pat
     serve_cfg["http_options"] |= {"host": "127.0.0.1", "port": port}
     app = serve_cfg["applications"][0]
     app["args"]["overrides"] = [c.removeprefix("--set=") for c in common] + [
-        f"corpus.output={work / 'caches'}", f"corpus.coprocessor={export}", f"corpus.input_paths=[{work / 'in'}]"]
+        f"serve.cache_prefix={work / 'caches'}", f"serve.coprocessor={export}", f"serve.documents=[{work / 'in'}]"]
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))
     _run(["serve", "deploy", "--address", address, str(tmp_path / "serve.yaml")], env)
     url = f"http://127.0.0.1:{port}"

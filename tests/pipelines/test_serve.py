@@ -12,11 +12,12 @@ import requests
 from openai import OpenAI
 
 from cache_aug.augment import augment, generate
-from cache_aug.config import load_config, to_dict
+from cache_aug.config import to_dict
 from cache_aug.coprocessor import latent_fingerprint
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.records import records_to_table, restore
 from cache_aug.store import RUNS, AugmentedCacheReader, bucket_of
+from pipelines.config import load_job_config
 from pipelines.corpus import run_corpus_job
 from pipelines.storage import s3_filesystem
 from tests.pipelines.shared import upload_fresh_coprocessor
@@ -53,7 +54,7 @@ def served(s3_server, tiny_default_dir, tmp_path_factory):
             "corpus.input_paths": "[s3://serve-in/docs/]", "corpus.coprocessor": "s3://serve-models/cop",
             "corpus.index_buckets": BUCKETS, "corpus.max_tokens": 512}
     for mode in MODES:
-        cfg = load_config(None, overrides=[f"{k}={v}" for k, v in (base | {"storage.mode": mode, "corpus.output": f"s3://serve-caches/{mode}"}).items()])
+        cfg = load_job_config(None, overrides=[f"{k}={v}" for k, v in (base | {"storage.mode": mode, "corpus.output": f"s3://serve-caches/{mode}"}).items()])
         assert run_corpus_job(cfg)["counts"]["written"] == len(stored)
     with fs.open_output_stream("serve-in/docs/part-1.parquet") as f:
         pq.write_table(pa.table({"doc_id": list(late), "text": list(late.values())}), f)
@@ -73,7 +74,7 @@ def deploy(served, mode: str, *extra: str, env: dict | None = None) -> str:
 
     over = served["base"] | {"serve.cache_prefix": f"s3://serve-caches/{mode}", "serve.max_tokens": 32, "serve.max_prompt_tokens": 64,
                              "serve.max_request_bytes": 4096}
-    cfg = load_config(None, overrides=[f"{k}={v}" for k, v in over.items()] + list(extra))
+    cfg = load_job_config(None, overrides=[f"{k}={v}" for k, v in over.items()] + list(extra))
     dep = CompletionServer.options(ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env or {}}})
     serve.run(dep.bind(to_dict(cfg)), name="cache-aug", route_prefix="/")
     return served["url"]

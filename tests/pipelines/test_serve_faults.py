@@ -20,11 +20,12 @@ import pytest
 import requests
 
 from cache_aug.augment import augment, generate
-from cache_aug.config import load_config, to_dict
+from cache_aug.config import to_dict
 from cache_aug.coprocessor import latent_fingerprint
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.records import restore
 from cache_aug.store import AugmentedCacheReader
+from pipelines.config import load_job_config
 from pipelines.corpus import run_corpus_job
 from pipelines.storage import s3_filesystem
 from tests.pipelines.shared import upload_fresh_coprocessor
@@ -74,7 +75,7 @@ def site(s3_server, tiny_default_dir, tmp_path_factory):
     base = {"model.path": str(tiny_default_dir), "augmentation.n_latents": 2, "storage.dtype": "bfloat16", "storage.mode": "latent_kv",
             "corpus.input_paths": "[s3://faults-in/docs/]", "corpus.coprocessor": "s3://faults-models/cop",
             "corpus.output": "s3://faults-caches/latent_kv", "corpus.index_buckets": BUCKETS, "corpus.max_tokens": 512}
-    assert run_corpus_job(load_config(None, overrides=[f"{k}={v}" for k, v in base.items()]))["counts"]["written"] == len(stored)
+    assert run_corpus_job(load_job_config(None, overrides=[f"{k}={v}" for k, v in base.items()]))["counts"]["written"] == len(stored)
     with fs.open_output_stream("faults-in/docs/part-1.parquet") as f:
         pq.write_table(pa.table({"doc_id": list(late), "text": list(late.values())}), f)
 
@@ -98,7 +99,7 @@ def deploy(site, *extra: str, **options) -> str:
     from pipelines.serve import CompletionServer
 
     over = site["base"] | {"serve.max_tokens": 32, "serve.max_prompt_tokens": 64, "serve.max_request_bytes": 4096}
-    cfg = load_config(None, overrides=[f"{k}={v}" for k, v in over.items()] + list(extra))
+    cfg = load_job_config(None, overrides=[f"{k}={v}" for k, v in over.items()] + list(extra))
     dep = CompletionServer.options(ray_actor_options={"num_cpus": 1}, **options)
     serve.run(dep.bind(to_dict(cfg)), name="cache-aug", route_prefix="/")
     return site["url"]

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from cache_aug.augment import augment
-from cache_aug.config import ModelConfig, load_config
+from cache_aug.config import ModelConfig
 from cache_aug.coprocessor import latent_fingerprint, load_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.decoder import load_decoder
+from pipelines.config import load_job_config
 from pipelines.storage import download_dir
 from pipelines.train import FAIL_ONCE_ENV, run_training
 
@@ -51,7 +52,7 @@ def _cfg(tiny_default_dir, corpus, run_name, storage, **train):
         "train.deepspeed_config": "cluster/deepspeed/cpu.json",
     }
     overrides |= {f"train.{k}": v for k, v in train.items()}
-    return load_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return load_job_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
 def test_end_to_end_s3_checkpoint_resume_and_export(tiny_default_dir, corpus_bucket, s3_server, tmp_path):

@@ -1,0 +1,328 @@
+"""The library's settings of each stage: training data, training run, corpus job, endpoint, evaluation, sweep.
+
+Sections of the library's configuration tree (:class:`cache_aug.config.CacheAugConfig`); import them
+from ``cache_aug.config``. They hold what the library itself reads; how a stage is spread over a Ray
+cluster (workers, actors, CPUs and GPUs per actor, replicas' request limits, DeepSpeed) is added to
+these sections by the jobs' configuration, outside this library. No torch, no ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cache_aug.typed_config import at_least, require
+
+__all__ = ["CorpusConfig", "DataConfig", "EvalConfig", "ServeConfig", "SweepConfig", "TrainConfig"]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Pretraining text for the coprocessor: where it is and how it is cut into sequences."""
+
+    paths: list[str] = field(default_factory=lambda: ["embedded:kjv/train"])
+    """Files, directories or globs (local or ``s3://``) of training shards; "embedded:kjv/train" is the
+    KJV Bible's training chapters, written to Parquet on first use."""
+
+    format: Literal["parquet", "jsonl", "text"] = "parquet"
+    """Shard format: Parquet or JSON-lines with a text column, or plain text (one document per line)."""
+
+    text_column: str = "text"
+    """Column holding the document text (Parquet and JSONL)."""
+
+    eval_paths: list[str] = field(default_factory=lambda: ["embedded:kjv/heldout"])
+    """Held-out shards for evaluation; empty means a stable hash split of ``paths`` (see heldout_fraction)."""
+
+    heldout_fraction: float = 0.02
+    """Share of documents held out by a hash of their text when ``eval_paths`` is empty."""
+
+    seq_len: int = 256
+    """Tokens per packed training sequence (documents are joined with EOS, then cut)."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.paths), "paths", "must name at least one shard", self.paths)
+        require(0 <= self.heldout_fraction < 1, "heldout_fraction", "must be in [0, 1)", self.heldout_fraction)
+        at_least("seq_len", self.seq_len, 2)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training run: its name and storage, batch sizes, schedule, checkpoints and evaluations."""
+
+    run_name: str = "coprocessor"
+    """Run name under ``storage_path``; re-running with the same name resumes from its latest checkpoint."""
+
+    storage_path: str = "runs"
+    """Where checkpoints and the exported coprocessor go: a local directory or ``s3://bucket/prefix``."""
+
+    micro_batch_size: int = 8
+    """Sequences per worker per micro-step."""
+
+    grad_accum_steps: int = 1
+    """Micro-steps accumulated per optimizer step."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+
+    warmup_steps: int = 50
+    """Linear warmup steps, then cosine decay to max_steps."""
+
+    max_steps: int = 1000
+    """Optimizer steps in the whole run (a resumed run continues up to it)."""
+
+    grad_clip: float = 1.0
+    """Gradient-norm clipping."""
+
+    checkpoint_every: int = 100
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+
+    eval_every: int = 100
+    """Optimizer steps between held-out evaluations (one is always run at the end)."""
+
+    eval_batches: int = 4
+    """Held-out batches per evaluation, per worker."""
+
+    export_path: str | None = None
+    """Where the trained coprocessor is exported in cache_aug format; None: <storage_path>/<run_name>/export."""
+
+    seed: int = 0
+    """Seed for augmentation points and data order."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'", self.run_name)
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "eval_every", "eval_batches"):
+            at_least(name, getattr(self, name), 1)
+        at_least("warmup_steps", self.warmup_steps, 0)
+        require(self.lr > 0, "lr", "must be > 0", self.lr)
+
+
+@dataclass(kw_only=True)
+class CorpusConfig:
+    """The corpus augmentation job: documents in, stored augmented caches out (incremental)."""
+
+    input_paths: list[str] = field(default_factory=lambda: ["embedded:kjv/heldout"])
+    """Parquet/Arrow files or directories (local or ``s3://``), one row per document."""
+
+    id_column: str = "doc_id"
+    """Column holding each document's unique id."""
+
+    text_column: str = "text"
+    """Column holding the document text (UTF-8)."""
+
+    output: str = "runs/caches"
+    """Output prefix (local or ``s3://``): records, errors and skip ledger under runs/, manifests/ beside."""
+
+    coprocessor: str | None = None
+    """Trained coprocessor directory (local or ``s3://``): the training job's export. Required by the job."""
+
+    max_tokens: int = 2048
+    """Longest document (in tokens) that is augmented."""
+
+    truncate: bool = False
+    """Cut longer documents to max_tokens (the record says so) instead of sending them to the errors table."""
+
+    augment_batch_size: int = 8
+    """Documents augmented together in one forward pass (similar lengths, right-padded)."""
+
+    max_rows_per_file: int = 256
+    """Upper bound on records per output Parquet file (bounded file sizes)."""
+
+    index_buckets: int = 64
+    """Records are partitioned by a hash of doc_id into this many buckets, so one lookup reads one bucket."""
+
+    rows_per_group: int = 4
+    """Records per Parquet row group. A lookup reads one row group, so this bounds the bytes read per served
+    document (a `full`-mode record holds the document's whole KV cache)."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.input_paths), "input_paths", "must name at least one input", self.input_paths)
+        for name in ("max_tokens", "augment_batch_size", "max_rows_per_file", "index_buckets", "rows_per_group"):
+            at_least(name, getattr(self, name), 1)
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """The completions endpoint: completions decoded against stored augmented caches, with fallback.
+
+    Where it reads from (``coprocessor``, ``cache_prefix``, ``documents``) defaults to what the corpus job
+    wrote and read; :func:`cache_aug.config.resolve_serve_sources` is the one place that applies those
+    defaults, and the shipped serve configs write all three out."""
+
+    model_name: str = "cache-aug"
+    """Model name the endpoint lists at /v1/models and accepts in a request's "model" field."""
+
+    cache_prefix: str | None = None
+    """Output prefix of the corpus job to read cache records from (local or ``s3://``). None (the default)
+    means ``corpus.output``: the prefix this config's corpus job writes (see ``resolve_serve_sources``)."""
+
+    coprocessor: str | None = None
+    """Trained coprocessor directory (local or ``s3://``) the stored caches were made with. None (the
+    default) means ``corpus.coprocessor``: the module this config's corpus job augments with (see
+    ``resolve_serve_sources``). Without one, stored caches cannot be checked and are never used."""
+
+    online: bool = True
+    """Hold the coprocessor in memory for online augmentation (the fallback for a missing or refused cache);
+    False loads only its fingerprint, so the replica needs memory for the decoder alone."""
+
+    fallback: Literal["online", "none"] = "online"
+    """What a request whose document has no usable stored cache gets: "online" augments the document now
+    (needs ``online``), "none" decodes after the plain document. Either way the response says which."""
+
+    documents: list[str] | None = None
+    """Where document texts are looked up by id when a cache is missing (Parquet, local or ``s3://``, with
+    ``corpus.id_column``/``corpus.text_column``). None (the default) means ``corpus.input_paths``: the
+    documents this config's corpus job reads (see ``resolve_serve_sources``); [] disables the lookup
+    (then only a request's own "document" text can be augmented online)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the replica runs the models; "auto" takes a GPU when the replica was given one."""
+
+    max_tokens: int = 256
+    """Largest ``max_tokens`` a request may ask for (larger requests get 400)."""
+
+    default_max_tokens: int = 16
+    """``max_tokens`` of a request that names none (OpenAI's default)."""
+
+    max_prompt_tokens: int = 2048
+    """Longest prompt in tokens (longer requests get 400)."""
+
+    max_document_tokens: int = 4096
+    """Longest document text a request may send for online augmentation (longer ones get 400)."""
+
+    max_request_bytes: int = 1 << 20
+    """Largest request body in bytes (larger requests get 413)."""
+
+    cache_entries: int = 64
+    """Restored caches held in the replica's LRU (by document id)."""
+
+    cache_bytes: int = 1 << 30
+    """Upper bound on the bytes of tensors held in that LRU; the least recently used are evicted first."""
+
+    cache_ttl_s: float = 300.0
+    """Seconds an LRU entry is trusted before the cache prefix is read again (a newer corpus run may replace it)."""
+
+    batch_size: int = 8
+    """Most documents augmented (or prefilled) together in one forward pass when requests arrive together."""
+
+    batch_wait_s: float = 0.005
+    """How long a request waits for others to share its augmentation batch."""
+
+    auth_token_env: str = "CACHE_AUG_API_TOKEN"
+    """Environment variable holding the bearer token that requests must send; unset or empty: no auth."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.model_name), "model_name", "must be non-empty", self.model_name)
+        for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_document_tokens", "max_request_bytes",
+                     "cache_entries", "cache_bytes", "batch_size"):
+            at_least(name, getattr(self, name), 1)
+        require(self.default_max_tokens <= self.max_tokens, "default_max_tokens", "must be <= max_tokens", self.default_max_tokens)
+        require(self.cache_ttl_s >= 0, "cache_ttl_s", "must be >= 0", self.cache_ttl_s)
+        require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0", self.batch_wait_s)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation (`cache-aug eval`): none / pause / coprocessor at the same sampled points."""
+
+    paths: list[str] = field(default_factory=lambda: ["embedded:kjv/heldout"])
+    """Held-out documents: Parquet files or directories (local or ``s3://``), one row per document;
+    "embedded:kjv/heldout" is the embedded decoder's held-out chapters, never seen in training."""
+
+    id_column: str = "doc_id"
+    """Column holding each document's id; without one, a document is named by the hash of its text."""
+
+    text_column: str = "text"
+    """Column holding the document text."""
+
+    pause: str | None = None
+    """Trained pause-token module (a directory, local or ``s3://``); None leaves the pause condition out."""
+
+    coprocessor: str | None = None
+    """Trained coprocessor (a directory, local or ``s3://``); None leaves the coprocessor condition out."""
+
+    window: int = 256
+    """Documents are cut into windows of at most this many tokens; each window is evaluated on its own
+    (the prefix of a point is the window up to it), as training sequences are."""
+
+    points_per_window: int = 16
+    """Augmentation points sampled per window, uniformly over positions that leave max_ahead tokens ahead
+    (fewer when a short window has fewer such positions). The same points serve every condition."""
+
+    max_ahead: int = 32
+    """Ahead positions measured at each point (1..max_ahead); the headline perplexity averages
+    positions 1..augmentation.n_ahead, the range the modules were trained on."""
+
+    max_documents: int = 0
+    """Evaluate only the first this many documents (in id order); 0: all."""
+
+    batch_size: int = 8
+    """Windows evaluated together in one forward pass."""
+
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples of the points for the confidence intervals."""
+
+    confidence: float = 0.95
+    """Level of the bootstrap confidence intervals."""
+
+    seed: int = 0
+    """Seed of the point sampling (per document and window, so any split of the documents over workers
+    gives the same points) and of the bootstrap."""
+
+    device: str = "cpu"
+    """torch device of a local evaluation, e.g. "cuda"; the Ray job's actors use the GPU when eval.gpus_per_actor > 0."""
+
+    output: str = "runs/eval"
+    """Output directory (local or ``s3://``): eval.json, eval.md, positions.json and the PNG plot."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.paths), "paths", "must name at least one input", self.paths)
+        for name in ("window", "points_per_window", "max_ahead", "batch_size", "bootstrap_samples"):
+            at_least(name, getattr(self, name), 1)
+        at_least("max_documents", self.max_documents, 0)
+        require(0 < self.confidence < 1, "confidence", "must be in (0, 1)", self.confidence)
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """The N_L sweep (`cache-aug sweep`): train pause and coprocessor at each N_L with one budget, evaluate each."""
+
+    n_latents: list[int] = field(default_factory=lambda: [4, 8, 16])
+    """The N_L values swept."""
+
+    trainer: Literal["local", "ray"] = "local"
+    """"local": the library's own loop in this process (one device); "ray": the Ray Train + DeepSpeed
+    job (train.* settings), one run per condition. Both take the same one-pass loss."""
+
+    steps: int = 1000
+    """Optimizer steps per condition (the same budget for pause and coprocessor)."""
+
+    batch_size: int = 32
+    """Sequences per optimizer step (local trainer; the Ray trainer uses train.micro_batch_size)."""
+
+    lr: float = 1e-3
+    """Peak learning rate (linear warmup, then cosine decay to 10%)."""
+
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+
+    checkpoint_every: int = 200
+    """Local trainer: steps between checkpoints; a re-run resumes a condition from its latest one."""
+
+    curve_every: int = 0
+    """Local trainer: steps between held-out checks of the training loss curve (0: none); the untrained module is
+    checked first (step 0)."""
+
+    work_dir: str = "runs/sweep"
+    """Where trained modules and checkpoints go, one directory per N_L and condition."""
+
+    results_dir: str = "docs/results"
+    """Where each N_L's eval JSON / Markdown / plot and the sweep summary go."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.n_latents) and all(n >= 1 for n in self.n_latents), "n_latents",
+                "must list N_L values >= 1", self.n_latents)
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            at_least(name, getattr(self, name), 1)
+        at_least("warmup_steps", self.warmup_steps, 0)
+        at_least("curve_every", self.curve_every, 0)
+        require(self.lr > 0, "lr", "must be > 0", self.lr)

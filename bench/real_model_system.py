@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["wall_s"] = time.time() - t_all
     out = REPO / "bench" / "results" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2).replace(str(work), "<work>") + "\n")  # no machine paths in results
     print(json.dumps({k: v for k, v in result.items() if k != "logs_tail"}, indent=2)[:6000])
     return result
 

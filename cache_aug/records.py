@@ -29,8 +29,10 @@ rule the loaded module follows.
 
 Stored data is untrusted input: `decode_payload` checks fingerprint, checksum, and every
 tensor's name, dtype, shape and byte range against what the loaded decoder implies before
-anything is allocated, and raises `CacheRecordError` (or `FingerprintMismatch`) naming the
-document and the field.
+anything is allocated, then that the document's token ids lie in the decoder's vocabulary, and
+raises `CacheRecordError` (or `FingerprintMismatch`) naming the document and the field. The
+values of the cache tensors themselves are not checked: under a recomputed checksum, changed
+tensor bytes load as they are stored.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class CacheRecord:
         return asdict(self)
 
     @classmethod
-    def from_row(cls, row: dict) -> "CacheRecord":
+    def from_row(cls, row: dict) -> CacheRecord:
         names = [f.name for f in fields(cls)]
         optional = {"content_sha256", "truncated", "payload_checksum", "payload_sha256", "position_rule"}
         missing = [n for n in names if n not in optional and (n not in row or row[n] is None)]
@@ -280,9 +282,14 @@ def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> di
         raise CacheRecordError(f"{where}: payload checksum mismatch (damaged in storage or transit)")
     _check_header(record, spec)
     try:
-        return st_load(bytes(record.payload))
-    except Exception as e:  # the header was checked; anything left is damage
+        tensors = st_load(bytes(record.payload))
+    except Exception as e:  # noqa: BLE001 - the header was checked; anything the reader still refuses is damage
         raise CacheRecordError(f"{where}: payload unreadable ({e})") from None
+    ids = tensors["input_ids"]  # indexes the embedding table on restore: out of range crashes it (on CUDA, the device)
+    if int(ids.min()) < 0 or int(ids.max()) >= spec.vocab_size:
+        raise CacheRecordError(
+            f"{where}: input_ids hold token ids outside the decoder's vocabulary (0..{spec.vocab_size - 1})")
+    return tensors
 
 
 @torch.no_grad()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,18 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from cache_aug.config import ModelConfig
+from cache_aug.dtypes import torch_dtype
 from cache_aug.fingerprint import decoder_fingerprint
 from cache_aug.kv import CacheSpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """'bfloat16' -> torch.bfloat16, with a clear error for anything else."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})") from None
+from cache_aug.paths import cache_home, materialise
 
 
 @dataclass
@@ -70,31 +60,6 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def cache_home() -> Path:
-    """Where the project caches what it builds or fetches: ``$CACHE_AUG_HOME``, else ``~/.cache/cache-aug``."""
-    env = os.environ.get("CACHE_AUG_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cache-aug"
-
-
-def materialise(out: Path, fill, note: str) -> Path:
-    """A cached directory, built once: `fill(tmp)` writes into a temporary directory beside `out`, which becomes
-    `out` in one rename (a concurrent builder that finished first wins); `.complete` marks a finished one."""
-    if (out / ".complete").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        fill(tmp)
-        (tmp / ".complete").write_text(note)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, storage_options: dict | None = None) -> Path:

@@ -23,25 +23,25 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
 from .corpus import Document, load_kjv, split_heldout
+from .paths import cache_home
 
 __all__ = [
-    "TinySpec",
-    "TINY_SPECS",
     "EOS_TOKEN",
     "PAD_TOKEN",
-    "train_tokenizer",
-    "pretrain_tiny",
-    "tiny_home",
-    "spec_hash",
+    "TINY_SPECS",
+    "TinySpec",
     "ensure_tiny_decoder",
     "is_embedded_name",
+    "pretrain_tiny",
+    "spec_hash",
+    "train_tokenizer",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -160,12 +160,6 @@ def is_embedded_name(path: str) -> bool:
     return isinstance(path, str) and path in TINY_SPECS
 
 
-def tiny_home() -> Path:
-    """Cache root: ``$CACHE_AUG_HOME`` if set, else ``~/.cache/cache-aug``."""
-    env = os.environ.get("CACHE_AUG_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cache-aug"
-
-
 _NOT_IDENTITY = ("log_every",)  # how a build reports, not what it builds
 
 
@@ -192,7 +186,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     ``encode`` adds no special tokens. Save with ``save_pretrained``, load with
     ``AutoTokenizer.from_pretrained``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -310,10 +311,9 @@ def pretrain_tiny(
     everything is built in a temporary sibling directory that is renamed to
     ``out_dir`` at the end.
     """
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     import tokenizers
     import transformers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -495,7 +495,7 @@ def ensure_tiny_decoder(
 ) -> Path:
     """Return the directory of the embedded decoder ``name``, building it once.
 
-    Cached under ``<root or tiny_home()>/models/<name>-<spec hash>``. An
+    Cached under ``<root or cache_home()>/models/<name>-<spec hash>``. An
     ``fcntl`` lock serialises builders: a second process waits for the first
     and then reuses its result. ``force=True`` rebuilds (atomically replacing
     the old checkpoint). Unknown ``name`` -> ``ValueError``.
@@ -503,7 +503,7 @@ def ensure_tiny_decoder(
     if name not in TINY_SPECS:
         raise ValueError(f"unknown embedded decoder {name!r}; known: {', '.join(sorted(TINY_SPECS))}")
     spec = TINY_SPECS[name]
-    models = Path(root).expanduser() if root is not None else tiny_home()
+    models = Path(root).expanduser() if root is not None else cache_home()
     models = models / "models"
     out = models / f"{name}-{spec_hash(spec)}"
     done = out / "pretrain.json"

@@ -21,6 +21,7 @@ from cache_aug.corpus import (
     parse_kjv,
     split_heldout,
 )
+from cache_aug.paths import cache_home
 from cache_aug.tiny import (
     TINY_SPECS,
     build_threads,
@@ -28,7 +29,6 @@ from cache_aug.tiny import (
     is_embedded_name,
     pretrain_tiny,
     spec_hash,
-    tiny_home,
     train_tokenizer,
 )
 
@@ -57,7 +57,7 @@ def test_kjv_chapters_and_verses(kjv):
     # books whose abbreviation starts with a digit are parsed as such
     assert any(re.match(r"^[1-3][A-Za-z]+ \d+$", d.doc_id) for d in kjv)
     # no verse references left in the text
-    ref = re.compile(r"^[1-3]?[A-Za-z]+\d+:\d+ ", re.M)
+    ref = re.compile(r"^[1-3]?[A-Za-z]+\d+:\d+ ", re.MULTILINE)
     assert not any(ref.search(d.text) for d in kjv)
 
 
@@ -157,9 +157,9 @@ def test_presets_and_names(monkeypatch, tmp_path):
     assert spec_hash(dataclasses.replace(spec, threads=build_threads(spec) + 1)) != spec_hash(spec)
     assert spec_hash(dataclasses.replace(spec, max_steps=1299)) != spec_hash(spec)
     monkeypatch.setenv("CACHE_AUG_HOME", str(tmp_path / "home"))
-    assert tiny_home() == tmp_path / "home"
+    assert cache_home() == tmp_path / "home"
     monkeypatch.delenv("CACHE_AUG_HOME")
-    assert tiny_home().parts[-2:] == (".cache", "cache-aug")
+    assert cache_home().parts[-2:] == (".cache", "cache-aug")
     with pytest.raises(ValueError, match="tiny-kjv"):
         ensure_tiny_decoder("no-such-model", root=tmp_path)
 

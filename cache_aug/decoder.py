@@ -93,14 +93,15 @@ def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, stora
 def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options: dict | None = None,
                        gguf_file: str | None = None, dtype: str = "float32") -> Path:
     """Local HF checkpoint dir for a model given as a local path or remote URI (a checkpoint dir, or the dir
-    holding `gguf_file`), a named real model (`gguf_checkpoint.NAMED_MODELS`), or an embedded default name."""
+    holding `gguf_file`), a named real model (`gguf_checkpoint.NAMED_MODELS`), or an embedded default name: only
+    a finished build of it, loading never trains one (`cache-aug pretrain-tiny --name <preset>` builds it)."""
     from cache_aug.gguf_checkpoint import NAMED_MODELS, convert_gguf, named_model_file
-    from cache_aug.tiny import ensure_tiny_decoder, is_embedded_name
+    from cache_aug.tiny import built_tiny_decoder, is_embedded_name
 
     if path in NAMED_MODELS:
         return convert_gguf(named_model_file(path), dtype)
-    if is_embedded_name(path):
-        return ensure_tiny_decoder(path)
+    if is_embedded_name(path):  # only a finished build: loading never trains (`cache-aug pretrain-tiny` builds)
+        return built_tiny_decoder(path)
     local = fetch_checkpoint(path, cache_dir, storage_options) if "://" in path else Path(path).expanduser()
     if gguf_file:
         return convert_gguf(local / gguf_file, dtype)

@@ -6,6 +6,13 @@ byte-level BPE tokenizer, pretrained on the public-domain King James Bible
 (Debian ``bible-kjv-text``), and returns the directory of an ordinary HF
 checkpoint usable with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
+Building is always an explicit step (``cache-aug pretrain-tiny --name <preset>``,
+or :func:`build_if_embedded` at the start of a job, on its driver). Loading a
+decoder by its preset name (:func:`built_tiny_decoder`, which
+``decoder.load_decoder`` uses) only finds a finished build and never trains
+one: a missing build is an :class:`EmbeddedDecoderNotBuilt` error naming the
+command that builds it.
+
 Presets live in :data:`TINY_SPECS`: ``"tiny-kjv"`` is the default frozen
 decoder (~4M parameters, about 20 minutes on one CPU core, 11 on two); ``"test"`` is a
 much smaller model that builds in seconds, for tests.
@@ -36,7 +43,11 @@ __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
     "TINY_SPECS",
+    "EmbeddedDecoderNotBuilt",
     "TinySpec",
+    "build_command",
+    "build_if_embedded",
+    "built_tiny_decoder",
     "ensure_tiny_decoder",
     "is_embedded_name",
     "pretrain_tiny",
@@ -486,6 +497,50 @@ def pretrain_tiny(
 # --------------------------------------------------------------------------- cache
 
 
+class EmbeddedDecoderNotBuilt(FileNotFoundError):
+    """An embedded decoder was asked for by name and has not been built on this machine."""
+
+
+def build_command(name: str) -> str:
+    """The command line that builds the embedded decoder ``name``."""
+    return f"cache-aug pretrain-tiny --name {name}"
+
+
+def _build_dir(name: str, root: str | Path | None) -> Path:
+    """``<root or cache_home()>/models/<name>-<spec hash>``; unknown ``name`` -> ``ValueError``."""
+    if name not in TINY_SPECS:
+        raise ValueError(f"unknown embedded decoder {name!r}; known: {', '.join(sorted(TINY_SPECS))}")
+    home = Path(root).expanduser() if root is not None else cache_home()
+    return home / "models" / f"{name}-{spec_hash(TINY_SPECS[name])}"
+
+
+def built_tiny_decoder(name: str, *, root: str | Path | None = None) -> Path:
+    """The directory of the finished build of the embedded decoder ``name``; never builds anything.
+
+    A build is finished once its ``pretrain.json`` exists (a build is renamed into place complete).
+    Not built -> :class:`EmbeddedDecoderNotBuilt`, naming the command that builds it.
+    """
+    out = _build_dir(name, root)
+    if not (out / "pretrain.json").exists():
+        raise EmbeddedDecoderNotBuilt(
+            f"embedded decoder {name!r} is not built on this machine (no {out}); loading never trains one. "
+            f"Build it once with `{build_command(name)}` (tiny-kjv: about 11 min on 2 cores; test: seconds), "
+            "on every machine that loads it, with the same CACHE_AUG_HOME; or set model.path to a checkpoint "
+            "directory or an s3:// copy of one"
+        )
+    return out
+
+
+def build_if_embedded(path: str, *, log: Log = print) -> Path | None:
+    """The explicit build step of a job or script whose ``model.path`` may name an embedded decoder.
+
+    Call it first, in the process that starts the work (a job's driver), before any worker loads the
+    decoder: an embedded name is built here once (later calls reuse the build), so workers on this
+    machine find it. Any other path: nothing is done, None.
+    """
+    return ensure_tiny_decoder(path, log=log) if is_embedded_name(path) else None
+
+
 def ensure_tiny_decoder(
     name: str = "tiny-kjv",
     *,
@@ -493,19 +548,16 @@ def ensure_tiny_decoder(
     force: bool = False,
     log: Log = print,
 ) -> Path:
-    """Return the directory of the embedded decoder ``name``, building it once.
+    """Return the directory of the embedded decoder ``name``, building it once (the explicit build).
 
     Cached under ``<root or cache_home()>/models/<name>-<spec hash>``. An
     ``fcntl`` lock serialises builders: a second process waits for the first
     and then reuses its result. ``force=True`` rebuilds (atomically replacing
     the old checkpoint). Unknown ``name`` -> ``ValueError``.
     """
-    if name not in TINY_SPECS:
-        raise ValueError(f"unknown embedded decoder {name!r}; known: {', '.join(sorted(TINY_SPECS))}")
+    out = _build_dir(name, root)
     spec = TINY_SPECS[name]
-    models = Path(root).expanduser() if root is not None else cache_home()
-    models = models / "models"
-    out = models / f"{name}-{spec_hash(spec)}"
+    models = out.parent
     done = out / "pretrain.json"
     if done.exists() and not force:
         return out

@@ -39,13 +39,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local cluster started here")
     args = ap.parse_args(argv)
 
-    from pipelines.ray_session import init_ray
-
     from cache_aug.config import dump_config, load_config
     from cache_aug.sweep import run_sweep, sweep_table
+    from cache_aug.tiny import build_if_embedded
+    from pipelines.ray_session import init_ray
 
     cfg = load_config(args.config, overrides=[*args.set, "sweep.trainer=ray"])
     print(dump_config(cfg), flush=True)
+    build_if_embedded(cfg.model.path)  # here, before any worker loads it: loading never builds
     init_ray(args.num_cpus)
     reports = run_sweep(cfg, train_fn=ray_train_condition)
     print(sweep_table(reports), flush=True)

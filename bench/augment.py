@@ -48,6 +48,7 @@ def main() -> None:
     from cache_aug.decoder import load_decoder
     from cache_aug.documents import prepare_document
     from cache_aug.records import encode_record, write_records
+    from cache_aug.tiny import build_if_embedded
     from pipelines.config import load_job_config
     from pipelines.corpus import run_corpus_job
 
@@ -59,6 +60,7 @@ def main() -> None:
             f"corpus.batch_size={args.batch_size}", f"corpus.augment_batch_size={args.augment_batch_size}", "augmentation.n_latents=8",
             f"corpus.num_actors={args.actors}", f"corpus.cpus_per_actor={args.cpus_per_actor}"]
     cfg = load_job_config(None, overrides=base)
+    build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
     decoder = load_decoder(cfg.model)
     module = build_latent_module(decoder, cfg.coprocessor, cfg.augmentation.n_latents).eval()
     save_latent_module(module, decoder, work / "cop")

@@ -28,6 +28,7 @@ from bench.results_io import write_result
 from cache_aug.decoder import Decoder, load_decoder
 from cache_aug.evaluate import evaluate_documents, read_documents, summarise
 from cache_aug.sweep import training_blocks
+from cache_aug.tiny import build_if_embedded
 from cache_aug.training import iterate_batches, lr_factor
 from pipelines.config import load_job_config
 
@@ -58,6 +59,7 @@ def main() -> None:
     cfg = load_job_config(args.config)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_documents=args.max_documents))
     sw, lr = cfg.sweep, args.lr if args.lr is not None else cfg.sweep.lr
+    build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
     frozen = load_decoder(cfg.model, device=cfg.eval.device)
     train = training_blocks(cfg, frozen, cfg.data.paths)
     docs = read_documents(cfg.eval)

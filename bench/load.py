@@ -113,6 +113,7 @@ def main() -> None:
     from cache_aug.decoder import load_decoder
     from cache_aug.records import restore
     from cache_aug.store import AugmentedCacheReader
+    from cache_aug.tiny import build_if_embedded
     from pipelines.config import load_job_config
     from pipelines.corpus import run_corpus_job
     from pipelines.serve import CompletionServer
@@ -122,6 +123,7 @@ def main() -> None:
             f"corpus.input_paths=[{work / 'in'}]", f"corpus.coprocessor={work / 'cop'}", "storage.dtype=bfloat16",
             "storage.mode=latent_kv", f"corpus.output={work / 'caches'}"]
     cfg = load_job_config(None, overrides=base)
+    build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
     decoder = load_decoder(cfg.model)
     tok = decoder.tokenizer
     module = build_latent_module(decoder, cfg.coprocessor, args.n_latents).eval()

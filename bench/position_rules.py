@@ -23,6 +23,7 @@ from cache_aug.coprocessor import build_latent_module
 from cache_aug.decoder import load_decoder
 from cache_aug.masks import POSITION_RULES
 from cache_aug.sweep import condition_config, training_blocks
+from cache_aug.tiny import build_if_embedded
 from cache_aug.training import evaluate
 from pipelines.config import load_job_config
 
@@ -39,6 +40,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = load_job_config(args.config)
+    build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
     decoder = load_decoder(cfg.model, device=cfg.eval.device)
     held = training_blocks(cfg, decoder, cfg.data.eval_paths)[: args.check_blocks].to(decoder.device)
     ppl, none = {}, None

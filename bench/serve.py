@@ -144,6 +144,7 @@ def measure(args) -> dict:
     from cache_aug.coprocessor import build_latent_module, save_latent_module
     from cache_aug.corpus import ensure_embedded_corpus
     from cache_aug.decoder import load_decoder
+    from cache_aug.tiny import build_if_embedded
     from pipelines.config import load_job_config
     from pipelines.corpus import run_corpus_job
     from pipelines.serve import CompletionServer
@@ -152,6 +153,7 @@ def measure(args) -> dict:
     base = [f"augmentation.n_latents={args.n_latents}", f"corpus.max_tokens={args.doc_tokens}", "corpus.truncate=true",
             f"corpus.input_paths=[{work / 'in'}]", f"corpus.coprocessor={work / 'cop'}", "storage.dtype=bfloat16"]
     cfg = load_job_config(args.config, overrides=base)
+    build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
     decoder = load_decoder(cfg.model)
     tok = decoder.tokenizer
     save_latent_module(build_latent_module(decoder, cfg.coprocessor, args.n_latents).eval(), decoder, work / "cop")

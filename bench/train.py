@@ -22,6 +22,7 @@ from cache_aug.coprocessor import build_latent_module
 from cache_aug.corpus import load_kjv, split_heldout
 from cache_aug.decoder import load_decoder
 from cache_aug.losses import one_pass_loss, reference_loss, sample_points
+from cache_aug.tiny import build_if_embedded
 from cache_aug.training import pack_blocks
 
 
@@ -51,6 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    build_if_embedded(args.decoder)  # the explicit build of an embedded decoder: loading never builds
     decoder = load_decoder(ModelConfig(path=args.decoder))
     module = build_latent_module(decoder, CoprocessorConfig(mode="full"), args.n_latents).train()
     train, _ = split_heldout(load_kjv())

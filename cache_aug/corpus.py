@@ -18,10 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache_aug.paths import cache_home
+
 __all__ = [
-    "Document",
     "KJV_CHAPTERS",
     "KJV_VERSES",
+    "Document",
     "load_kjv",
     "load_text_documents",
     "split_heldout",
@@ -199,11 +201,9 @@ def ensure_embedded_corpus(name: str = "kjv", *, root: str | Path | None = None,
 
     The split is the one the embedded decoder was pretrained with, so held-out chapters stay unseen.
     """
-    from cache_aug.tiny import tiny_home
-
     if name not in EMBEDDED_CORPORA:
         raise ValueError(f"unknown embedded corpus {name!r} (known: {', '.join(EMBEDDED_CORPORA)})")
-    out = (Path(root) if root else tiny_home()) / "corpora" / f"{name}-every{heldout_every}"
+    out = (Path(root) if root else cache_home()) / "corpora" / f"{name}-every{heldout_every}"
     if (out / "heldout.parquet").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,18 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from cache_aug.config import ModelConfig
+from cache_aug.dtypes import torch_dtype
 from cache_aug.fingerprint import decoder_fingerprint
 from cache_aug.kv import CacheSpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """'bfloat16' -> torch.bfloat16, with a clear error for anything else."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})") from None
+from cache_aug.paths import cache_home, materialise
 
 
 @dataclass
@@ -72,31 +62,6 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def cache_home() -> Path:
-    """Where the project caches what it builds or fetches: ``$CACHE_AUG_HOME``, else ``~/.cache/cache-aug``."""
-    env = os.environ.get("CACHE_AUG_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cache-aug"
-
-
-def materialise(out: Path, fill, note: str) -> Path:
-    """A cached directory, built once: `fill(tmp)` writes into a temporary directory beside `out`, which becomes
-    `out` in one rename (a concurrent builder that finished first wins); `.complete` marks a finished one."""
-    if (out / ".complete").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        fill(tmp)
-        (tmp / ".complete").write_text(note)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, storage_options: dict | None = None) -> Path:
     """Download an `s3://` (or any fsspec) checkpoint dir once; later calls reuse the local copy.
 
@@ -128,14 +93,15 @@ def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, stora
 def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options: dict | None = None,
                        gguf_file: str | None = None, dtype: str = "float32") -> Path:
     """Local HF checkpoint dir for a model given as a local path or remote URI (a checkpoint dir, or the dir
-    holding `gguf_file`), a named real model (`gguf_checkpoint.NAMED_MODELS`), or an embedded default name."""
+    holding `gguf_file`), a named real model (`gguf_checkpoint.NAMED_MODELS`), or an embedded default name: only
+    a finished build of it, loading never trains one (`cache-aug pretrain-tiny --name <preset>` builds it)."""
     from cache_aug.gguf_checkpoint import NAMED_MODELS, convert_gguf, named_model_file
-    from cache_aug.tiny import ensure_tiny_decoder, is_embedded_name
+    from cache_aug.tiny import built_tiny_decoder, is_embedded_name
 
     if path in NAMED_MODELS:
         return convert_gguf(named_model_file(path), dtype)
-    if is_embedded_name(path):
-        return ensure_tiny_decoder(path)
+    if is_embedded_name(path):  # only a finished build: loading never trains (`cache-aug pretrain-tiny` builds)
+        return built_tiny_decoder(path)
     local = fetch_checkpoint(path, cache_dir, storage_options) if "://" in path else Path(path).expanduser()
     if gguf_file:
         return convert_gguf(local / gguf_file, dtype)

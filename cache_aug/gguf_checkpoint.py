@@ -80,7 +80,7 @@ def _read_gguf(path: Path, dtype):
         meta = load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only: a cheap first check
     except ImportError as err:
         raise GGUFError(f"{path}: reading GGUF files needs the gguf package: pip install 'cache-aug[gguf]' ({err})") from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure of the reader is this file's fault: a GGUFError naming it
         if isinstance(err, ValueError) and "not supported" in str(err):  # transformers' list of GGUF architectures
             raise GGUFError(f"{path}: unsupported architecture: {err}") from None
         # the reader's own errors for a damaged file (truncated tensors, bad offsets, ...)
@@ -89,7 +89,7 @@ def _read_gguf(path: Path, dtype):
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - likewise: a GGUFError naming the file
         raise GGUFError(f"{path}: transformers could not load this {kind!r} GGUF file ({type(err).__name__}: {err})") from None
     return model, tokenizer
 
@@ -100,7 +100,8 @@ def convert_gguf(path: str | Path, dtype_name: str, home: str | Path | None = No
     The checkpoint directory is keyed by the file's sha256 and the dtype; `gguf_source.json` in it records both,
     and the decoder's fingerprint includes the sha256 (`decoder.load_decoder`).
     """
-    from cache_aug.decoder import cache_home, materialise, torch_dtype
+    from cache_aug.dtypes import torch_dtype
+    from cache_aug.paths import cache_home, materialise
 
     path = Path(path).expanduser().resolve()
     check_gguf_file(path)

@@ -34,8 +34,10 @@ rule its column's (null: "shift"), and the channel the loaded module's when `res
 
 Stored data is untrusted input: `decode_payload` checks fingerprint, checksum, and every
 tensor's name, dtype, shape and byte range against what the loaded decoder implies before
-anything is allocated, and raises `CacheRecordError` (or `FingerprintMismatch`) naming the
-document and the field.
+anything is allocated, then that the document's token ids lie in the decoder's vocabulary, and
+raises `CacheRecordError` (or `FingerprintMismatch`) naming the document and the field. The
+values of the cache tensors themselves are not checked: under a recomputed checksum, changed
+tensor bytes load as they are stored.
 """
 
 from __future__ import annotations
@@ -327,9 +329,14 @@ def _decode(record: CacheRecord, spec: CacheSpec, fingerprint: str, channel: str
         raise CacheRecordError(f"{where}: payload checksum mismatch (damaged in storage or transit)")
     layout = _check_header(record, spec, channel)
     try:
-        return st_load(bytes(record.payload)), layout
-    except Exception as e:  # the header was checked; anything left is damage  # noqa: BLE001
+        tensors = st_load(bytes(record.payload))
+    except Exception as e:  # noqa: BLE001 - the header was checked; anything the reader still refuses is damage
         raise CacheRecordError(f"{where}: payload unreadable ({e})") from None
+    ids = tensors["input_ids"]  # indexes the embedding table on restore: out of range crashes it (on CUDA, the device)
+    if int(ids.min()) < 0 or int(ids.max()) >= spec.vocab_size:
+        raise CacheRecordError(
+            f"{where}: input_ids hold token ids outside the decoder's vocabulary (0..{spec.vocab_size - 1})")
+    return tensors, layout
 
 
 @torch.no_grad()

@@ -6,6 +6,13 @@ byte-level BPE tokenizer, pretrained on the public-domain King James Bible
 (Debian ``bible-kjv-text``), and returns the directory of an ordinary HF
 checkpoint usable with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
+Building is always an explicit step (``cache-aug pretrain-tiny --name <preset>``,
+or :func:`build_if_embedded` at the start of a job, on its driver). Loading a
+decoder by its preset name (:func:`built_tiny_decoder`, which
+``decoder.load_decoder`` uses) only finds a finished build and never trains
+one: a missing build is an :class:`EmbeddedDecoderNotBuilt` error naming the
+command that builds it.
+
 Presets live in :data:`TINY_SPECS`: ``"tiny-kjv"`` is the default frozen
 decoder (~4M parameters, about 20 minutes on one CPU core, 11 on two); ``"test"`` is a
 much smaller model that builds in seconds, for tests.
@@ -23,25 +30,29 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
 from .corpus import Document, load_kjv, split_heldout
+from .paths import cache_home
 
 __all__ = [
-    "TinySpec",
-    "TINY_SPECS",
     "EOS_TOKEN",
     "PAD_TOKEN",
-    "train_tokenizer",
-    "pretrain_tiny",
-    "tiny_home",
-    "spec_hash",
+    "TINY_SPECS",
+    "EmbeddedDecoderNotBuilt",
+    "TinySpec",
+    "build_command",
+    "build_if_embedded",
+    "built_tiny_decoder",
     "ensure_tiny_decoder",
     "is_embedded_name",
+    "pretrain_tiny",
+    "spec_hash",
+    "train_tokenizer",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -160,12 +171,6 @@ def is_embedded_name(path: str) -> bool:
     return isinstance(path, str) and path in TINY_SPECS
 
 
-def tiny_home() -> Path:
-    """Cache root: ``$CACHE_AUG_HOME`` if set, else ``~/.cache/cache-aug``."""
-    env = os.environ.get("CACHE_AUG_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cache-aug"
-
-
 _NOT_IDENTITY = ("log_every",)  # how a build reports, not what it builds
 
 
@@ -192,7 +197,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     ``encode`` adds no special tokens. Save with ``save_pretrained``, load with
     ``AutoTokenizer.from_pretrained``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -310,10 +322,9 @@ def pretrain_tiny(
     everything is built in a temporary sibling directory that is renamed to
     ``out_dir`` at the end.
     """
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     import tokenizers
     import transformers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -486,6 +497,50 @@ def pretrain_tiny(
 # --------------------------------------------------------------------------- cache
 
 
+class EmbeddedDecoderNotBuilt(FileNotFoundError):
+    """An embedded decoder was asked for by name and has not been built on this machine."""
+
+
+def build_command(name: str) -> str:
+    """The command line that builds the embedded decoder ``name``."""
+    return f"cache-aug pretrain-tiny --name {name}"
+
+
+def _build_dir(name: str, root: str | Path | None) -> Path:
+    """``<root or cache_home()>/models/<name>-<spec hash>``; unknown ``name`` -> ``ValueError``."""
+    if name not in TINY_SPECS:
+        raise ValueError(f"unknown embedded decoder {name!r}; known: {', '.join(sorted(TINY_SPECS))}")
+    home = Path(root).expanduser() if root is not None else cache_home()
+    return home / "models" / f"{name}-{spec_hash(TINY_SPECS[name])}"
+
+
+def built_tiny_decoder(name: str, *, root: str | Path | None = None) -> Path:
+    """The directory of the finished build of the embedded decoder ``name``; never builds anything.
+
+    A build is finished once its ``pretrain.json`` exists (a build is renamed into place complete).
+    Not built -> :class:`EmbeddedDecoderNotBuilt`, naming the command that builds it.
+    """
+    out = _build_dir(name, root)
+    if not (out / "pretrain.json").exists():
+        raise EmbeddedDecoderNotBuilt(
+            f"embedded decoder {name!r} is not built on this machine (no {out}); loading never trains one. "
+            f"Build it once with `{build_command(name)}` (tiny-kjv: about 11 min on 2 cores; test: seconds), "
+            "on every machine that loads it, with the same CACHE_AUG_HOME; or set model.path to a checkpoint "
+            "directory or an s3:// copy of one"
+        )
+    return out
+
+
+def build_if_embedded(path: str, *, log: Log = print) -> Path | None:
+    """The explicit build step of a job or script whose ``model.path`` may name an embedded decoder.
+
+    Call it first, in the process that starts the work (a job's driver), before any worker loads the
+    decoder: an embedded name is built here once (later calls reuse the build), so workers on this
+    machine find it. Any other path: nothing is done, None.
+    """
+    return ensure_tiny_decoder(path, log=log) if is_embedded_name(path) else None
+
+
 def ensure_tiny_decoder(
     name: str = "tiny-kjv",
     *,
@@ -493,19 +548,16 @@ def ensure_tiny_decoder(
     force: bool = False,
     log: Log = print,
 ) -> Path:
-    """Return the directory of the embedded decoder ``name``, building it once.
+    """Return the directory of the embedded decoder ``name``, building it once (the explicit build).
 
-    Cached under ``<root or tiny_home()>/models/<name>-<spec hash>``. An
+    Cached under ``<root or cache_home()>/models/<name>-<spec hash>``. An
     ``fcntl`` lock serialises builders: a second process waits for the first
     and then reuses its result. ``force=True`` rebuilds (atomically replacing
     the old checkpoint). Unknown ``name`` -> ``ValueError``.
     """
-    if name not in TINY_SPECS:
-        raise ValueError(f"unknown embedded decoder {name!r}; known: {', '.join(sorted(TINY_SPECS))}")
+    out = _build_dir(name, root)
     spec = TINY_SPECS[name]
-    models = Path(root).expanduser() if root is not None else tiny_home()
-    models = models / "models"
-    out = models / f"{name}-{spec_hash(spec)}"
+    models = out.parent
     done = out / "pretrain.json"
     if done.exists() and not force:
         return out

@@ -78,7 +78,7 @@ def train_local(
     from cache_aug.coprocessor import build_latent_module, save_latent_module
     from cache_aug.corpus import load_kjv, load_text_documents, split_heldout
     from cache_aug.decoder import load_decoder
-    from cache_aug.tiny import TINY_SPECS
+    from cache_aug.tiny import TINY_SPECS, build_if_embedded
     from cache_aug.training import evaluate, iterate_batches, pack_blocks
     from cache_aug.training import train_local as run
     from pipelines.config import load_job_config
@@ -87,6 +87,7 @@ def train_local(
         torch.set_num_threads(threads)
     cfg = load_job_config(config, overrides=set or ())
     print(dump_config(cfg))
+    build_if_embedded(cfg.model.path)  # an embedded decoder is built here, explicitly: loading never builds
     decoder = load_decoder(cfg.model)
     every = TINY_SPECS[cfg.model.path].heldout_every if cfg.model.path in TINY_SPECS else 20
     docs = load_text_documents(data) if data else load_kjv()
@@ -205,9 +206,11 @@ def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool 
 
         return eval_job(config, set or [], num_cpus)
     from cache_aug.evaluate import markdown_table, run_eval
+    from cache_aug.tiny import build_if_embedded
 
     cfg = load_job_config(config, overrides=set or ())
     print(dump_config(cfg))
+    build_if_embedded(cfg.model.path)
     report = run_eval(cfg)
     print(markdown_table(report))
     print(f"written to {cfg.eval.output} in {report['wall_s']:.1f}s")
@@ -239,12 +242,14 @@ def sweep(config: str | None = None, set: list[str] | None = None, threads: int 
         return sweep_job(config, set or [], num_cpus)
     from cache_aug.config import dump_config
     from cache_aug.sweep import run_sweep, sweep_table
+    from cache_aug.tiny import build_if_embedded
     from pipelines.config import load_job_config
 
     cfg = load_job_config(config, overrides=set or ())
     if cfg.sweep.trainer != "local":
         raise SystemExit("sweep.trainer=ray runs through `python -m jobs.sweep` (or `cache-aug sweep --ray`)")
     print(dump_config(cfg))
+    build_if_embedded(cfg.model.path)
     reports = run_sweep(cfg)
     print(sweep_table(reports))
     return reports

@@ -38,6 +38,7 @@ from cache_aug.store import (
     new_run_id,
     read_kind,
 )
+from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
 from pipelines.ray_session import init_ray
 from pipelines.storage import portable, resolve
@@ -268,6 +269,7 @@ def augment_job(config: str | None, overrides: list[str], num_cpus: int | None =
 
     cfg = load_job_config(config, overrides=overrides)
     print(dump_config(cfg), flush=True)
+    build_if_embedded(cfg.model.path)  # here, before any actor loads it: loading never builds
     init_ray(num_cpus)
     manifest = run_corpus_job(cfg)
     print(json.dumps({k: manifest[k] for k in ("run_id", "fingerprint", "status", "counts", "timings")}, indent=2), flush=True)

@@ -3,11 +3,11 @@
     cache-aug demo                                  # local storage under runs/demo
     cache-aug demo --storage s3://bucket/demo       # the same with every artefact on S3
 
-Steps (each prints its progress): build or reuse the tiny decoder; start a local Ray cluster; train a
-coprocessor with Ray Train + DeepSpeed (loss lines, held-out evaluation); precompute augmented caches
-for a few held-out chapters with the Ray Data job; start the Serve endpoint on loopback; send real
-HTTP requests for one chapter with and without its augmented cache; print both answers and the
-held-out perplexity with and without augmentation; stop Serve and Ray.
+Steps (each prints its progress): build or reuse the tiny decoder, here on the driver (the Ray workers only
+load it); start a local Ray cluster; train a coprocessor with Ray Train + DeepSpeed (loss lines, held-out
+evaluation); precompute augmented caches for a few held-out chapters with the Ray Data job; start the Serve
+endpoint on loopback; send real HTTP requests for one chapter with and without its augmented cache; print both
+answers and the held-out perplexity with and without augmentation; stop Serve and Ray.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
 
     from cache_aug.config import dump_config, to_dict
     from cache_aug.corpus import ensure_embedded_corpus
-    from cache_aug.tiny import ensure_tiny_decoder
+    from cache_aug.tiny import build_if_embedded
     from pipelines.config import load_job_config
     from pipelines.corpus import run_corpus_job
     from pipelines.serve import CompletionServer
@@ -48,9 +48,6 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
     storage = storage.rstrip("/")
     if "://" not in storage:
         storage = os.path.abspath(storage)
-    _say("1/6 embedded default decoder: build once (about 11 min on 2 cores, 20 on one), then reuse")
-    print(ensure_tiny_decoder("tiny-kjv"), flush=True)
-
     run = time.strftime("demo-%Y%m%dT%H%M%S")  # a fresh run each time (the same name would resume the finished one)
     cfg = load_job_config(REPO / "jobs/configs/tiny_cpu.yaml", overrides=[
         f"train.storage_path={storage}/train", f"train.run_name={run}", f"train.max_steps={steps}",
@@ -58,6 +55,9 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
         f"corpus.input_paths=[{storage}/corpus/]", f"corpus.output={storage}/caches", f"corpus.coprocessor={storage}/train/{run}/export",
         "corpus.max_tokens=2048", "corpus.truncate=true", "serve.max_prompt_tokens=2304", *(overrides or [])])
     print(dump_config(cfg), flush=True)
+    _say(f"1/6 the decoder ({cfg.model.path}): an embedded one is built here once (tiny-kjv: about 11 min on 2 cores, "
+         "20 on one), then reused; the Ray workers below only load it")
+    print(build_if_embedded(cfg.model.path) or cfg.model.path, flush=True)
 
     _say(f"2/6 local Ray cluster ({num_cpus or 'all'} CPUs)")
     init_ray(num_cpus, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

@@ -21,6 +21,7 @@ import ray
 
 from cache_aug.config import from_dict, to_dict
 from cache_aug.corpus import resolve_embedded_path
+from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
 from pipelines.ray_session import init_ray
 from pipelines.storage import fsspec_options, portable, resolve, upload_dir
@@ -137,6 +138,7 @@ def eval_job(config: str | None, overrides: list[str], num_cpus: int | None = No
 
     cfg = load_job_config(config, overrides=overrides)
     print(dump_config(cfg), flush=True)
+    build_if_embedded(cfg.model.path)  # here, before any actor loads it: loading never builds
     init_ray(num_cpus)
     report = run_eval_job(cfg)
     print(json.dumps({k: report[k] for k in ("ppl", "relative_reduction", "points", "wall_s") if k in report}, indent=2), flush=True)

@@ -231,8 +231,11 @@ def build_app(args: dict) -> serve.Application:
 
 def serve_job(config: str | None, overrides: list[str], host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None) -> None:
     """Run the endpoint on the cluster named by RAY_ADDRESS (or a local one) until interrupted."""
+    from cache_aug.tiny import build_if_embedded
     from pipelines.ray_session import init_ray
 
+    # here, before any replica loads it: loading never builds
+    build_if_embedded(load_config(_config_source(config), overrides=list(overrides)).model.path)
     init_ray(num_cpus)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app({"config": config, "overrides": overrides}), name="cache-aug", route_prefix="/", blocking=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cache_aug.config import dump_config
 from cache_aug.sweep import run_sweep, sweep_table
+from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig, load_job_config
 from pipelines.ray_session import init_ray
 from pipelines.train import run_training
@@ -36,6 +37,7 @@ def sweep_job(config: str | None, overrides: list[str], num_cpus: int | None = N
     """The sweep as `ray job submit` and `cache-aug sweep --ray` run it; returns the per-N_L reports."""
     cfg = load_job_config(config, overrides=[*overrides, "sweep.trainer=ray"])
     print(dump_config(cfg), flush=True)
+    build_if_embedded(cfg.model.path)  # here, before any worker loads it: loading never builds
     init_ray(num_cpus)
     reports = run_sweep(cfg, train_fn=ray_train_condition)
     print(sweep_table(reports), flush=True)

@@ -42,6 +42,7 @@ from cache_aug.coprocessor import (
 )
 from cache_aug.decoder import load_decoder
 from cache_aug.losses import one_pass_loss, plain_ahead_loss, sample_points
+from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
 from pipelines.data import training_datasets
 from pipelines.ray_session import init_ray
@@ -306,6 +307,7 @@ def train_job(config: str | None, overrides: list[str], debug_steps: int = 0, nu
     if debug_steps:
         cfg = apply_debug_steps(cfg, debug_steps)
     print(dump_config(cfg), flush=True)
+    build_if_embedded(cfg.model.path)  # here, before any worker loads it: loading never builds
     init_ray(num_cpus)
     result = run_training(cfg)
     summary = {

@@ -20,6 +20,7 @@ from cache_aug.config import CoprocessorConfig
 from cache_aug.coprocessor import build_latent_module, latent_fingerprint
 from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.records import (
+    MODES,
     RECORD_SCHEMA,
     CacheRecord,
     CacheRecordError,
@@ -70,7 +71,7 @@ def test_valid_records_load(made):
 
 
 def test_fingerprint_mismatch(made):
-    decoder, fp, records = made
+    _, fp, records = made
     other = tiny_decoder("llama", seed=1)  # same shapes, other weights
     other_fp = latent_fingerprint(other, build_latent_module(other, CoprocessorConfig(), 2))
     assert other_fp != fp
@@ -146,7 +147,7 @@ def test_format_1_records_still_load_and_are_still_checked(made, tmp_path):
 def test_position_rule_is_checked(made):
     """A record says where the next token goes on; an unknown rule, or one the loaded module does not follow, is refused."""
     decoder, fp, records = made
-    for mode, record in records.items():
+    for record in records.values():
         assert record.position_rule == "shift"
         assert restore(record, decoder, fp, "shift").next_position == 20 + 2
         with pytest.raises(CacheRecordError, match="position_rule 'sideways'"):
@@ -207,21 +208,105 @@ def test_wrong_mode_dtype_and_missing_fields(made):
         CacheRecord.from_row(row)
 
 
+def _header(payload: bytes) -> tuple[int, dict]:
+    """(bytes before the tensor data, the safetensors header without metadata) of a payload."""
+    (n,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8 : 8 + n])
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _damage(data, payload: bytes, lo: int, hi: int) -> tuple[bytes, list[int]]:
+    """1-4 distinct bytes in payload[lo:hi] changed (each XOR a non-zero mask): (damaged payload, their offsets)."""
+    where = data.draw(st.lists(st.integers(lo, hi - 1), min_size=1, max_size=4, unique=True))
+    damaged = bytearray(payload)
+    for i in where:
+        damaged[i] ^= data.draw(st.integers(1, 255))
+    return bytes(damaged), where
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_random_damage_never_passes_silently(made, data):
-    """Any mutation of the payload bytes (checksum recomputed) is refused or loads exactly what was written."""
+    """Any change to a stored payload (bytes of its header or its tensors changed, the payload cut or extended) with
+    the checksum left as written, as damage in storage or transit leaves it, is refused by `decode_payload` and by
+    `restore` as a checksum mismatch naming the document, in either record format."""
     decoder, fp, records = made
-    record = records[data.draw(st.sampled_from(["latents", "latent_kv", "full"]))]
-    payload = bytearray(record.payload)
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(payload) - 1))
-        payload[i] = data.draw(st.integers(0, 255))
-    bad = _with_payload(record, bytes(payload))
+    record = records[data.draw(st.sampled_from(MODES))]
+    if data.draw(st.booleans()):
+        record = _as_format_1(record)
+    payload = record.payload
+    how = data.draw(st.sampled_from(["change", "cut", "extend"]))
+    if how == "change":
+        payload, _ = _damage(data, payload, 0, len(payload))
+    elif how == "cut":
+        payload = payload[: data.draw(st.integers(0, len(payload) - 1))]
+    else:
+        payload += data.draw(st.binary(min_size=1, max_size=16))
+    assert payload != record.payload
+    bad = dataclasses.replace(record, payload=payload)  # payload_checksum / payload_sha256 as they were written
+    with pytest.raises(CacheRecordError, match=r"record 'doc-7': payload checksum mismatch"):
+        decode_payload(bad, decoder.cache_spec, fp)
+    with pytest.raises(CacheRecordError, match=r"record 'doc-7': payload checksum mismatch"):
+        restore(bad, decoder, fp)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_under_a_rewritten_checksum_the_header_and_token_ids_are_still_checked(made, data):
+    """A writer that recomputes the checksum over the bytes it changed (not damage: the checksum cannot tell) still
+    cannot get a misread cache past `decode_payload`:
+    - a changed header (length prefix or JSON) is refused, unless the change leaves it meaning the same (JSON
+      whitespace), in which case exactly the written tensors load;
+    - changed tensor bytes load as exactly those bytes, under the declared names, dtypes and shapes (no tensor read
+      from another's range), except token ids outside the vocabulary, which are refused; `restore` then builds a
+      cache. The cache values themselves are not checked (what the fingerprint and checksum are for): a changed
+      value under a rewritten checksum is accepted, and this test says so rather than pretending otherwise."""
+    decoder, fp, records = made
+    record = records[data.draw(st.sampled_from(MODES))]
+    head, header = _header(record.payload)
+    good = decode_payload(record, decoder.cache_spec, fp)
+    in_header = data.draw(st.booleans())
+    payload, where = _damage(data, record.payload, *((0, head) if in_header else (head, len(record.payload))))
+    bad = _with_payload(record, payload)  # the checksum recomputed over the changed bytes
     try:
         tensors = decode_payload(bad, decoder.cache_spec, fp)
-    except CacheRecordError:
+    except CacheRecordError as e:
+        assert "checksum" not in str(e) and "doc-7" in str(e)
+        ids_at = header["input_ids"]["data_offsets"]
+        assert in_header or ("input_ids" in str(e) and any(head + ids_at[0] <= i < head + ids_at[1] for i in where))
         return
-    # accepted: only possible when the header is intact, so every tensor has its declared shape
-    good = decode_payload(record, decoder.cache_spec, fp)
-    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in good.items()}
+    if in_header:  # accepted: the same header, the same tensors
+        assert _header(payload)[1] == header
+        assert tensors.keys() == good.keys() and all(torch.equal(tensors[k], good[k]) for k in good)
+        return
+    assert tensors.keys() == header.keys()
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "I32": torch.int32}
+    for name, info in header.items():
+        t = tensors[name]
+        assert list(t.shape) == info["shape"] and t.dtype == dtypes[info["dtype"]], name
+        start, end = info["data_offsets"]
+        assert t.contiguous().view(torch.uint8).numpy().tobytes() == payload[head + start : head + end], name
+    ids = tensors["input_ids"]
+    assert 0 <= int(ids.min()) and int(ids.max()) < decoder.cache_spec.vocab_size
+    assert restore(bad, decoder, fp).seq_len == record.seq_len
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(made):
+    """A record whose document holds a token id the decoder has no embedding for is refused before `restore` uses it
+    (on CUDA an out-of-range index would take the whole device down), even under a recomputed checksum."""
+    decoder, fp, records = made
+    vocab = decoder.cache_spec.vocab_size
+    for mode, record in records.items():
+        head, header = _header(record.payload)
+        start, _ = header["input_ids"]["data_offsets"]
+        for token in (vocab, -1, 2**31 - 1):
+            payload = bytearray(record.payload)
+            payload[head + start : head + start + 4] = struct.pack("<i", token)
+            bad = _with_payload(record, bytes(payload))
+            refused = rf"record 'doc-7': input_ids .*outside the decoder's vocabulary \(0..{vocab - 1}\)"
+            with pytest.raises(CacheRecordError, match=refused):
+                restore(bad, decoder, fp)
+        payload = bytearray(record.payload)
+        payload[head + start : head + start + 4] = struct.pack("<i", vocab - 1)  # the last id is a real one
+        assert restore(_with_payload(record, bytes(payload)), decoder, fp).input_ids[0] == vocab - 1, mode

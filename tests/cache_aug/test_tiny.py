@@ -21,14 +21,17 @@ from cache_aug.corpus import (
     parse_kjv,
     split_heldout,
 )
+from cache_aug.paths import cache_home
 from cache_aug.tiny import (
     TINY_SPECS,
+    EmbeddedDecoderNotBuilt,
+    build_if_embedded,
     build_threads,
+    built_tiny_decoder,
     ensure_tiny_decoder,
     is_embedded_name,
     pretrain_tiny,
     spec_hash,
-    tiny_home,
     train_tokenizer,
 )
 
@@ -57,7 +60,7 @@ def test_kjv_chapters_and_verses(kjv):
     # books whose abbreviation starts with a digit are parsed as such
     assert any(re.match(r"^[1-3][A-Za-z]+ \d+$", d.doc_id) for d in kjv)
     # no verse references left in the text
-    ref = re.compile(r"^[1-3]?[A-Za-z]+\d+:\d+ ", re.M)
+    ref = re.compile(r"^[1-3]?[A-Za-z]+\d+:\d+ ", re.MULTILINE)
     assert not any(ref.search(d.text) for d in kjv)
 
 
@@ -157,11 +160,13 @@ def test_presets_and_names(monkeypatch, tmp_path):
     assert spec_hash(dataclasses.replace(spec, threads=build_threads(spec) + 1)) != spec_hash(spec)
     assert spec_hash(dataclasses.replace(spec, max_steps=1299)) != spec_hash(spec)
     monkeypatch.setenv("CACHE_AUG_HOME", str(tmp_path / "home"))
-    assert tiny_home() == tmp_path / "home"
+    assert cache_home() == tmp_path / "home"
     monkeypatch.delenv("CACHE_AUG_HOME")
-    assert tiny_home().parts[-2:] == (".cache", "cache-aug")
+    assert cache_home().parts[-2:] == (".cache", "cache-aug")
     with pytest.raises(ValueError, match="tiny-kjv"):
         ensure_tiny_decoder("no-such-model", root=tmp_path)
+    with pytest.raises(ValueError, match="tiny-kjv"):
+        built_tiny_decoder("no-such-model", root=tmp_path)
 
 
 def test_same_recipe_and_thread_count_build_the_same_bytes(kjv, tmp_path):
@@ -263,3 +268,82 @@ def test_waiter_reuses_concurrent_build(built):
     assert result == [path]
     assert any("waiting" in line for line in logs) and not any("building" in line for line in logs)
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+# --------------------------------------------------------------------------- loading never builds
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Any pretraining started from here on fails the test at once (instead of training for minutes)."""
+    import cache_aug.tiny
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pretrain_tiny was called: loading a decoder started a build")
+
+    monkeypatch.setattr(cache_aug.tiny, "pretrain_tiny", refuse)
+
+
+@pytest.mark.parametrize("name", ["test", "tiny-kjv"])
+def test_loading_an_unbuilt_embedded_decoder_names_the_build_command_and_builds_nothing(name, tmp_path, monkeypatch,
+                                                                                        no_training):
+    from cache_aug.config import ModelConfig
+    from cache_aug.decoder import load_decoder
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CACHE_AUG_HOME", str(home))
+    with pytest.raises(EmbeddedDecoderNotBuilt) as err:
+        load_decoder(ModelConfig(path=name))
+    message = str(err.value)
+    assert f"`cache-aug pretrain-tiny --name {name}`" in message
+    assert f"embedded decoder {name!r} is not built" in message
+    assert str(home / "models" / f"{name}-{spec_hash(TINY_SPECS[name])}") in message
+    assert isinstance(err.value, FileNotFoundError)
+    assert list(home.iterdir()) == []  # nothing built, no directory or lock file made
+
+
+@pytest.mark.parametrize("name", ["test", "tiny-kjv"])
+def test_the_named_command_is_the_cli_command_that_builds_that_preset(name, tmp_path, monkeypatch):
+    """The command in the error is real: `cache-aug`'s entry point (as pyproject.toml names it) parses it into a
+    build of exactly that preset."""
+    import importlib
+    import shlex
+    from pathlib import Path
+
+    import cache_aug.tiny
+    from cache_aug.tiny import build_command
+
+    argv = shlex.split(build_command(name))
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    script = rf'^\[project\.scripts\]\n(?:.*\n)*?{re.escape(argv[0])} = "([\w.]+):(\w+)"'
+    entry = re.search(script, pyproject, re.MULTILINE)
+    assert entry, f"pyproject.toml names no {argv[0]} script"
+    module, func = entry.groups()
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "pretrain.json").write_text("{}")
+    asked = []
+    monkeypatch.setattr(cache_aug.tiny, "ensure_tiny_decoder", lambda n, **kw: asked.append((n, kw)) or built)
+    getattr(importlib.import_module(module), func)(argv[1:])
+    assert asked == [(name, {"force": False})]
+
+
+def test_an_explicit_build_is_found_by_name_and_reused(built, monkeypatch, no_training):
+    """After the explicit build, loading by name (what every Ray actor and worker does) finds it and builds nothing;
+    `build_if_embedded`, a job's build step, reuses it too and leaves other paths alone."""
+    from cache_aug.config import ModelConfig
+    from cache_aug.decoder import load_decoder, resolve_checkpoint
+
+    root, path, _ = built
+    monkeypatch.setenv("CACHE_AUG_HOME", str(root))
+    before = sorted(p.name for p in (root / "models").iterdir())
+    assert built_tiny_decoder("test") == resolve_checkpoint("test") == path
+    decoder = load_decoder(ModelConfig(path="test"))
+    assert decoder.source == "test" and decoder.config.hidden_size == TINY_SPECS["test"].hidden_size
+    logs: list[str] = []
+    assert build_if_embedded("test", log=logs.append) == path and logs == []
+    assert build_if_embedded(str(path)) is None and build_if_embedded("s3://bucket/model") is None
+    assert sorted(p.name for p in (root / "models").iterdir()) == before
+    with pytest.raises(EmbeddedDecoderNotBuilt, match="pretrain-tiny --name tiny-kjv"):  # another preset: not built
+        load_decoder(ModelConfig(path="tiny-kjv"))

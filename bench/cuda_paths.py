@@ -70,9 +70,10 @@ def serving_check(dec, module, fp, rec, work: Path) -> dict:
     import pyarrow.fs as pafs
 
     from cache_aug.config import ServeConfig
+    from cache_aug.engine import CompletionEngine
     from cache_aug.records import restore
-    from cache_aug.serving import CompletionEngine, parse_request
     from cache_aug.store import AugmentedCacheReader
+    from pipelines.protocol import parse_request
 
     cfg, n_buckets = ServeConfig(), 8
     root = work / rec.mode
@@ -92,11 +93,9 @@ def equivalences(results: dict, archs=ARCHS) -> list[str]:
     from cache_aug.augment import augment, generate
     from cache_aug.config import CoprocessorConfig
     from cache_aug.coprocessor import build_latent_module, latent_fingerprint
-    from cache_aug.engine import CompletionEngine
     from cache_aug.losses import one_pass_loss, reference_loss, sample_points
     from cache_aug.records import encode_record, restore
     from cache_aug.testing import tiny_decoder
-    from pipelines.protocol import parse_request
 
     failures: list[str] = []
 

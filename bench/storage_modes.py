@@ -16,17 +16,15 @@ import statistics
 import time
 
 import torch
-
-from bench.results_io import write_result
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from bench.results_io import write_result
 from cache_aug.augment import augment, decode_steps
 from cache_aug.config import CoprocessorConfig
 from cache_aug.coprocessor import build_latent_module, latent_fingerprint
 from cache_aug.decoder import Decoder, freeze
 from cache_aug.records import encode_record, restore
 from cache_aug.testing import byte_tokenizer
-
 
 
 def tiny_kjv_shaped_decoder() -> Decoder:

@@ -28,8 +28,21 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(arch: str, **overrides):
     """A small random config of the named architecture."""
-    from transformers import (BloomConfig, FalconConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
-                              LlamaConfig, MistralConfig, Olmo2Config, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config)
+    from transformers import (
+        BloomConfig,
+        FalconConfig,
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        OPTConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     # initializer_range 0.2 (not the usual 0.02): with near-zero queries and keys attention is uniform and
     # positions would not matter, so tests of position handling could not fail

@@ -235,7 +235,7 @@ def serve_job(config: str | None, overrides: list[str], host: str = "127.0.0.1",
     from pipelines.ray_session import init_ray
 
     # here, before any replica loads it: loading never builds
-    build_if_embedded(load_config(_config_source(config), overrides=list(overrides)).model.path)
+    build_if_embedded(load_job_config(_config_source(config), overrides=list(overrides)).model.path)
     init_ray(num_cpus)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app({"config": config, "overrides": overrides}), name="cache-aug", route_prefix="/", blocking=True)

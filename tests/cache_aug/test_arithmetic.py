@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-import torch
-
 import pytest
+import torch
 
 from cache_aug.arithmetic import (
     ArithmeticSpec,

@@ -10,7 +10,12 @@ import torch
 
 from cache_aug.augment import augment
 from cache_aug.config import CoprocessorConfig, ModelConfig
-from cache_aug.coprocessor import build_latent_module, latent_fingerprint, load_latent_module, save_latent_module
+from cache_aug.coprocessor import (
+    build_latent_module,
+    latent_fingerprint,
+    load_latent_module,
+    save_latent_module,
+)
 from cache_aug.decoder import Decoder, fetch_checkpoint, freeze, load_decoder
 from cache_aug.fingerprint import FingerprintMismatch, decoder_fingerprint
 from cache_aug.losses import one_pass_loss, sample_points
@@ -181,9 +186,8 @@ def moto_s3():
 
 
 def test_load_decoder_from_s3(moto_s3, tmp_path):
-    import s3fs
-
     import boto3
+    import s3fs
 
     boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing", **moto_s3["client_kwargs"]).create_bucket(Bucket="models")
     fs = s3fs.S3FileSystem(**moto_s3)

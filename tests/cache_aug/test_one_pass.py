@@ -7,7 +7,12 @@ import torch
 
 from cache_aug.config import CacheAugConfig, ConfigError, CoprocessorConfig, from_dict
 from cache_aug.coprocessor import build_latent_module
-from cache_aug.losses import one_pass_loss, plain_ahead_loss, reference_loss, sample_points
+from cache_aug.losses import (
+    one_pass_loss,
+    plain_ahead_loss,
+    reference_loss,
+    sample_points,
+)
 from cache_aug.masks import block_attention_mask, block_position_ids
 from cache_aug.testing import tiny_decoder
 

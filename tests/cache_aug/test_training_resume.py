@@ -8,7 +8,13 @@ import torch
 from cache_aug.config import AugmentationConfig, CoprocessorConfig
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.testing import tiny_decoder
-from cache_aug.training import evaluate, iterate_batches, lr_factor, pack_blocks, train_local
+from cache_aug.training import (
+    evaluate,
+    iterate_batches,
+    lr_factor,
+    pack_blocks,
+    train_local,
+)
 
 AUG = AugmentationConfig(n_latents=2, n_ahead=3, points_per_sequence=3, min_prefix=2)
 

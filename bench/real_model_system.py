@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import requests
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +30,7 @@ from pipelines.local_head import (
     job_logs,
     local_head,
     run_cli,
+    serve_deploy,
     submit_job,
     wait_job,
 )
@@ -109,18 +109,7 @@ def serve_checks(head: dict, args, work: Path, mode: str, export: str, doc_ids: 
     app["deployments"][0]["autoscaling_config"] |= {"max_replicas": 1}
     (work / f"serve_{mode}.yaml").write_text(yaml.safe_dump(serve_cfg))
     t0 = time.time()
-    run_cli(["serve", "deploy", "--address", head["address"], str(work / f"serve_{mode}.yaml")], head["env"], cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + args.timeout
-    while True:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).ok:
-                break
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            raise TimeoutError("serve deploy did not come up:\n" + run_cli(["serve", "status", "--address", head["address"]], head["env"]))
-        time.sleep(2)
+    url = serve_deploy(work / f"serve_{mode}.yaml", head, port, timeout=args.timeout, cwd=REPO)
     up_s = time.time() - t0
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=args.timeout)
 

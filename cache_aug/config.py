@@ -122,13 +122,7 @@ def load_config(
     cls: type[T] = CacheAugConfig,  # type: ignore[assignment]
     overrides: Sequence[str] = (),
 ) -> T:
-    """Load and validate a config (by default the library's tree, :class:`CacheAugConfig`).
-
-    ``source`` is a YAML file path, an already-parsed mapping, or None for all
-    defaults. ``overrides`` are ``dotted.key=value`` strings whose values are
-    parsed as YAML (``coprocessor.lora_targets=[q_proj,v_proj]``); they are
-    applied before validation.
-    """
+    """`typed_config.load_config`, by default for the library's tree (:class:`CacheAugConfig`)."""
     return typed_config.load_config(source, cls=cls, overrides=overrides)
 
 

@@ -78,6 +78,24 @@ def local_head(log_path: Path, num_cpus: int = 2, cwd: Path | None = None, env: 
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def serve_deploy(config_path: Path, head: dict, port: int, timeout: float = 300, cwd: Path | None = None) -> str:
+    """`serve deploy` of a Serve config onto the head, then waits until its HTTP ingress answers /healthz; the base
+    URL. A deployment that does not come up raises with `serve status`."""
+    run_cli(["serve", "deploy", "--address", head["address"], str(config_path)], head["env"], cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).ok:
+                return url
+        except requests.RequestException:
+            pass
+        if time.time() > deadline:
+            status = run_cli(["serve", "status", "--address", head["address"]], head["env"])
+            raise TimeoutError(f"serve deploy did not come up in {timeout}s:\n{status}")
+        time.sleep(2)
+
+
 def run_cli(cmd: list[str], env: dict, cwd: Path | None = None, timeout: float = 600) -> str:
     """A CLI command that must succeed; its output, or an error with the tail of both streams."""
     out = subprocess.run(cmd, cwd=cwd, env=env, check=False, capture_output=True, text=True, timeout=timeout)

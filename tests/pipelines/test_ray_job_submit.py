@@ -17,7 +17,14 @@ import requests
 import yaml
 
 from cache_aug.corpus import ensure_embedded_corpus
-from pipelines.local_head import free_port, local_head, run_cli, submit_job, wait_job
+from pipelines.local_head import (
+    free_port,
+    local_head,
+    run_cli,
+    serve_deploy,
+    submit_job,
+    wait_job,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -85,18 +92,10 @@ def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_pat
     app["args"]["overrides"] = [c.removeprefix("--set=") for c in common] + [
         f"serve.cache_prefix={work / 'caches'}", f"serve.coprocessor={export}", f"serve.documents=[{work / 'in'}]"]
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))
-    _run(["serve", "deploy", "--address", address, str(tmp_path / "serve.yaml")], env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).ok:
-                break
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            pytest.fail("serve deploy did not come up:\n" + _run(["serve", "status", "--address", address], env))
-        time.sleep(2)
+    try:
+        url = serve_deploy(tmp_path / "serve.yaml", head, port, cwd=REPO)
+    except TimeoutError as e:
+        pytest.fail(str(e))
     doc_id = docs.column("doc_id")[0].as_py()
     r = requests.post(f"{url}/v1/completions", json={"model": "cache-aug", "prompt": " And", "max_tokens": 8, "temperature": 0,
                                                      "document_id": doc_id}, timeout=120)

@@ -172,7 +172,7 @@ def documented_invocations() -> list[tuple[str, str, list[str]]]:
     """(file, command line, argv for cli.main) of every `python -m jobs.<name> ...` and `cache-aug <command> ...`
     written in the repository's tracked files (docs, READMEs, cluster/ manifests, job configs, scripts, docstrings;
     tests invoke theirs themselves). A command line ends at a backtick, a comment, a shell operator or two spaces
-    (an aligned comment column); shell expansions like "${overrides[@]}" are left out."""
+    (an aligned comment column) or a closing string quote; shell expansions like "${overrides[@]}" are left out."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     commands = "|".join(sorted(map(re.escape, cli.COMMANDS), key=len, reverse=True))
     pattern = re.compile(r"(?:python3? -m jobs\.(\w+)|cache-aug (" + commands + r"))(?![\w-])"
@@ -188,6 +188,8 @@ def documented_invocations() -> list[tuple[str, str, list[str]]]:
         text = re.sub(r"[ \t]*\\\n\s*(?:#\s*)?", " ", text)  # shell line continuations (also in comments)
         for m in pattern.finditer(text):
             module, command, rest = m.groups()
+            if rest.count('"') % 2:  # the quote that closes the string the command is written in (code, YAML)
+                rest = rest[: rest.rindex('"')]
             args = [t for t in shlex.split(rest) if not t.startswith("$")]
             if module is None:
                 found.append((name, m.group(0).strip(), [command, *args]))

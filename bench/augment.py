@@ -78,7 +78,7 @@ def main() -> None:
             batch = sorted(docs[start : start + args.batch_size], key=lambda d: len(d.input_ids))
             for i in range(0, len(batch), args.augment_batch_size):
                 chunk = batch[i : i + args.augment_batch_size]
-                for d, aug in zip(chunk, augment(dec, mod, [d.input_ids for d in chunk])):
+                for d, aug in zip(chunk, augment(dec, mod, [d.input_ids for d in chunk]), strict=True):
                     records.append(encode_record(aug, doc_id=d.doc_id, fingerprint=fp_, mode=cfg.storage.mode, dtype=cfg.storage.dtype,
                                                  spec=dec.cache_spec, content_sha256=d.content_sha256, truncated=d.truncated))
         (work / "bare").mkdir(exist_ok=True)
@@ -99,7 +99,7 @@ def main() -> None:
     augs = augment(decoder, module, [d.input_ids for d in sample])
     bytes_per_doc = {
         mode: sum(len(encode_record(a, doc_id=d.doc_id, fingerprint=fp, mode=mode, dtype="bfloat16", spec=decoder.cache_spec).payload)
-                  for d, a in zip(sample, augs)) / len(sample)
+                  for d, a in zip(sample, augs, strict=True)) / len(sample)
         for mode in ("latents", "latent_kv", "full")
     }
 

@@ -26,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.local_head import (
+from pipelines.local_head import (  # noqa: E402 - importable only once the checkout is on sys.path
     free_port,
     job_logs,
     local_head,

@@ -146,7 +146,7 @@ def exact_match(decoder: Decoder, modules: dict[str, object], problems: Sequence
         chunk = problems[start : start + batch_size]
         ids = [tok.encode(p["context"], add_special_tokens=False) for p in chunk]
         for name, module in modules.items():
-            for p, cache in zip(chunk, augment(decoder, module, ids)):
+            for p, cache in zip(chunk, augment(decoder, module, ids), strict=True):
                 max_new = len(p["answer"]) + 2
                 out = generate(decoder, cache, [], max_new_tokens=max_new, temperature=0.0, stop_token_ids=stops)
                 text = tok.decode([t for t in out if t not in stops], skip_special_tokens=True)

@@ -213,7 +213,7 @@ def _freeze_unreachable(module: Coprocessor, decoder: Decoder) -> None:
     latent = latent_pass(decoder, module, prefix, torch.tensor([[2]], device=decoder.device))
     probe = sum(k.float().sum() + v.float().sum() for k, v in latent)
     params = [p for p in module.parameters() if p.requires_grad]
-    for p, g in zip(params, torch.autograd.grad(probe, params, allow_unused=True)):
+    for p, g in zip(params, torch.autograd.grad(probe, params, allow_unused=True), strict=True):
         if g is None:
             p.requires_grad_(False)
 

@@ -167,7 +167,7 @@ class CompletionEngine:
             for start in range(0, len(todo), self.cfg.batch_size):
                 chunk = todo[start : start + self.cfg.batch_size]
                 caches = augment(self.decoder, self.module if online else None, [plans[i].compute_ids for i in chunk])
-                for i, cache in zip(chunk, caches):
+                for i, cache in zip(chunk, caches, strict=True):
                     out[i] = cache
         return out
 

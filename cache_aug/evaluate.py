@@ -88,7 +88,7 @@ def document_rows(columns: dict[str, Sequence], ev: EvalConfig, skipped: Counter
     texts = columns[ev.text_column]
     ids = columns.get(ev.id_column) or [None] * len(texts)
     out = []
-    for doc_id, raw in zip(ids, texts):
+    for doc_id, raw in zip(ids, texts, strict=True):
         text, reason = usable_text(raw, ev.text_column)
         if reason:
             if skipped is not None:

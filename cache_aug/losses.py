@@ -161,7 +161,7 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
             ahead_in = decoder.embed(input_ids[n : n + 1, p - r : p + n_ahead - 1])  # (1, r+N_A-1, d)
             if layout.writes_kv:  # C's own KV at the latent slots joins D's cache; D reads the text only
                 latent = module(model_cache(kv, model.config, p), positions, None, n_blocks=1)  # per layer (1, H, L, D)
-                joined = [(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2)) for (k, v), (lk, lv) in zip(kv, latent)]
+                joined = [(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2)) for (k, v), (lk, lv) in zip(kv, latent, strict=True)]
                 logits = logits_at(
                     decoder,
                     torch.arange(r - 1, r - 1 + n_ahead, device=dev),

@@ -86,7 +86,7 @@ def read_kind(fs: pafs.FileSystem, root: str, kind: str, columns: list[str], run
 def done_documents(fs: pafs.FileSystem, root: str, fingerprint: str) -> set[tuple[str, str]]:
     """(doc_id, content_sha256) pairs that already have a record made with `fingerprint`."""
     table = read_kind(fs, root, "record", ["doc_id", "content_sha256", "fingerprint"])
-    rows = zip(table.column("doc_id").to_pylist(), table.column("content_sha256").to_pylist(), table.column("fingerprint").to_pylist())
+    rows = zip(table.column("doc_id").to_pylist(), table.column("content_sha256").to_pylist(), table.column("fingerprint").to_pylist(), strict=True)
     return {(d, h) for d, h, f in rows if f == fingerprint}
 
 

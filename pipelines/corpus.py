@@ -62,7 +62,7 @@ def prepare_rows(batch: pa.Table, *, id_column: str, text_column: str, tokenizer
     ids = batch.column(id_column).to_pylist()
     texts = batch.column(text_column).cast(pa.large_binary()).to_pylist()  # raw bytes: invalid UTF-8 stays detectable
     out = _empty_ledger(len(ids)) | {"input_ids": [None] * len(ids)}
-    for i, (doc_id, raw) in enumerate(zip(ids, texts)):
+    for i, (doc_id, raw) in enumerate(zip(ids, texts, strict=True)):
         out["doc_id"][i] = None if doc_id is None else str(doc_id)
         out["run_id"][i] = run_id
         out["bucket"][i] = NO_BUCKET
@@ -125,7 +125,7 @@ class Augmenter:
         for start in range(0, len(todo), step):  # neighbours in length order: little padding
             chunk = todo[start : start + step]
             augs = augment(self.decoder, self.module, [rows[i]["input_ids"] for i in chunk])
-            for i, aug in zip(chunk, augs):
+            for i, aug in zip(chunk, augs, strict=True):
                 rec = encode_record(
                     aug, doc_id=rows[i]["doc_id"], fingerprint=self.fingerprint, mode=self.cfg.storage.mode,
                     dtype=self.cfg.storage.dtype, spec=self.decoder.cache_spec,

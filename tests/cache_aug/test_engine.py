@@ -103,7 +103,7 @@ def test_sources_and_equivalence(setup):
     dec, module, fp = setup
     g = torch.Generator().manual_seed(1)
     docs = {f"d{i}": torch.randint(3, 90, (n,), generator=g).tolist() for i, n in enumerate([9, 14, 6])}
-    augs = dict(zip(docs, augment(dec, module, list(docs.values()))))
+    augs = dict(zip(docs, augment(dec, module, list(docs.values())), strict=True))
     good = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode="latent_kv", dtype="float32", spec=dec.cache_spec)
     for mode in ("latents", "full"):  # every storage mode restores to the same answers
         rec = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode=mode, dtype="float32", spec=dec.cache_spec)

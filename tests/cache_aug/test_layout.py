@@ -130,7 +130,7 @@ def _with_metadata(record, metadata):
 def _same_cache(a, b):
     assert a.layout == b.layout and a.seq_len == b.seq_len and a.next_position == b.next_position
     assert torch.equal(a.next_logits, b.next_logits)
-    assert all(torch.equal(x, y) for (k, v), (k2, v2) in zip(a.layers, b.layers) for x, y in ((k, k2), (v, v2)))
+    assert all(torch.equal(x, y) for (k, v), (k2, v2) in zip(a.layers, b.layers, strict=True) for x, y in ((k, k2), (v, v2)))
 
 
 def test_module_and_cache_carry_the_layout(made):

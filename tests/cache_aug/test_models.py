@@ -89,7 +89,7 @@ def test_save_load_round_trip(mode, first, rule, channel, tmp_path):
     assert torch.equal(a.next_logits, b.next_logits)
     if channel == "kv":  # the trained C's own KV at the latent slots, no input embeddings
         assert loaded.latent_channel == "kv" and a.latents is None and b.latents is None
-        for (k, v), (k2, v2) in zip(a.layers, b.layers):
+        for (k, v), (k2, v2) in zip(a.layers, b.layers, strict=True):
             assert torch.equal(k, k2) and torch.equal(v, v2)
     else:
         assert torch.equal(a.latents, b.latents)

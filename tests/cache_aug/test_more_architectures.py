@@ -42,7 +42,7 @@ def test_one_pass_equals_reference(setup):
     slow = reference_loss(decoder, module, ids, points, N_A)
     torch.testing.assert_close(fast.per_position, slow.per_position, rtol=1e-4, atol=1e-6)
     params = [p for p in module.parameters() if p.requires_grad]
-    for a, b in zip(torch.autograd.grad(fast.loss, params), torch.autograd.grad(slow.loss, params)):
+    for a, b in zip(torch.autograd.grad(fast.loss, params), torch.autograd.grad(slow.loss, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-9)
 
 

@@ -52,5 +52,5 @@ def test_stored_equals_computed_on_the_real_model(smollm2, channel):
         restored = restore(record, smollm2, fp, position_rule="keep")  # latent_kv prefills the stored document ids
         got = list(decode_steps(smollm2, restored, prompt, max_new_tokens=4, stop_token_ids=[]))
         assert [t for t, _ in got] == [t for t, _ in expected]
-        for (_, a), (_, b) in zip(got, expected):
+        for (_, a), (_, b) in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

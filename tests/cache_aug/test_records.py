@@ -118,7 +118,7 @@ def test_format_1_records_still_load_and_are_still_checked(made, tmp_path):
     for mode, record in records.items():
         old = _as_format_1(record)
         want, got = restore(record, decoder, fp), restore(old, decoder, fp)
-        assert all(torch.equal(a, b) for x, y in zip(want.layers, got.layers) for a, b in zip(x, y)), mode
+        assert all(torch.equal(a, b) for x, y in zip(want.layers, got.layers, strict=True) for a, b in zip(x, y, strict=True)), mode
         flipped = bytearray(old.payload)
         flipped[-3] ^= 0x10
         with pytest.raises(CacheRecordError, match="checksum"):

@@ -112,7 +112,7 @@ def test_incremental_runs_with_exact_accounting(setup):
     a = list(decode_steps(decoder, stored, prompt, max_new_tokens=8, stop_token_ids=[]))
     b = list(decode_steps(decoder, fresh, prompt, max_new_tokens=8, stop_token_ids=[]))
     assert [t for t, _ in a] == [t for t, _ in b]
-    for (_, la), (_, lb) in zip(a, b):
+    for (_, la), (_, lb) in zip(a, b, strict=True):
         torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)  # batched with padding vs alone
 
     before = reader.get(good[50][0])

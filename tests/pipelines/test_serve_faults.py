@@ -152,7 +152,7 @@ def test_limits_hold_under_concurrency(site):
         ("prompt over cap", lambda: post(json=body(doc, prompt=" the" * 200)), 400),
     ]
     results = burst(lambda i: cases[i % len(cases)][0:1] + (cases[i % len(cases)][1](),), 3 * len(cases), timeout=90)
-    for (name, r), (_, _, status) in zip(results, cases * 3):
+    for (name, r), (_, _, status) in zip(results, cases * 3, strict=True):
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         if status == 200:
             assert r.json()["cache_aug"]["token_ids"] == site["want"][doc]

@@ -86,8 +86,8 @@ class SeaweedFS:
     def client(self, **kwargs):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key, aws_secret_access_key=self.secret,
-                            region_name="us-east-1", **kwargs)
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key,
+                            aws_secret_access_key=self.secret, region_name="us-east-1", **kwargs)
 
     def start(self, timeout_s: float = 60, retries: int = 3) -> SeaweedFS:
         import shutil

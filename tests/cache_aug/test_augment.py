@@ -16,8 +16,10 @@ ARCHS = ["llama", "gemma2", "gpt2", "qwen2-sliding", "mistral"]
 # (architecture, which slot predicts the first ahead token, position rule): the paper's rules everywhere; the
 # re-read last token, and the text keeping its positions, on the architectures with embedding scaling (gemma2),
 # sliding layers and learned absolute positions (gpt2)
-SETUPS = ([(a, "last_latent", "shift") for a in ARCHS] + [(a, "last_token", "shift") for a in ("llama", "gemma2", "qwen2-sliding")]
-          + [(a, "last_token", "keep") for a in ("llama", "gemma2", "qwen2-sliding", "gpt2")] + [("mistral", "last_latent", "keep")])
+SETUPS = ([(a, "last_latent", "shift") for a in ARCHS]
+          + [(a, "last_token", "shift") for a in ("llama", "gemma2", "qwen2-sliding")]
+          + [(a, "last_token", "keep") for a in ("llama", "gemma2", "qwen2-sliding", "gpt2")]
+          + [("mistral", "last_latent", "keep")])
 SETUPS = [(*s, "embeds") for s in SETUPS]
 # the coprocessor writing its own KV at the latent slots (latent_channel="kv"), under both position rules
 SETUPS += [("llama", "last_token", "keep", "kv"), ("gemma2", "last_token", "shift", "kv"),

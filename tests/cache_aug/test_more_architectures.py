@@ -63,5 +63,6 @@ def test_serving_agrees_with_training(setup):
     ce = torch.nn.functional.cross_entropy(torch.stack(logits).float(), torch.tensor(ahead))
     ref = reference_loss(decoder, module, seq, torch.tensor([[p]]), N_A).loss.detach()
     torch.testing.assert_close(ce, ref, rtol=1e-5, atol=1e-5)
-    plain = torch.nn.functional.cross_entropy(decoder.model(seq[:, : p + N_A - 1]).logits[0, p - 1 :].float(), torch.tensor(ahead))
+    plain = torch.nn.functional.cross_entropy(decoder.model(seq[:, : p + N_A - 1]).logits[0, p - 1 :].float(),
+                                              torch.tensor(ahead))
     assert abs(float(plain) - float(ref)) > 1e-4  # the latents change what is predicted

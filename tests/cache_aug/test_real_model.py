@@ -40,7 +40,8 @@ def test_stored_equals_computed_on_the_real_model(smollm2, channel):
     from cache_aug.coprocessor import build_latent_module, latent_fingerprint
     from cache_aug.records import encode_record, restore
 
-    cfg = CoprocessorConfig(mode="lora", lora_rank=4, first_ahead_from="last_token", position_rule="keep", latent_channel=channel)
+    cfg = CoprocessorConfig(mode="lora", lora_rank=4, first_ahead_from="last_token", position_rule="keep",
+                            latent_channel=channel)
     module = build_latent_module(smollm2, cfg, n_latents=4).eval()
     fp = latent_fingerprint(smollm2, module)
     doc = smollm2.tokenizer.encode("And God said, Let there be light: and there was light. And God saw the light")

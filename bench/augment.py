@@ -57,7 +57,8 @@ def main() -> None:
     (work / "in").mkdir()
     pq.write_table(table, work / "in" / "docs.parquet")
     base = [f"corpus.input_paths=[{work / 'in'}]", f"corpus.max_tokens={args.max_tokens}", "corpus.truncate=true",
-            f"corpus.batch_size={args.batch_size}", f"corpus.augment_batch_size={args.augment_batch_size}", "augmentation.n_latents=8",
+            f"corpus.batch_size={args.batch_size}", f"corpus.augment_batch_size={args.augment_batch_size}",
+            "augmentation.n_latents=8",
             f"corpus.num_actors={args.actors}", f"corpus.cpus_per_actor={args.cpus_per_actor}"]
     cfg = load_job_config(None, overrides=base)
     build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
@@ -72,15 +73,18 @@ def main() -> None:
         mod = load_latent_module(work / "cop", dec)
         fp_ = latent_fingerprint(dec, mod)
         rows = pq.read_table(work / "in" / "docs.parquet").to_pylist()
-        docs = [prepare_document(r["doc_id"], r["text"], dec.tokenizer, max_tokens=args.max_tokens, truncate=True) for r in rows]
+        docs = [prepare_document(r["doc_id"], r["text"], dec.tokenizer, max_tokens=args.max_tokens, truncate=True)
+                for r in rows]
         records = []
         for start in range(0, len(docs), args.batch_size):
             batch = sorted(docs[start : start + args.batch_size], key=lambda d: len(d.input_ids))
             for i in range(0, len(batch), args.augment_batch_size):
                 chunk = batch[i : i + args.augment_batch_size]
-                for d, aug in zip(chunk, augment(dec, mod, [d.input_ids for d in chunk])):
-                    records.append(encode_record(aug, doc_id=d.doc_id, fingerprint=fp_, mode=cfg.storage.mode, dtype=cfg.storage.dtype,
-                                                 spec=dec.cache_spec, content_sha256=d.content_sha256, truncated=d.truncated))
+                for d, aug in zip(chunk, augment(dec, mod, [d.input_ids for d in chunk]), strict=True):
+                    records.append(encode_record(aug, doc_id=d.doc_id, fingerprint=fp_, mode=cfg.storage.mode,
+                                                 dtype=cfg.storage.dtype,
+                                                 spec=dec.cache_spec, content_sha256=d.content_sha256,
+                                                 truncated=d.truncated))
         (work / "bare").mkdir(exist_ok=True)
         for i in range(0, len(records), 256):
             write_records(str(work / "bare" / f"part-{i // 256:05d}.parquet"), records[i : i + 256])
@@ -98,17 +102,21 @@ def main() -> None:
     sample = docs[:32]
     augs = augment(decoder, module, [d.input_ids for d in sample])
     bytes_per_doc = {
-        mode: sum(len(encode_record(a, doc_id=d.doc_id, fingerprint=fp, mode=mode, dtype="bfloat16", spec=decoder.cache_spec).payload)
-                  for d, a in zip(sample, augs)) / len(sample)
+        mode: sum(len(encode_record(a, doc_id=d.doc_id, fingerprint=fp, mode=mode, dtype="bfloat16",
+                                    spec=decoder.cache_spec).payload)
+                  for d, a in zip(sample, augs, strict=True)) / len(sample)
         for mode in ("latents", "latent_kv", "full")
     }
 
     # Ray starts workers at niceness 15 so that its own daemons stay responsive; the bare loop runs at 0. On a
     # machine shared with other work that alone skews the comparison, so both sides get the same priority here.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    job_cfg = load_job_config(None, overrides=base + [f"corpus.output={work / 'out'}", f"corpus.coprocessor={work / 'cop'}"])
-    ray.get(ray.remote(lambda: None).remote())  # the cluster is up before the clock starts (a user's cluster already is)
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    job_cfg = load_job_config(None,
+                              overrides=base + [f"corpus.output={work / 'out'}", f"corpus.coprocessor={work / 'cop'}"])
+    # the cluster is up before the clock starts (a user's cluster already is)
+    ray.get(ray.remote(lambda: None).remote())
     t = time.perf_counter()
     manifest = run_corpus_job(job_cfg)
     ray_s = time.perf_counter() - t
@@ -131,8 +139,8 @@ def main() -> None:
         "ray_vs_bare": bare_s / ray_s,
         "ray_phases_s": manifest["phases"],
         "bytes_per_doc": bytes_per_doc,
-        "setup": (f"end to end, both loading the models and writing Parquet: Ray job on a running local cluster of 2 CPUs, "
-                  f"{args.actors} augmentation actor(s) x {args.cpus_per_actor} CPU (torch threads = CPUs); "
+        "setup": ("end to end, both loading the models and writing Parquet: Ray job on a running local cluster of 2 "
+                  f"CPUs, {args.actors} augmentation actor(s) x {args.cpus_per_actor} CPU (torch threads = CPUs); "
                   f"bare: one process, {args.bare_threads} torch thread(s), same length-sorted batches; "
                   f"Ray workers at niceness {os.environ['RAY_worker_niceness']} like the bare loop"),
     }

@@ -151,7 +151,8 @@ def ttft(results: dict, doc_tokens: int, reps: int) -> None:
     from cache_aug.records import encode_record, restore
     from cache_aug.testing import byte_tokenizer
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                      num_attention_heads=32,
                       num_key_value_heads=8, max_position_embeddings=4096, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(DEVICE, torch.bfloat16)
@@ -166,7 +167,8 @@ def ttft(results: dict, doc_tokens: int, reps: int) -> None:
     for d in docs:
         aug = augment(dec, module, [d])[0]
         for mode, stored in recs.items():
-            stored.append(encode_record(aug, doc_id="d", fingerprint=fp, mode=mode, dtype="bfloat16", spec=dec.cache_spec))
+            stored.append(encode_record(aug, doc_id="d", fingerprint=fp, mode=mode, dtype="bfloat16",
+                                        spec=dec.cache_spec))
 
     def first_token(cache, prompt_ids):
         return next(iter(decode_steps(dec, cache, prompt_ids, max_new_tokens=1)))
@@ -189,8 +191,8 @@ def ttft(results: dict, doc_tokens: int, reps: int) -> None:
             spent.append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     results["ttft"] = {
-        "model": f"Llama-shaped, {n_params / 1e9:.2f}B params, bf16, sdpa, random weights", "doc_tokens": doc_tokens, "prompt_tokens": 16,
-        "n_latents": 16, "reps": reps, "median_s": med,
+        "model": f"Llama-shaped, {n_params / 1e9:.2f}B params, bf16, sdpa, random weights", "doc_tokens": doc_tokens,
+        "prompt_tokens": 16, "n_latents": 16, "reps": reps, "median_s": med,
         "speedup_vs_plain": {k: med["plain"] / v for k, v in med.items() if k != "plain"},
         "record_bytes": {m: len(recs[m][0].payload) for m in recs},
     }
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     DEVICE = args.device
     import transformers
 
-    results = {"bench": "cuda_paths", "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+    results = {"bench": "cuda_paths", "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+               "torch": torch.__version__,
                "transformers": transformers.__version__, "platform": platform.platform(), "loss_rtol": LOSS_RTOL,
                "equivalences": {}}
     failures = equivalences(results, [a for a in args.archs.split(",") if a])

@@ -84,8 +84,8 @@ def main() -> None:
         curve.append({"step": step, "ppl_none": report["ppl"]["none"], "ppl_finetuned": report["ppl"]["finetuned"],
                       "vs_none": -report["relative_reduction"]["finetuned"],
                       "vs_none_ci": [-x for x in report["relative_reduction_ci"]["finetuned"][::-1]]})
-        print(f"[headroom] step {step}: ahead ppl none {report['ppl']['none']:.3f}, fine-tuned {report['ppl']['finetuned']:.3f} "
-              f"({100 * curve[-1]['vs_none']:+.1f}%)", flush=True)
+        print(f"[headroom] step {step}: ahead ppl none {report['ppl']['none']:.3f}, fine-tuned "
+              f"{report['ppl']['finetuned']:.3f} ({100 * curve[-1]['vs_none']:+.1f}%)", flush=True)
         return report
 
     final = check(0)
@@ -111,7 +111,8 @@ def main() -> None:
         "decoder_fingerprint": frozen.fingerprint,
         "recipe": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": cfg.data.seq_len, "lr": lr,
                    "warmup_steps": sw.warmup_steps, "schedule": "linear warmup, cosine to 10%", "weight_decay": 0.0,
-                   "grad_clip": 1.0, "objective": "next-token loss over every token", "batch_order_seed": cfg.coprocessor.seed},
+                   "grad_clip": 1.0, "objective": "next-token loss over every token",
+                   "batch_order_seed": cfg.coprocessor.seed},
         "train_tokens": int(train.numel()),
         "points": final["points"],
         "positions_sha256": final["positions_sha256"]["none"],

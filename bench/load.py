@@ -91,7 +91,8 @@ def main() -> None:
     ap.add_argument("--missing", type=int, default=6, help="documents without one (augmented online)")
     ap.add_argument("--doc-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--cache-entries", type=int, default=6, help="the replica's LRU limit (below the distinct documents)")
+    ap.add_argument("--cache-entries", type=int, default=6,
+                    help="the replica's LRU limit (below the distinct documents)")
     ap.add_argument("--n-latents", type=int, default=8)
     args = ap.parse_args()
     assert args.cache_entries < args.docs + args.missing, "the LRU must be smaller than the working set"
@@ -135,34 +136,41 @@ def main() -> None:
     ids = list(texts)
     stored_ids, online_ids = ids[: args.docs], ids[args.docs:]
     (work / "in").mkdir()
-    pq.write_table(pa.table({"doc_id": stored_ids, "text": [texts[i] for i in stored_ids]}), work / "in" / "part-0.parquet")
+    pq.write_table(pa.table({"doc_id": stored_ids, "text": [texts[i] for i in stored_ids]}),
+                   work / "in" / "part-0.parquet")
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     assert run_corpus_job(cfg)["counts"]["written"] == len(stored_ids)
     # documents added after the corpus run: found by id in the corpus, augmented online
-    pq.write_table(pa.table({"doc_id": online_ids, "text": [texts[i] for i in online_ids]}), work / "in" / "part-1.parquet")
+    pq.write_table(pa.table({"doc_id": online_ids, "text": [texts[i] for i in online_ids]}),
+                   work / "in" / "part-1.parquet")
 
     prompt = " And the LORD said"
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     fp = latent_fingerprint(decoder, module)
     reader = AugmentedCacheReader(pafs.LocalFileSystem(), str(work / "caches"), cfg.corpus.index_buckets)
-    want = {d: generate(decoder, restore(reader.get(d), decoder, fp), prompt_ids, max_new_tokens=args.max_tokens) for d in stored_ids}
+    want = {d: generate(decoder, restore(reader.get(d), decoder, fp), prompt_ids, max_new_tokens=args.max_tokens)
+            for d in stored_ids}
     for d in online_ids:
         aug = augment(decoder, module, [tok.encode(texts[d], add_special_tokens=False)])[0]
         want[d] = generate(decoder, aug, prompt_ids, max_new_tokens=args.max_tokens)
-    want_text = {d: tok.decode([t for t in v if t != tok.eos_token_id], skip_special_tokens=True) for d, v in want.items()}
+    want_text = {d: tok.decode([t for t in v if t != tok.eos_token_id], skip_special_tokens=True)
+                 for d, v in want.items()}
 
     port = 8124
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    c = load_job_config(None, overrides=base + [f"serve.cache_entries={args.cache_entries}", f"serve.max_tokens={args.max_tokens}",
+    c = load_job_config(None, overrides=base + [f"serve.cache_entries={args.cache_entries}",
+                                                f"serve.max_tokens={args.max_tokens}",
                                             f"serve.max_prompt_tokens={len(prompt_ids) + 8}"])
-    serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug", route_prefix="/")
+    serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug",
+              route_prefix="/")
     pid = replica_pid()
 
     def body(kind: str, doc: str) -> dict:
-        return {"model": "cache-aug", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "document_id": doc,
-                "stream": kind.endswith("_stream")}
+        return {"model": "cache-aug", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
+                "document_id": doc, "stream": kind.endswith("_stream")}
 
     with requests.Session() as s:  # warm-up: every document once, so the start RSS includes a full LRU
         for d in ids:
@@ -193,7 +201,8 @@ def main() -> None:
                 with lock:
                     if status != 200:
                         errors[str(status)] = errors.get(str(status), 0) + 1
-                    elif source != kind.split("_")[0] or (got if got is not None else text) != (want[doc] if got is not None else want_text[doc]):
+                    elif source != kind.split("_")[0] or (got if got is not None else text) != (
+                        want[doc] if got is not None else want_text[doc]):
                         wrong.append((kind, doc))
                     else:
                         lats[kind].append(dt)
@@ -254,15 +263,16 @@ def main() -> None:
         "lru_max_entries": max((s["entries"] for s in samples), default=None),
         "lru_max_bytes": max((s["bytes"] for s in samples), default=None),
         "lru_end": health["lru"],
-        "lru_holds_limit": all(s["entries"] <= args.cache_entries for s in samples) and health["lru"]["entries"] <= args.cache_entries,
+        "lru_holds_limit": (all(s["entries"] <= args.cache_entries for s in samples)
+                            and health["lru"]["entries"] <= args.cache_entries),
         "served": health["served"],
         "distinct_documents": len(ids),
         "doc_tokens": args.doc_tokens,
         "max_tokens": args.max_tokens,
         "n_latents": args.n_latents,
-        "setup": ("local Ray, 2 CPUs shared with other work; one replica (1 CPU, 1 torch thread, max_ongoing_requests 8, "
-                  "max_queued_requests 64); loopback HTTP; kinds rotate stored / stored streamed / online / online streamed; "
-                  "LRU smaller than the working set; every answer checked against offline greedy decoding"),
+        "setup": ("local Ray, 2 CPUs shared with other work; one replica (1 CPU, 1 torch thread, max_ongoing_requests "
+                  "8, max_queued_requests 64); loopback HTTP; kinds rotate stored / stored streamed / online / online "
+                  "streamed; LRU smaller than the working set; every answer checked against offline greedy decoding"),
     }
     from bench.results_io import write_result
 

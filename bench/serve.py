@@ -71,8 +71,8 @@ def _payload_bytes(root: Path) -> dict:
         if "payload" in table.column_names:
             files += path.stat().st_size
             sizes += [len(b) for b in table.column("payload").to_pylist() if b]
-    return {"records": len(sizes), "payload_mean": statistics.mean(sizes) if sizes else 0, "payload_max": max(sizes, default=0),
-            "parquet_bytes_per_record": files / len(sizes) if sizes else 0}
+    return {"records": len(sizes), "payload_mean": statistics.mean(sizes) if sizes else 0,
+            "payload_max": max(sizes, default=0), "parquet_bytes_per_record": files / len(sizes) if sizes else 0}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -121,9 +121,10 @@ def run_both(args) -> None:
         subprocess.run(argv, check=True, cwd=Path(__file__).resolve().parents[1],
                        env=os.environ | {"RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0"})
         runs[ingress] = json.loads(out.read_text())
-    keys = ("ttft_s", "total_s", "stored_vs_plain_ttft", "online_vs_stored_ttft", "full_1k_ttft_s", "full_1k_ttft_speedup",
-            "full_online_vs_stored_ttft", "load", "p50_s", "p99_s", "rps", "errors")
-    result = runs["haproxy"] | {"ingress": "haproxy", "by_ingress": {k: {n: v[n] for n in keys} for k, v in runs.items()}}
+    keys = ("ttft_s", "total_s", "stored_vs_plain_ttft", "online_vs_stored_ttft", "full_1k_ttft_s",
+            "full_1k_ttft_speedup", "full_online_vs_stored_ttft", "load", "p50_s", "p99_s", "rps", "errors")
+    result = runs["haproxy"] | {"ingress": "haproxy",
+                                "by_ingress": {k: {n: v[n] for n in keys} for k, v in runs.items()}}
     from bench.results_io import write_result
 
     write_result(args.name, result)
@@ -166,10 +167,12 @@ def measure(args) -> dict:
     ids = list(texts)
     stored_ids, online_ids = ids[: args.docs], ids[args.docs :]
     (work / "in").mkdir()
-    pq.write_table(pa.table({"doc_id": stored_ids, "text": [texts[i] for i in stored_ids]}), work / "in" / "docs.parquet")
+    pq.write_table(pa.table({"doc_id": stored_ids, "text": [texts[i] for i in stored_ids]}),
+                   work / "in" / "docs.parquet")
     doc_tokens = statistics.mean(len(tok.encode(texts[i], add_special_tokens=False)) for i in ids)
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     for mode in ("latent_kv", "full"):
         job = load_job_config(args.config, overrides=base + [f"storage.mode={mode}", f"corpus.output={work / mode}"])
         assert run_corpus_job(job)["counts"]["written"] == len(stored_ids)
@@ -179,9 +182,11 @@ def measure(args) -> dict:
     url = f"http://127.0.0.1:{port}"
 
     def deploy(mode: str) -> None:
-        c = load_job_config(args.config, overrides=base + [f"serve.cache_prefix={work / mode}", "serve.cache_ttl_s=0", "serve.documents=[]",
-                                                f"serve.max_prompt_tokens={args.doc_tokens + 64}", f"serve.max_document_tokens={args.doc_tokens}"])
-        serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug", route_prefix="/")
+        c = load_job_config(args.config, overrides=base + [f"serve.cache_prefix={work / mode}", "serve.cache_ttl_s=0",
+                                                "serve.documents=[]", f"serve.max_prompt_tokens={args.doc_tokens + 64}",
+                                                f"serve.max_document_tokens={args.doc_tokens}"])
+        serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug",
+                  route_prefix="/")
 
     prompt = " And the LORD said"
     common = {"model": cfg.serve.model_name, "max_tokens": args.max_tokens, "temperature": 0}
@@ -200,7 +205,8 @@ def measure(args) -> dict:
             for k in range(len(conditions)):  # rotate the order so no condition always goes first
                 name = conditions[(i + k) % len(conditions)]
                 ttft, total, _, source = stream_once(url, bodies[name](i))
-                assert source == ("stored" if name == "stored" else "online" if name == "online" else "none"), (name, source)
+                assert source == ("stored" if name == "stored" else "online" if name == "online" else "none"), (
+                    name, source)
                 out[name].append((ttft, total))
         return out
 
@@ -252,7 +258,8 @@ def measure(args) -> dict:
         "decoder": cfg.model.path,
         "decoder_parameters": params,
         "coprocessor": {"mode": cfg.coprocessor.mode, "latent_channel": cfg.coprocessor.latent_channel,
-                        "position_rule": cfg.coprocessor.position_rule, "first_ahead_from": cfg.coprocessor.first_ahead_from},
+                        "position_rule": cfg.coprocessor.position_rule,
+                        "first_ahead_from": cfg.coprocessor.first_ahead_from},
         "storage_dtype": cfg.storage.dtype,
         "bytes_per_document": stored_bytes,
         "doc_tokens_mean": doc_tokens,
@@ -263,7 +270,8 @@ def measure(args) -> dict:
         "total_s": total,
         "stored_vs_plain_ttft": ttft["stored"] / ttft["plain"],
         "online_vs_stored_ttft": ttft["online"] / ttft["stored"],
-        "full_1k_ttft_s": {"stored_full": med(full["stored"], 0), "plain": med(full["plain"], 0), "online": med(full["online"], 0)},
+        "full_1k_ttft_s": {"stored_full": med(full["stored"], 0), "plain": med(full["plain"], 0),
+                           "online": med(full["online"], 0)},
         "full_1k_ttft_speedup": med(full["plain"], 0) / med(full["stored"], 0),
         "full_online_vs_stored_ttft": med(full["online"], 0) / med(full["stored"], 0),
         "load": {"clients": args.clients, "seconds": wall, "requests": len(lats)},

@@ -75,18 +75,20 @@ def main() -> None:
         def first(a, p):
             return next(decode_steps(decoder, a, p, max_new_tokens=1, stop_token_ids=[]))
 
-        ttft_plain = first_token_seconds(lambda: first(augment(decoder, None, [doc])[0], prompt), args.repeats)
-        ttft_memory = first_token_seconds(lambda: first(aug, prompt), args.repeats)
-        ttft_online = first_token_seconds(lambda: first(augment(decoder, module, [doc])[0], prompt), args.repeats)
+        ttft_plain = first_token_seconds(lambda doc=doc: first(augment(decoder, None, [doc])[0], prompt), args.repeats)
+        ttft_memory = first_token_seconds(lambda aug=aug: first(aug, prompt), args.repeats)
+        ttft_online = first_token_seconds(lambda doc=doc: first(augment(decoder, module, [doc])[0], prompt),
+                                          args.repeats)
         row = {
             "doc_tokens": n,
-            "ttft_s": {"plain_no_cache": ttft_plain, "in_memory_augmented": ttft_memory, "online_augmentation": ttft_online},
+            "ttft_s": {"plain_no_cache": ttft_plain, "in_memory_augmented": ttft_memory,
+                       "online_augmentation": ttft_online},
             "modes": {},
         }
         for mode in ("latents", "latent_kv", "full"):
             for dtype in ("bfloat16", "float32"):
                 rec = encode_record(aug, doc_id="d", fingerprint=fp, mode=mode, dtype=dtype, spec=decoder.cache_spec)
-                ttft = first_token_seconds(lambda: first(restore(rec, decoder, fp), prompt), args.repeats)
+                ttft = first_token_seconds(lambda rec=rec: first(restore(rec, decoder, fp), prompt), args.repeats)
                 row["modes"][f"{mode}/{dtype}"] = {
                     "payload_bytes": len(rec.payload),
                     "bytes_per_doc_token": len(rec.payload) / n,
@@ -95,9 +97,11 @@ def main() -> None:
                 }
         row["gemma2_2b_bf16_arithmetic_n_latents_64"] = gemma2_2b_arithmetic(n)
         rows.append(row)
-        print(f"doc {n} tokens: plain {ttft_plain * 1e3:.1f} ms, in-memory {ttft_memory * 1e3:.1f} ms, online {ttft_online * 1e3:.1f} ms")
+        print(f"doc {n} tokens: plain {ttft_plain * 1e3:.1f} ms, in-memory {ttft_memory * 1e3:.1f} ms, online "
+              f"{ttft_online * 1e3:.1f} ms")
         for k, v in row["modes"].items():
-            print(f"  {k:<20} {v['payload_bytes']:>10,} B  ttft {v['ttft_s'] * 1e3:7.1f} ms  ({v['ttft_vs_plain']:.2f}x plain)")
+            print(f"  {k:<20} {v['payload_bytes']:>10,} B  ttft {v['ttft_s'] * 1e3:7.1f} ms  "
+                  f"({v['ttft_vs_plain']:.2f}x plain)")
 
     write_result("storage_modes", {
         "bench": "storage_modes",

@@ -92,7 +92,8 @@ def check_architecture(model) -> None:
     cache = DynamicCache(config=model.config)
     _logits(model, cache, input_ids=ids[:, :2], position_ids=pos[:, :2], use_cache=True)
     if cache.get_seq_length() != 2:
-        raise UnsupportedArchitecture(f"{kind}: a forward given a cache left {cache.get_seq_length()} entries in it, not 2")
+        raise UnsupportedArchitecture(f"{kind}: a forward given a cache left {cache.get_seq_length()} entries in it, "
+                                      "not 2")
     resumed = _logits(model, cache, input_ids=ids[:, 2:], position_ids=pos[:, 2:], use_cache=True)
     if _differs(full, resumed, dtype):
         raise UnsupportedArchitecture(f"{kind}: continuing from its own cache does not give the logits of one forward; "

@@ -78,7 +78,8 @@ class ArithmeticSpec:
         heads = max(1, self.hidden_size // 32)
         # pretrained on 256-token blocks, twice what the modules train and evaluate on (128): augmentation shifts
         # the tokens after a point by N_L+1 positions, which must stay inside the positions the decoder has seen
-        return TinySpec(vocab_size=258, hidden_size=self.hidden_size, intermediate_size=round(self.hidden_size * 2.6875),
+        return TinySpec(vocab_size=258, hidden_size=self.hidden_size,
+                        intermediate_size=round(self.hidden_size * 2.6875),
                         num_layers=self.num_layers, num_heads=heads, num_kv_heads=max(1, heads // 2), seq_len=256,
                         batch_size=16, lr=3e-3, warmup_steps=100, max_steps=self.steps, max_minutes=self.max_minutes,
                         threads=self.threads, seed=self.seed, heldout_every=20, eval_batches=8, log_every=100)
@@ -116,7 +117,8 @@ def make_corpus(spec: ArithmeticSpec) -> tuple[list[Document], list[Document]]:
 
     def docs(pairs: list[tuple[int, int]], prefix: str) -> list[Document]:
         k = spec.problems_per_doc
-        return [Document(f"{prefix}{i:05d}", "".join(problem_line(a, b, spec.op) for a, b in pairs[i * k : (i + 1) * k]))
+        return [Document(f"{prefix}{i:05d}",
+                         "".join(problem_line(a, b, spec.op) for a, b in pairs[i * k : (i + 1) * k]))
                 for i in range(len(pairs) // k)]
 
     return docs(train_pairs, "arith-train-"), docs(eval_pairs, "arith-eval-")
@@ -134,7 +136,8 @@ def eval_problems(docs: Sequence[Document], start: int) -> list[dict]:
 
 
 @torch.no_grad()
-def exact_match(decoder: Decoder, modules: dict[str, object], problems: Sequence[dict], *, batch_size: int = 16) -> list[dict]:
+def exact_match(decoder: Decoder, modules: dict[str, object], problems: Sequence[dict], *,
+                batch_size: int = 16) -> list[dict]:
     """Greedy answer of every problem under every condition (same problems, same contexts)."""
     from cache_aug.augment import augment, generate
 
@@ -146,7 +149,7 @@ def exact_match(decoder: Decoder, modules: dict[str, object], problems: Sequence
         chunk = problems[start : start + batch_size]
         ids = [tok.encode(p["context"], add_special_tokens=False) for p in chunk]
         for name, module in modules.items():
-            for p, cache in zip(chunk, augment(decoder, module, ids)):
+            for p, cache in zip(chunk, augment(decoder, module, ids), strict=True):
                 max_new = len(p["answer"]) + 2
                 out = generate(decoder, cache, [], max_new_tokens=max_new, temperature=0.0, stop_token_ids=stops)
                 text = tok.decode([t for t in out if t not in stops], skip_special_tokens=True)
@@ -156,8 +159,8 @@ def exact_match(decoder: Decoder, modules: dict[str, object], problems: Sequence
 
 
 @torch.no_grad()
-def position_gap_ppl(decoder: Decoder, docs: Sequence[Document], gaps: Sequence[int], *, n_ahead: int = 5, stride: int = 3,
-                     min_prefix: int = 8) -> dict[int, dict]:
+def position_gap_ppl(decoder: Decoder, docs: Sequence[Document], gaps: Sequence[int], *, n_ahead: int = 5,
+                     stride: int = 3, min_prefix: int = 8) -> dict[int, dict]:
     """The decoder alone, with the tokens after a point moved `gap` positions later and nothing inserted.
 
     Augmentation moves every token after the point N_L (+1 re-read) positions on. This measures what
@@ -176,7 +179,8 @@ def position_gap_ppl(decoder: Decoder, docs: Sequence[Document], gaps: Sequence[
                 pos = torch.arange(p + 1 + n_ahead, device=ids.device)
                 pos[p + 1 :] += gap
                 logits = model(input_ids=ids[:, : p + 1 + n_ahead], position_ids=pos[None]).logits[0, p : p + n_ahead]
-                nll = -torch.log_softmax(logits.float(), -1).gather(1, ids[0, p + 1 : p + 1 + n_ahead, None]).sum().item()
+                nll = -torch.log_softmax(logits.float(), -1).gather(
+                    1, ids[0, p + 1 : p + 1 + n_ahead, None]).sum().item()
                 for key in ("all",) + (("after_equals",) if ids[0, p] == eq else ()):
                     total[key][0] += nll
                     total[key][1] += n_ahead
@@ -207,16 +211,19 @@ def summarise_exact(rows: Sequence[dict], conditions: Sequence[str], *, samples:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| N_L | none | pause | coprocessor | pause - none | coprocessor - none |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| N_L | none | pause | coprocessor | pause - none | coprocessor - none |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in report["by_n_latents"]:
         a, ci, d, dci = r["accuracy"], r["accuracy_ci"], r["minus_none"], r["minus_none_ci"]
         cells = [f"{100 * a[c]:.1f}% [{100 * ci[c][0]:.1f}, {100 * ci[c][1]:.1f}]" for c in CONDITIONS]
-        cells += [f"{100 * d[c]:+.1f} pts [{100 * dci[c][0]:+.1f}, {100 * dci[c][1]:+.1f}]" for c in ("pause", "coprocessor")]
+        cells += [f"{100 * d[c]:+.1f} pts [{100 * dci[c][0]:+.1f}, {100 * dci[c][1]:+.1f}]"
+                  for c in ("pause", "coprocessor")]
         lines.append(f"| {r['n_latents']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def build_decoder(spec: ArithmeticSpec, train_docs: list[Document], out: Path, log: Callable[[str], None] = print) -> Path:
+def build_decoder(spec: ArithmeticSpec, train_docs: list[Document], out: Path,
+                  log: Callable[[str], None] = print) -> Path:
     """Pretrain the character-level decoder once (reused when its pretrain.json is there)."""
     from cache_aug.tiny import pretrain_tiny
 
@@ -264,7 +271,8 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
         summary = summarise_exact(rows, list(CONDITIONS), seed=run_cfg.eval.seed)
         (results / f"arithmetic_nl{n_latents}.answers.json").write_text(json.dumps(rows) + "\n")
         by_nl.append({"n_latents": n_latents} | summary)
-        log(f"[arith] N_L={n_latents}: exact match " + ", ".join(f"{c} {100 * summary['accuracy'][c]:.1f}%" for c in CONDITIONS))
+        log(f"[arith] N_L={n_latents}: exact match " + ", ".join(f"{c} {100 * summary['accuracy'][c]:.1f}%"
+                                                                 for c in CONDITIONS))
     # how far augmentation moves the text after a point: N_L (+1 re-read) under "shift", nothing under "keep"
     layout = modules["coprocessor"].layout
     moved = {dataclasses.replace(layout, n_latents=n).text_shift for n in run_cfg.sweep.n_latents}
@@ -279,7 +287,8 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
                    "example": eval_docs[0].text.splitlines()[0]},
         "decoder": {k: pretrain[k] for k in ("params", "steps", "train_seconds", "heldout_ppl", "train_loss")},
         "modules": {"steps": run_cfg.sweep.steps, "batch_size": run_cfg.sweep.batch_size, "lr": run_cfg.sweep.lr,
-                    "n_ahead": run_cfg.augmentation.n_ahead, "points_per_sequence": run_cfg.augmentation.points_per_sequence,
+                    "n_ahead": run_cfg.augmentation.n_ahead,
+                    "points_per_sequence": run_cfg.augmentation.points_per_sequence,
                     "first_ahead_from": run_cfg.coprocessor.first_ahead_from,
                     "position_rule": run_cfg.coprocessor.position_rule},
         "ppl": {r["n_latents"]: r["ppl"] for r in reports},

@@ -147,12 +147,14 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
     if layout.writes_kv:  # the latents' KV from C, then D over the re-read last token (r == 1)
         last = decoder.embed(ids.gather(1, lengths[:, None] - 1))  # (N, 1, d)
         keep = torch.tensor([0], device=ids.device)
-        logits, layers = kv_decoder_pass(decoder, prefix, z, points, last, 1, keep, positions[:, L:])  # T + L + 1 columns
+        # T + L + 1 columns
+        logits, layers = kv_decoder_pass(decoder, prefix, z, points, last, 1, keep, positions[:, L:])
         z = None
     else:
         embeds = added_embeds(decoder, z, ids.gather(1, lengths[:, None] - 1), r)  # (N, L+r, d)
         keep = torch.tensor([L + r - 1], device=ids.device)
-        logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, keep, positions)  # (N, 1, V); T + L + r columns
+        # (N, 1, V); T + L + r columns
+        logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, keep, positions)
     out = []
     for i in range(N):
         n = int(lengths[i])
@@ -160,7 +162,8 @@ def augment(decoder: Decoder, module, docs: Sequence[Sequence[int]] | torch.Tens
             AugmentedCache(
                 input_ids=ids[i, :n],
                 layers=[
-                    (torch.cat([k[i : i + 1, :, :n], k[i : i + 1, :, T:]], 2), torch.cat([v[i : i + 1, :, :n], v[i : i + 1, :, T:]], 2))
+                    (torch.cat([k[i : i + 1, :, :n], k[i : i + 1, :, T:]], 2),
+                     torch.cat([v[i : i + 1, :, :n], v[i : i + 1, :, T:]], 2))
                     for k, v in layers
                 ],
                 next_logits=logits[i, 0],
@@ -213,7 +216,8 @@ def decode_steps(
             step = torch.tensor([pending], dtype=torch.long, device=decoder.device)  # (1, S)
             positions = torch.arange(pos, pos + step.shape[1], device=decoder.device)[None]  # (1, S)
             last = torch.tensor([step.shape[1] - 1], device=decoder.device)
-            logits = logits_at(decoder, last, input_ids=step, cache=cache, position_ids=positions, use_cache=True)[0, -1]
+            logits = logits_at(decoder, last, input_ids=step, cache=cache, position_ids=positions,
+                               use_cache=True)[0, -1]
             pos += step.shape[1]
         if temperature <= 0:
             token = int(logits.argmax())

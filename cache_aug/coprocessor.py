@@ -18,7 +18,8 @@ latent channel. Losses, `augment` and `restore` read it off the module (records 
 trained module carries its layout into corpus augmentation and serving.
 
 A trained module is saved as a directory:
-    latents.json          mode, N_L, first_ahead_from, position_rule, latent_channel, hidden size, LoRA config, decoder fingerprint, fingerprint
+    latents.json          mode, N_L, first_ahead_from, position_rule, latent_channel, hidden size, LoRA config,
+                          decoder fingerprint, fingerprint
     model.safetensors     trunk weights (full) or adapter weights (lora); absent for pause
     soft_tokens.safetensors
 """
@@ -114,7 +115,8 @@ class Coprocessor(LatentModule):
 
     uses_cache = True
 
-    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, layout: LatentLayout, mode: str, lora: dict | None = None):
+    def __init__(self, trunk: nn.Module, soft_tokens: torch.Tensor, layout: LatentLayout, mode: str,
+                 lora: dict | None = None):
         super().__init__(soft_tokens, layout)
         self.trunk = trunk
         self.mode = mode
@@ -135,8 +137,8 @@ class Coprocessor(LatentModule):
         n = x.shape[1]
         layers = layer_kv(cache)
         if min(k.shape[2] for k, _ in layers) < n:
-            raise ValueError(f"a cache layer kept fewer than the {n} latent columns (a sliding window shorter than them); "
-                             "pass a plain cache")
+            raise ValueError(f"a cache layer kept fewer than the {n} latent columns (a sliding window shorter than "
+                             "them); pass a plain cache")
         return [(k[:, :, -n:], v[:, :, -n:]) for k, v in layers]  # the latent slots' own KV
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -155,7 +157,8 @@ class PauseTokens(LatentModule):
 
     def __init__(self, soft_tokens: torch.Tensor, layout: LatentLayout):
         if layout.writes_kv:
-            raise ValueError("pause tokens have no coprocessor to write keys and values: their latent channel is \"embeds\"")
+            raise ValueError("pause tokens have no coprocessor to write keys and values: their latent channel is "
+                             "\"embeds\"")
         super().__init__(soft_tokens, layout)
 
     def forward(self, cache, position_ids: torch.Tensor, attention_mask=None, n_blocks: int = 1) -> torch.Tensor:
@@ -213,7 +216,7 @@ def _freeze_unreachable(module: Coprocessor, decoder: Decoder) -> None:
     latent = latent_pass(decoder, module, prefix, torch.tensor([[2]], device=decoder.device))
     probe = sum(k.float().sum() + v.float().sum() for k, v in latent)
     params = [p for p in module.parameters() if p.requires_grad]
-    for p, g in zip(params, torch.autograd.grad(probe, params, allow_unused=True)):
+    for p, g in zip(params, torch.autograd.grad(probe, params, allow_unused=True), strict=True):
         if g is None:
             p.requires_grad_(False)
 
@@ -313,7 +316,8 @@ def load_latent_module(directory: str | Path, decoder: Decoder, storage_options:
         saved = {k.removeprefix("trunk.") for k in module.trainable_state()}
         expected_missing = [k for k in module.trunk.state_dict() if k not in saved]
         if unexpected or sorted(missing) != sorted(expected_missing):
-            raise ValueError(f"{directory}: weights do not fit the decoder (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(f"{directory}: weights do not fit the decoder (missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]})")
     module = module.eval()
     if latent_fingerprint(decoder, module) != meta["fingerprint"]:
         raise FingerprintMismatch(f"{directory}: weights do not match the fingerprint recorded in latents.json")

@@ -161,7 +161,7 @@ def load_text_documents(path: str | Path) -> list[Document]:
                 docs.append(Document(doc_id=f.relative_to(p).as_posix(), text=text))
     elif p.is_file():
         text = p.read_text(encoding="utf-8")
-        for i, block in enumerate(re.split(r"\n[ \t\r\f\v]*\n", text)):
+        for block in re.split(r"\n[ \t\r\f\v]*\n", text):
             block = block.strip()
             if block:
                 docs.append(Document(doc_id=f"{p.name}#{len(docs)}", text=block))

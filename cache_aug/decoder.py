@@ -76,7 +76,8 @@ def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, stora
     if not listing:
         raise FileNotFoundError(f"no checkpoint files under {uri}")
     manifest = sorted(
-        (name, str(info.get("ETag") or info.get("etag") or ""), int(info.get("size") or 0)) for name, info in listing.items()
+        (name, str(info.get("ETag") or info.get("etag") or ""), int(info.get("size") or 0))
+        for name, info in listing.items()
     )
     key = hashlib.sha256(json.dumps([uri, manifest]).encode()).hexdigest()[:16]
     base = Path(cache_dir) if cache_dir else cache_home() / "checkpoints"
@@ -111,7 +112,8 @@ def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options:
     return local
 
 
-def load_decoder(cfg: ModelConfig, *, device: str | torch.device = "cpu", storage_options: dict | None = None) -> Decoder:
+def load_decoder(cfg: ModelConfig, *, device: str | torch.device = "cpu",
+                 storage_options: dict | None = None) -> Decoder:
     """Load any HF causal LM + tokenizer (or a GGUF file, converted once) as the frozen decoder."""
     from cache_aug.gguf_checkpoint import gguf_source
 

@@ -16,7 +16,8 @@ class DocumentTexts:
 
     def __init__(self, paths: list[str], *, filesystem=None, id_column: str = "doc_id", text_column: str = "text",
                  refresh_s: float = 60.0):
-        self.paths, self.fs, self.id_column, self.text_column, self.refresh_s = paths, filesystem, id_column, text_column, refresh_s
+        self.paths, self.fs, self.id_column, self.text_column = paths, filesystem, id_column, text_column
+        self.refresh_s = refresh_s
         self._dataset, self._made = None, float("-inf")
 
     def get(self, doc_id: str) -> str | None:

@@ -36,7 +36,8 @@ SOURCES = ("stored", "online", "none")
 
 
 class RequestRefused(ValueError):
-    """A request the engine cannot answer: the reason, and the request field it is about (None: the request as a whole)."""
+    """A request the engine cannot answer: the reason, and the request field it is about (None: the request as a
+    whole)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -90,7 +91,8 @@ class CompletionEngine:
     """The models of one replica, its stored-cache reader and LRU, and the decoding loop. Thread-safe."""
 
     def __init__(self, decoder: Decoder, module, fingerprint: str, cfg: ServeConfig, *, records=None,
-                 documents: DocumentTexts | None = None, max_document_tokens: int | None = None, truncate: bool = False):
+                 documents: DocumentTexts | None = None, max_document_tokens: int | None = None,
+                 truncate: bool = False):
         self.decoder, self.module, self.fingerprint, self.cfg = decoder, module, fingerprint, cfg
         self.records, self.documents = records, documents  # records: anything with .get(doc_id) -> CacheRecord | None
         self.max_document_tokens = max_document_tokens or cfg.max_document_tokens
@@ -116,13 +118,15 @@ class CompletionEngine:
                 reason = f"{reason}; document store unreadable ({type(e).__name__}: {e})"[:500]
         if text is None:
             if not req.prompt_ids:
-                raise DocumentNotFound(f"document {req.document_id!r}: {reason} and its text is unknown, and the prompt is "
-                                       "empty: nothing to continue")
-            return Plan("none", f"{reason}; document text unknown, decoded the prompt alone", [], compute_ids=req.prompt_ids)
+                raise DocumentNotFound(f"document {req.document_id!r}: {reason} and its text is unknown, and the "
+                                       "prompt is empty: nothing to continue")
+            return Plan("none", f"{reason}; document text unknown, decoded the prompt alone", [],
+                        compute_ids=req.prompt_ids)
         ids = self.decoder.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) > self.max_document_tokens:
             if not self.truncate:
-                raise DocumentTooLong(f"document has {len(ids)} tokens, more than the limit of {self.max_document_tokens}")
+                raise DocumentTooLong(f"document has {len(ids)} tokens, more than the limit of "
+                                      f"{self.max_document_tokens}")
             ids = ids[: self.max_document_tokens]
         if self.cfg.fallback == "online" and self.module is not None:
             return Plan("online", reason, req.prompt_ids, compute_ids=ids, document_tokens=len(ids))
@@ -148,7 +152,8 @@ class CompletionEngine:
         if want_sha256 is not None and record.content_sha256 != want_sha256:
             return "the stored cache is for another text of this document"
         try:
-            cache = restore(record, self.decoder, self.fingerprint, layout=None if self.module is None else self.module.layout)
+            cache = restore(record, self.decoder, self.fingerprint,
+                            layout=None if self.module is None else self.module.layout)
         except FingerprintMismatch:
             return "stored cache refused: made by other models (fingerprint mismatch)"
         except CacheRecordError as e:
@@ -167,7 +172,7 @@ class CompletionEngine:
             for start in range(0, len(todo), self.cfg.batch_size):
                 chunk = todo[start : start + self.cfg.batch_size]
                 caches = augment(self.decoder, self.module if online else None, [plans[i].compute_ids for i in chunk])
-                for i, cache in zip(chunk, caches):
+                for i, cache in zip(chunk, caches, strict=True):
                     out[i] = cache
         return out
 
@@ -186,7 +191,8 @@ class CompletionEngine:
         stops = set(self.stop_token_ids())
         tokens: list[int] = []
         text, sent, finish, cut = "", 0, "length", -1
-        for token, _ in decode_steps(self.decoder, cache, plan.prompt_ids, max_new_tokens=req.max_tokens, temperature=req.temperature,
+        for token, _ in decode_steps(self.decoder, cache, plan.prompt_ids, max_new_tokens=req.max_tokens,
+                                     temperature=req.temperature,
                                      top_p=req.top_p, seed=req.seed, stop_token_ids=sorted(stops)):
             if token in stops:  # end of text: not part of the answer
                 finish = "stop"

@@ -46,7 +46,8 @@ CONDITIONS = ("none", "pause", "coprocessor")
 # --------------------------------------------------------------------------- #
 
 
-def read_documents(ev: EvalConfig, storage_options: dict | None = None, skipped: Counter | None = None) -> list[tuple[str, str]]:
+def read_documents(ev: EvalConfig, storage_options: dict | None = None,
+                   skipped: Counter | None = None) -> list[tuple[str, str]]:
     """(doc_id, text) of every held-out document, in id order (at most ev.max_documents).
 
     Rows without usable text are counted in `skipped` by reason; duplicated ids are refused.
@@ -77,7 +78,8 @@ def check_unique_ids(ids: Iterable, column: str) -> None:
         raise ValueError(f"eval.id_column {column!r}: {len(dups)} ids name more than one row: {shown}")
 
 
-def document_rows(columns: dict[str, Sequence], ev: EvalConfig, skipped: Counter | None = None) -> list[tuple[str, str]]:
+def document_rows(columns: dict[str, Sequence], ev: EvalConfig,
+                  skipped: Counter | None = None) -> list[tuple[str, str]]:
     """(doc_id, text) pairs from a column batch; documents without an id are named by their text's hash.
 
     Null, empty and invalid UTF-8 texts are left out, counted by reason in `skipped`; a text column
@@ -88,13 +90,14 @@ def document_rows(columns: dict[str, Sequence], ev: EvalConfig, skipped: Counter
     texts = columns[ev.text_column]
     ids = columns.get(ev.id_column) or [None] * len(texts)
     out = []
-    for doc_id, raw in zip(ids, texts):
+    for doc_id, raw in zip(ids, texts, strict=True):
         text, reason = usable_text(raw, ev.text_column)
         if reason:
             if skipped is not None:
                 skipped[reason] += 1
             continue
-        out.append((str(doc_id) if doc_id is not None else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16], text))
+        out.append((str(doc_id) if doc_id is not None else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16],
+                    text))
     return out
 
 
@@ -140,8 +143,10 @@ def evaluate_documents(decoder: Decoder, modules: dict[str, object], docs: Itera
         for i in range(0, len(group), ev.batch_size):
             chunk = group[i : i + ev.batch_size]
             ids = torch.tensor([w[2] for w in chunk], device=decoder.device)  # (n, T)
-            points = torch.stack([window_points(d, k, length, ev, min_prefix) for d, k, _ in chunk]).to(decoder.device)  # (n, B)
-            ce = {name: one_pass_ce(decoder, m, ids, points, ev.max_ahead).float().cpu() for name, m in modules.items()}  # (n, B, A)
+            # (n, B)
+            points = torch.stack([window_points(d, k, length, ev, min_prefix) for d, k, _ in chunk]).to(decoder.device)
+            # (n, B, A)
+            ce = {name: one_pass_ce(decoder, m, ids, points, ev.max_ahead).float().cpu() for name, m in modules.items()}
             for j, (doc_id, index, _) in enumerate(chunk):
                 rows.append({"doc_id": doc_id, "window": index, "points": points[j].tolist()}
                             | {f"ce_{name}": ce[name][j].tolist() for name in modules})
@@ -167,7 +172,8 @@ def _interval(samples: np.ndarray, confidence: float) -> list[float]:
     return [float(lo), float(hi)] if np.ndim(lo) == 0 else np.stack([lo, hi], -1).tolist()
 
 
-def summarise(rows: Sequence[dict], conditions: Sequence[str], n_ahead: int, ev: EvalConfig, meta: dict | None = None) -> dict:
+def summarise(rows: Sequence[dict], conditions: Sequence[str], n_ahead: int, ev: EvalConfig,
+              meta: dict | None = None) -> dict:
     """The report: headline and per-position perplexities with paired-bootstrap intervals."""
     rows = sorted(rows, key=lambda r: (r["doc_id"], r["window"]))
     if not rows:
@@ -207,7 +213,8 @@ def summarise(rows: Sequence[dict], conditions: Sequence[str], n_ahead: int, ev:
             }
             for c in conditions
         },
-        "bootstrap": {"samples": ev.bootstrap_samples, "confidence": ev.confidence, "seed": ev.seed, "unit": "augmentation point"},
+        "bootstrap": {"samples": ev.bootstrap_samples, "confidence": ev.confidence, "seed": ev.seed,
+                      "unit": "augmentation point"},
         "settings": {"window": ev.window, "points_per_window": ev.points_per_window, "seed": ev.seed},
     }
     if "none" in conditions:
@@ -244,7 +251,8 @@ def markdown_table(report: dict) -> str:
         else:
             r, (rlo, rhi) = report["relative_reduction"][c], report["relative_reduction_ci"][c]
             vs = f"{-100 * r:+.1f}% [{-100 * rhi:+.1f}, {-100 * rlo:+.1f}]"
-        lines.append(f"| {c} | {report['ppl'][c]:.2f} [{lo:.2f}, {hi:.2f}] | {vs} | {report['ppl_all_positions'][c]:.2f} |")
+        lines.append(f"| {c} | {report['ppl'][c]:.2f} [{lo:.2f}, {hi:.2f}] | {vs} | "
+                     f"{report['ppl_all_positions'][c]:.2f} |")
     shown = [k for k in _SHOWN_POSITIONS if k <= report["max_ahead"]]
     lines += ["", "| ahead k | " + " | ".join(conds) + " |", "| --- |" + " --- |" * len(conds)]
     for k in shown:
@@ -272,7 +280,8 @@ def plot_ahead(report: dict, path: str | Path) -> Path:
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     title = f"N_L={report['n_latents']}: " if report.get("n_latents") else ""
-    ax.set_title(f"{title}held-out perplexity by ahead position (dashed: trained range N_A={report['n_ahead']})", fontsize=9)
+    ax.set_title(f"{title}held-out perplexity by ahead position (dashed: trained range N_A={report['n_ahead']})",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -334,8 +343,10 @@ def module_meta(decoder: Decoder, modules: dict[str, object], paths: dict[str, s
     from cache_aug.coprocessor import latent_fingerprint
 
     described = {
-        name: {"path": paths.get(name), "mode": m.mode, "n_latents": m.n_latents, "first_ahead_from": m.first_ahead_from,
-               "position_rule": m.position_rule, "latent_channel": m.latent_channel, "fingerprint": latent_fingerprint(decoder, m)}
+        name: {"path": paths.get(name), "mode": m.mode, "n_latents": m.n_latents,
+               "first_ahead_from": m.first_ahead_from,
+               "position_rule": m.position_rule, "latent_channel": m.latent_channel,
+               "fingerprint": latent_fingerprint(decoder, m)}
         for name, m in modules.items() if m is not None
     }
     n_latents = sorted({d["n_latents"] for d in described.values()})
@@ -372,7 +383,8 @@ def run_eval(cfg, *, decoder: Decoder | None = None, modules: dict[str, object] 
     skipped: Counter = Counter()
     docs = read_documents(ev, storage_options, skipped)
     rows = evaluate_documents(decoder, modules, docs, ev, cfg.augmentation.min_prefix)
-    meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor}) | {"skipped_documents": dict(skipped)}
+    meta = module_meta(decoder, modules,
+                       {"pause": ev.pause, "coprocessor": ev.coprocessor}) | {"skipped_documents": dict(skipped)}
     report = summarise(rows, list(modules), cfg.augmentation.n_ahead, ev, meta | {"device": str(decoder.device)})
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     out = output or ev.output

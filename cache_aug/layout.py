@@ -54,7 +54,8 @@ class LatentLayout:
         if self.channel not in CHANNELS:
             raise ValueError(f"latent_channel {self.channel!r} not in {CHANNELS}")
         if self.channel == "kv" and not self.reread:
-            raise ValueError('latent_channel="kv" needs first_ahead_from="last_token": no decoder logits exist at a latent slot')
+            raise ValueError('latent_channel="kv" needs first_ahead_from="last_token": no decoder logits exist at a '
+                             'latent slot')
         if self.n_latents == 0 and (self.reread or self.channel != "embeds"):
             raise ValueError("a layout without latents (a plain cache) re-reads nothing and writes no latent KV")
 
@@ -126,7 +127,8 @@ class LatentLayout:
         return list(range(n, n + self.n_latents))
 
     def text_positions(self, n: int, count: int) -> list[int]:
-        """Positions of the `count` entries after the latents (the re-read token first, if any) for an n-token prefix."""
+        """Positions of the `count` entries after the latents (the re-read token first, if any) for an n-token
+        prefix."""
         start = n - self.reread if self.position_rule == "keep" else n + self.n_latents
         return list(range(start, start + count))
 

@@ -97,14 +97,19 @@ def one_pass_ce(decoder: Decoder, module, input_ids: torch.Tensor, points: torch
     ahead_in = decoder.embed(fed)  # (N, B, r+N_A-1, d)
     if layout.writes_kv:  # text only; block b's text reads block b's latent KV (r == 1)
         q = r + n_ahead - 1
-        keep = (torch.arange(B, device=points.device)[:, None] * q + r - 1 + torch.arange(n_ahead, device=points.device)).flatten()
+        keep = (torch.arange(B, device=points.device)[:, None] * q + r - 1
+                + torch.arange(n_ahead, device=points.device)).flatten()
         positions = layout.position_ids(points, block).view(N, B, block)[:, :, L:].flatten(1)  # (N, B*q)
-        logits, _ = kv_decoder_pass(decoder, prefix, z, points, ahead_in.flatten(1, 2), q, keep, positions)  # (N, B*N_A, V)
+        # (N, B*N_A, V)
+        logits, _ = kv_decoder_pass(decoder, prefix, z, points, ahead_in.flatten(1, 2), q, keep, positions)
         return _cross_entropy(logits.view(N, B, n_ahead, -1), targets)
-    traces = torch.cat([z.view(N, B, L, -1).to(ahead_in.dtype), ahead_in], dim=2).view(N, B * block, -1)  # (N, B*block, d)
+    # (N, B*block, d)
+    traces = torch.cat([z.view(N, B, L, -1).to(ahead_in.dtype), ahead_in], dim=2).view(N, B * block, -1)
     first = L - 1 + r  # index in a trace of the query that predicts x_{p+1}
-    keep = (torch.arange(B, device=points.device)[:, None] * block + first + torch.arange(n_ahead, device=points.device)).flatten()
-    logits, _ = decoder_pass(decoder, prefix, points, traces, block, keep, layout.position_ids(points, block))  # (N, B*N_A, V)
+    keep = (torch.arange(B, device=points.device)[:, None] * block + first
+            + torch.arange(n_ahead, device=points.device)).flatten()
+    # (N, B*N_A, V)
+    logits, _ = decoder_pass(decoder, prefix, points, traces, block, keep, layout.position_ids(points, block))
     return _cross_entropy(logits.view(N, B, n_ahead, -1), targets)
 
 
@@ -150,18 +155,21 @@ def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: to
             p = int(points[n, b])
             cache = DynamicCache(config=model.config)
             with torch.no_grad():
-                model.base_model(**with_cache(model.base_model, cache, input_ids=input_ids[n : n + 1, :p], use_cache=True))
+                model.base_model(**with_cache(model.base_model, cache, input_ids=input_ids[n : n + 1, :p],
+                                              use_cache=True))
             kv = layer_kv(cache)
             dev = input_ids.device
             # written out per position (layout.latent_positions / text_positions), not by masks.block_position_ids:
             # "keep" puts the latents over the prefix's last L positions and the text at its own, "shift" (the
             # paper's rule) everything after the prefix, in order
             positions = torch.tensor(layout.latent_positions(p), dtype=torch.long, device=dev)[None]  # (1, L)
-            text_pos = torch.tensor(layout.text_positions(p, r + n_ahead - 1), dtype=torch.long, device=dev)[None]  # (1, r+N_A-1)
+            # (1, r+N_A-1)
+            text_pos = torch.tensor(layout.text_positions(p, r + n_ahead - 1), dtype=torch.long, device=dev)[None]
             ahead_in = decoder.embed(input_ids[n : n + 1, p - r : p + n_ahead - 1])  # (1, r+N_A-1, d)
             if layout.writes_kv:  # C's own KV at the latent slots joins D's cache; D reads the text only
                 latent = module(model_cache(kv, model.config, p), positions, None, n_blocks=1)  # per layer (1, H, L, D)
-                joined = [(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2)) for (k, v), (lk, lv) in zip(kv, latent)]
+                joined = [(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2))
+                          for (k, v), (lk, lv) in zip(kv, latent, strict=True)]
                 logits = logits_at(
                     decoder,
                     torch.arange(r - 1, r - 1 + n_ahead, device=dev),

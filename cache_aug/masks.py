@@ -120,7 +120,8 @@ def block_masks_for(
     return masks if as_dict else masks["all"]
 
 
-def kv_channel_layout(points: torch.Tensor, cache_len: int, n_latents: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_channel_layout(points: torch.Tensor, cache_len: int, n_latents: int,
+                      text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a latent_channel="kv" pass finds things in the block layout of traces [N_L latents, text_len tokens].
 
     In that pass the latents are not queries: the B*N_L latent entries come from the coprocessor and sit in

@@ -46,8 +46,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require(bool(self.path), "path", "must be non-empty", self.path)
         if self.gguf_file is not None:
-            require(bool(self.gguf_file) and os.path.basename(self.gguf_file) == self.gguf_file and "\\" not in self.gguf_file
-                    and self.gguf_file not in ("..", "."),
+            require(bool(self.gguf_file) and os.path.basename(self.gguf_file) == self.gguf_file
+                    and "\\" not in self.gguf_file and self.gguf_file not in ("..", "."),
                     "gguf_file", "must be a file name inside model.path (no directories)", self.gguf_file)
         if self.attn_implementation is not None:
             require(

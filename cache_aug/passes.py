@@ -124,5 +124,6 @@ def kv_decoder_pass(
     cache_len = prefix[0][0].shape[2]
     n_latents = latent_kv[0][0].shape[2] // points.shape[1]
     mask = kv_block_masks_for(decoder.config, points, cache_len, n_latents, text_len, decoder.dtype)
-    layers = [(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2)) for (k, v), (lk, lv) in zip(prefix, latent_kv)]
+    layers = [(torch.cat([k, lk.to(k.dtype)], 2), torch.cat([v, lv.to(v.dtype)], 2))
+              for (k, v), (lk, lv) in zip(prefix, latent_kv, strict=True)]
     return _extend(decoder, layers, embeds, mask, keep, position_ids)

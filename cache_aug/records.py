@@ -179,8 +179,9 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
     tensors: dict[str, torch.Tensor] = {"input_ids": aug.input_ids.to(torch.int32)}
     if mode == "latents":
         if not aug.layout.allows_storage(mode) or aug.latents is None:
-            raise ValueError(f"document {doc_id!r}: storage mode 'latents' needs input-embedding latents, and this cache's "
-                             'module writes keys and values (latent_channel="kv"): store "latent_kv" or "full"')
+            raise ValueError(f"document {doc_id!r}: storage mode 'latents' needs input-embedding latents, and this "
+                             "cache's module writes keys and values (latent_channel=\"kv\"): store \"latent_kv\" or "
+                             '"full"')
         tensors["latents"] = aug.latents.to(tdtype)
     else:
         layers = aug.latent_kv() if mode == "latent_kv" else aug.layers
@@ -215,8 +216,10 @@ def legacy_layout(record: CacheRecord, channel: str = "embeds") -> LatentLayout:
     return LatentLayout(record.n_latents, reread, record.position_rule or "shift", channel)
 
 
-def expected_tensors(record: CacheRecord, spec: CacheSpec, layout: LatentLayout | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (safetensors dtype, shape) that a valid record of this decoder and layout (default: `legacy_layout`) must hold."""
+def expected_tensors(record: CacheRecord, spec: CacheSpec,
+                     layout: LatentLayout | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) that a valid record of this decoder and layout (default: `legacy_layout`) must
+    hold."""
     layout = legacy_layout(record) if layout is None else layout
     st = _ST_DTYPES[record.dtype]
     out = {"input_ids": ("I32", (record.doc_tokens,))}
@@ -247,17 +250,20 @@ def _record_layout(record: CacheRecord, metadata, channel: str) -> LatentLayout:
     except ValueError as e:
         raise CacheRecordError(f"{where}: payload header's latent layout is invalid ({e})") from None
     if layout.n_latents != record.n_latents or layout.cache_len(record.doc_tokens) != record.seq_len:
-        raise CacheRecordError(f"{where}: inconsistent lengths ({lengths}) for the latent layout in its header ({layout.describe()})")
+        raise CacheRecordError(f"{where}: inconsistent lengths ({lengths}) for the latent layout in its header "
+                               f"({layout.describe()})")
     if layout.position_rule != (record.position_rule or "shift"):
         raise CacheRecordError(f"{where}: position_rule {record.position_rule!r}, the latent layout in its header has "
                                f"{layout.position_rule!r}")
     if not layout.allows_storage(record.mode):
-        raise CacheRecordError(f"{where}: mode {record.mode!r} cannot hold a cache of the layout in its header ({layout.describe()})")
+        raise CacheRecordError(f"{where}: mode {record.mode!r} cannot hold a cache of the layout in its header "
+                               f"({layout.describe()})")
     return layout
 
 
 def _check_header(record: CacheRecord, spec: CacheSpec, channel: str = "embeds") -> LatentLayout:
-    """Validate the safetensors header against the expected tensors before loading anything; returns the record's layout."""
+    """Validate the safetensors header against the expected tensors before loading anything; returns the record's
+    layout."""
     where = f"record {record.doc_id!r}"
     data = record.payload
     if len(data) < 8:
@@ -304,11 +310,13 @@ def decode_payload(record: CacheRecord, spec: CacheSpec, fingerprint: str) -> di
     return _decode(record, spec, fingerprint)[0]
 
 
-def _decode(record: CacheRecord, spec: CacheSpec, fingerprint: str, channel: str = "embeds") -> tuple[dict[str, torch.Tensor], LatentLayout]:
+def _decode(record: CacheRecord, spec: CacheSpec, fingerprint: str,
+            channel: str = "embeds") -> tuple[dict[str, torch.Tensor], LatentLayout]:
     """`decode_payload`, and the record's checked layout (`channel`: assumed for a record without a stored layout)."""
     where = f"record {record.doc_id!r}"
     if record.format_version not in READABLE_VERSIONS:
-        raise CacheRecordError(f"{where}: format_version {record.format_version}, this reader knows {READABLE_VERSIONS}")
+        raise CacheRecordError(
+            f"{where}: format_version {record.format_version}, this reader knows {READABLE_VERSIONS}")
     if record.fingerprint != fingerprint:
         raise FingerprintMismatch(f"{where}: made by models {record.fingerprint}, the loaded models are {fingerprint}")
     if record.mode not in MODES:
@@ -317,12 +325,14 @@ def _decode(record: CacheRecord, spec: CacheSpec, fingerprint: str, channel: str
         raise CacheRecordError(f"{where}: dtype {record.dtype!r} not in {STORE_DTYPES}")
     if record.doc_tokens < 1 or record.n_latents < 1:
         raise CacheRecordError(
-            f"{where}: inconsistent lengths (doc_tokens={record.doc_tokens}, n_latents={record.n_latents}, seq_len={record.seq_len})"
+            f"{where}: inconsistent lengths (doc_tokens={record.doc_tokens}, n_latents={record.n_latents}, "
+            f"seq_len={record.seq_len})"
         )
     if (record.position_rule or "shift") not in POSITION_RULES:
         raise CacheRecordError(f"{where}: position_rule {record.position_rule!r} not in {POSITION_RULES}")
     if record.format_version == 1:
-        intact = record.payload_sha256 is not None and hashlib.sha256(record.payload).hexdigest() == record.payload_sha256
+        intact = (record.payload_sha256 is not None
+                  and hashlib.sha256(record.payload).hexdigest() == record.payload_sha256)
     else:
         intact = record.payload_checksum is not None and checksum_matches(record.payload, record.payload_checksum)
     if not intact:
@@ -347,13 +357,14 @@ def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_ru
     position_rule: the loaded module's rule, when known; a record that says otherwise is refused.
     layout: the loaded module's whole layout, when known; a record made with another is refused.
     """
-    tensors, stored = _decode(record, decoder.cache_spec, fingerprint, layout.channel if layout is not None else "embeds")
+    tensors, stored = _decode(record, decoder.cache_spec, fingerprint,
+                              layout.channel if layout is not None else "embeds")
     if position_rule is not None and stored.position_rule != position_rule:
-        raise CacheRecordError(f"record {record.doc_id!r}: position_rule {stored.position_rule!r}, the loaded module follows "
-                               f"{position_rule!r}")
+        raise CacheRecordError(f"record {record.doc_id!r}: position_rule {stored.position_rule!r}, the loaded module "
+                               f"follows {position_rule!r}")
     if layout is not None and stored != layout:
-        raise CacheRecordError(f"record {record.doc_id!r}: made with latent layout ({stored.describe()}), the loaded module's is "
-                               f"({layout.describe()})")
+        raise CacheRecordError(f"record {record.doc_id!r}: made with latent layout ({stored.describe()}), the loaded "
+                               f"module's is ({layout.describe()})")
     device, dtype = decoder.device, decoder.dtype
     ids = tensors["input_ids"].to(device, torch.long)  # (T,)
     L, r = stored.n_latents, stored.reread
@@ -364,7 +375,8 @@ def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_ru
     prefix, _ = prefill(decoder, ids[None])  # the document's KV, recomputed: (1, H, T, D) per layer
     if record.mode == "latent_kv":
         layers = [
-            (torch.cat([k, tensors[f"k.{i}"][None].to(device, dtype)], 2), torch.cat([v, tensors[f"v.{i}"][None].to(device, dtype)], 2))
+            (torch.cat([k, tensors[f"k.{i}"][None].to(device, dtype)], 2),
+             torch.cat([v, tensors[f"v.{i}"][None].to(device, dtype)], 2))
             for i, (k, v) in enumerate(prefix)
         ]
         return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), stored)
@@ -372,7 +384,8 @@ def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_ru
     points = torch.tensor([[ids.shape[0]]], device=device)
     embeds = added_embeds(decoder, z[None], ids[None, -1:], r)  # (1, L+r, d)
     positions = stored.position_ids(points, L + r)  # (1, L+r)
-    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, torch.tensor([L + r - 1], device=device), positions)
+    logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, torch.tensor([L + r - 1], device=device),
+                                  positions)
     return AugmentedCache(ids, layers, logits[0, 0], stored, latents=z)
 
 

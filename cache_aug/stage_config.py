@@ -89,8 +89,10 @@ class TrainConfig:
     """Seed for augmentation points and data order."""
 
     def __post_init__(self) -> None:
-        require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'", self.run_name)
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "eval_every", "eval_batches"):
+        require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'",
+                self.run_name)
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "eval_every",
+                     "eval_batches"):
             at_least(name, getattr(self, name), 1)
         at_least("warmup_steps", self.warmup_steps, 0)
         require(self.lr > 0, "lr", "must be > 0", self.lr)
@@ -212,10 +214,11 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.model_name), "model_name", "must be non-empty", self.model_name)
-        for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_document_tokens", "max_request_bytes",
-                     "cache_entries", "cache_bytes", "batch_size"):
+        for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_document_tokens",
+                     "max_request_bytes", "cache_entries", "cache_bytes", "batch_size"):
             at_least(name, getattr(self, name), 1)
-        require(self.default_max_tokens <= self.max_tokens, "default_max_tokens", "must be <= max_tokens", self.default_max_tokens)
+        require(self.default_max_tokens <= self.max_tokens, "default_max_tokens", "must be <= max_tokens",
+                self.default_max_tokens)
         require(self.cache_ttl_s >= 0, "cache_ttl_s", "must be >= 0", self.cache_ttl_s)
         require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0", self.batch_wait_s)
 
@@ -269,7 +272,8 @@ class EvalConfig:
     gives the same points) and of the bootstrap."""
 
     device: str = "cpu"
-    """torch device of a local evaluation, e.g. "cuda"; the Ray job's actors use the GPU when eval.gpus_per_actor > 0."""
+    """torch device of a local evaluation, e.g. "cuda"; the Ray job's actors use the GPU when
+    eval.gpus_per_actor > 0."""
 
     output: str = "runs/eval"
     """Output directory (local or ``s3://``): eval.json, eval.md, positions.json and the PNG plot."""

@@ -65,13 +65,15 @@ def readable_parquet_files(fs: pafs.FileSystem, paths: Iterable[str]) -> list[st
     return good
 
 
-def kind_files(fs: pafs.FileSystem, root: str, kind: str, run_id: str | None = None, bucket: str | None = None) -> list[str]:
+def kind_files(fs: pafs.FileSystem, root: str, kind: str, run_id: str | None = None,
+               bucket: str | None = None) -> list[str]:
     """Readable Parquet files of one kind, optionally of one run and one bucket."""
     runs = [run_id] if run_id else run_ids(fs, root)
     files = []
     for run in runs:
         base = f"{root}/{RUNS}/{run}/kind={kind}" + (f"/bucket={bucket}" if bucket else "")
-        files += [i.path for i in _list(fs, base, recursive=True) if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+        files += [i.path for i in _list(fs, base, recursive=True)
+                  if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
     return readable_parquet_files(fs, sorted(files))
 
 
@@ -86,7 +88,8 @@ def read_kind(fs: pafs.FileSystem, root: str, kind: str, columns: list[str], run
 def done_documents(fs: pafs.FileSystem, root: str, fingerprint: str) -> set[tuple[str, str]]:
     """(doc_id, content_sha256) pairs that already have a record made with `fingerprint`."""
     table = read_kind(fs, root, "record", ["doc_id", "content_sha256", "fingerprint"])
-    rows = zip(table.column("doc_id").to_pylist(), table.column("content_sha256").to_pylist(), table.column("fingerprint").to_pylist())
+    rows = zip(table.column("doc_id").to_pylist(), table.column("content_sha256").to_pylist(),
+               table.column("fingerprint").to_pylist(), strict=True)
     return {(d, h) for d, h, f in rows if f == fingerprint}
 
 

@@ -34,7 +34,8 @@ def training_blocks(cfg: CacheAugConfig, decoder: Decoder, paths: list[str]) -> 
     from cache_aug.evaluate import read_documents
     from cache_aug.training import pack_blocks
 
-    ev = dataclasses.replace(cfg.eval, paths=paths, max_documents=0, id_column=cfg.eval.id_column, text_column=cfg.data.text_column)
+    ev = dataclasses.replace(cfg.eval, paths=paths, max_documents=0, id_column=cfg.eval.id_column,
+                             text_column=cfg.data.text_column)
     tok = decoder.tokenizer
     return pack_blocks((tok.encode(text) for _, text in read_documents(ev)), cfg.data.seq_len, tok.eos_token_id)
 
@@ -71,9 +72,11 @@ def train_local_condition(cfg: CacheAugConfig, condition: str, run_dir: Path, *,
         on_step(0)  # the untrained module: how near a no-op training starts
     batches = iterate_batches(train, sw.batch_size, seed=cfg.coprocessor.seed)
     t0 = time.perf_counter()
-    losses = train_local(decoder, module, batches, cfg.augmentation, steps=sw.steps, lr=sw.lr, warmup_steps=sw.warmup_steps,
+    losses = train_local(decoder, module, batches, cfg.augmentation, steps=sw.steps, lr=sw.lr,
+                         warmup_steps=sw.warmup_steps,
                          seed=cfg.train.seed, log_every=max(1, sw.steps // 10), log=log, cosine=True,
-                         checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=sw.checkpoint_every, on_step=on_step)
+                         checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=sw.checkpoint_every,
+                         on_step=on_step)
     module.eval()
     out = save_latent_module(module, decoder, run_dir / "module")
     (run_dir / "training.json").write_text(json.dumps({
@@ -102,7 +105,8 @@ def sweep_table(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_sweep(cfg: CacheAugConfig, *, train_fn: TrainFn | None = None, log: Callable[[str], None] = print) -> list[dict]:
+def run_sweep(cfg: CacheAugConfig, *, train_fn: TrainFn | None = None,
+              log: Callable[[str], None] = print) -> list[dict]:
     """Train and evaluate every N_L of cfg.sweep; returns the reports (also written to results_dir)."""
     from cache_aug.coprocessor import load_latent_module
     from cache_aug.decoder import load_decoder
@@ -131,12 +135,15 @@ def run_sweep(cfg: CacheAugConfig, *, train_fn: TrainFn | None = None, log: Call
                     train_blocks = training_blocks(cfg, decoder, cfg.data.paths)
                     heldout_blocks = training_blocks(cfg, decoder, cfg.data.eval_paths)[:16]
                     log(f"[sweep] {train_blocks.shape[0]} training blocks of {cfg.data.seq_len} tokens")
-                train_local_condition(run_cfg, condition, run_dir, decoder=decoder, train=train_blocks, heldout=heldout_blocks, log=log)
+                train_local_condition(run_cfg, condition, run_dir, decoder=decoder, train=train_blocks,
+                                      heldout=heldout_blocks, log=log)
             walls[condition] = round(time.perf_counter() - t0, 1)
             (run_dir / "wall_s").write_text(f"{walls[condition]}\n")
-        modules = {"none": None} | {c: load_latent_module(work / f"nl{n_latents}-{c}" / "module", decoder).eval() for c in TRAINED}
+        modules = {"none": None} | {c: load_latent_module(work / f"nl{n_latents}-{c}" / "module", decoder).eval()
+                                    for c in TRAINED}
         ev_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
-            cfg.eval, pause=str(work / f"nl{n_latents}-pause" / "module"), coprocessor=str(work / f"nl{n_latents}-coprocessor" / "module")))
+            cfg.eval, pause=str(work / f"nl{n_latents}-pause" / "module"),
+            coprocessor=str(work / f"nl{n_latents}-coprocessor" / "module")))
         report = run_eval(ev_cfg, decoder=decoder, modules=modules, name=f"nl{n_latents}", output=str(results))
         training = {}
         for c in TRAINED:

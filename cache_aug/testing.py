@@ -89,8 +89,8 @@ def tiny_config(arch: str, **overrides):
         cfg = FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False,
                            multi_query=True, alibi=False, **common)
     elif arch == "opt":  # learned absolute positions with an offset
-        cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                        word_embed_proj_dim=32, **common)
+        cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=512, word_embed_proj_dim=32, **common)
     else:
         raise ValueError(f"unknown test architecture {arch!r}")
     for k, v in overrides.items():

@@ -181,7 +181,8 @@ def build_threads(spec: TinySpec) -> int:
 
 def spec_hash(spec: TinySpec) -> str:
     """Short stable hash of a spec's recipe (plus the build-recipe version), with its resolved thread count."""
-    recipe = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_IDENTITY} | {"threads": build_threads(spec)}
+    recipe = {k: v for k, v in dataclasses.asdict(spec).items()
+              if k not in _NOT_IDENTITY} | {"threads": build_threads(spec)}
     payload = json.dumps({"build_version": _BUILD_VERSION, "spec": recipe}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 

@@ -70,7 +70,8 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(decoder: Decoder, module, blocks: torch.Tensor, aug: AugmentationConfig, *, batch_size: int = 8, seed: int = 1234) -> EvalResult:
+def evaluate(decoder: Decoder, module, blocks: torch.Tensor, aug: AugmentationConfig, *, batch_size: int = 8,
+             seed: int = 1234) -> EvalResult:
     """Mean ahead loss over held-out blocks at fixed (seeded) points, augmented vs none."""
     if blocks.shape[0] == 0:
         raise ValueError("held-out data: the held-out text packs into no block of seq_len tokens; "
@@ -84,7 +85,8 @@ def evaluate(decoder: Decoder, module, blocks: torch.Tensor, aug: AugmentationCo
     count = 0
     for i in range(0, blocks.shape[0], batch_size):
         batch = blocks[i : i + batch_size].to(decoder.device)
-        points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(decoder.device)
+        points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix,
+                               g).to(decoder.device)
         a: AheadLoss = one_pass_loss(decoder, module, batch, points, aug.n_ahead)
         n: AheadLoss = plain_ahead_loss(decoder, batch, points, aug.n_ahead)
         tot_a += float(a.loss) * a.n_targets
@@ -164,7 +166,8 @@ def train_local(
     t0 = time.perf_counter()
     for step in range(start, steps):
         batch = next(batches).to(decoder.device)
-        points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(decoder.device)
+        points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix,
+                               g).to(decoder.device)
         loss = one_pass_loss(decoder, module, batch, points, aug.n_ahead).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,9 +176,11 @@ def train_local(
         sched.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
-            log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.1f}s")
+            log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{time.perf_counter() - t0:.1f}s")
         if on_step is not None:
             on_step(step + 1)
-        if checkpoint_path is not None and ((checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == steps):
+        if checkpoint_path is not None and (
+            (checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == steps):
             save(step + 1)
     return losses

@@ -108,7 +108,8 @@ def train_local(
     print(f"saved to {path}")
 
 
-def train(config: str | None = None, set: list[str] | None = None, debug_steps: int = 0, num_cpus: int | None = None) -> dict:
+def train(config: str | None = None, set: list[str] | None = None, debug_steps: int = 0,
+          num_cpus: int | None = None) -> dict:
     """Train a coprocessor on a Ray cluster with Ray Train + DeepSpeed (same as `python -m jobs.train`).
 
     Joins the cluster named by RAY_ADDRESS, or starts a local one.
@@ -186,7 +187,8 @@ def demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port: int
     run_demo(storage, steps, docs, port, num_cpus, set or [])
 
 
-def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool = False, num_cpus: int | None = None) -> dict:
+def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool = False,
+             num_cpus: int | None = None) -> dict:
     """Evaluate none / pause / coprocessor on held-out text at the same sampled points; write JSON, Markdown and a PNG.
 
     Reports ahead-token perplexity per ahead position (1..eval.max_ahead), overall (1..N_A) and
@@ -283,8 +285,8 @@ def arithmetic(config: str | None = "jobs/configs/arithmetic_tiny.yaml", set: li
 
     torch.set_num_threads(threads)
     cfg = load_job_config(config, overrides=set or ())
-    report = run_arithmetic(cfg, ArithmeticSpec(op=op, digits=digits, steps=decoder_steps, threads=threads), work_dir=work_dir,
-                            results_dir=results_dir, modules_dir=modules_dir)
+    report = run_arithmetic(cfg, ArithmeticSpec(op=op, digits=digits, steps=decoder_steps, threads=threads),
+                            work_dir=work_dir, results_dir=results_dir, modules_dir=modules_dir)
     print(markdown(report))
 
 
@@ -330,7 +332,8 @@ def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:
 
 
 def _add_arguments(parser: argparse.ArgumentParser, fn: Callable, fixed: Collection[str] = ()) -> None:
-    """One --flag per parameter of fn (except those named in fixed), typed by its annotation, helped by its docstring."""
+    """One --flag per parameter of fn (except those named in fixed), typed by its annotation, helped by its
+    docstring."""
     hints = typing.get_type_hints(fn)
     _, helps = _arg_docs(fn)
     for name, param in inspect.signature(fn).parameters.items():
@@ -353,11 +356,13 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable, fixed: Collect
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cache-aug", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="cache-aug", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         summary, _ = _arg_docs(fn)
-        p = sub.add_parser(name, help=summary.splitlines()[0], description=summary, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=summary.splitlines()[0], description=summary,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_arguments(p, fn)
     return parser
 

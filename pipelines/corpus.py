@@ -46,8 +46,8 @@ from pipelines.storage import portable, resolve
 FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
 
 LEDGER_SCHEMA = pa.schema(
-    [pa.field("doc_id", pa.string()), pa.field("kind", pa.string()), pa.field("reason", pa.string()), pa.field("bucket", pa.string()),
-     pa.field("run_id", pa.string())]
+    [pa.field("doc_id", pa.string()), pa.field("kind", pa.string()), pa.field("reason", pa.string()),
+     pa.field("bucket", pa.string()), pa.field("run_id", pa.string())]
     + [f.with_nullable(True) for f in RECORD_SCHEMA if f.name != "doc_id"]
 )
 
@@ -62,7 +62,7 @@ def prepare_rows(batch: pa.Table, *, id_column: str, text_column: str, tokenizer
     ids = batch.column(id_column).to_pylist()
     texts = batch.column(text_column).cast(pa.large_binary()).to_pylist()  # raw bytes: invalid UTF-8 stays detectable
     out = _empty_ledger(len(ids)) | {"input_ids": [None] * len(ids)}
-    for i, (doc_id, raw) in enumerate(zip(ids, texts)):
+    for i, (doc_id, raw) in enumerate(zip(ids, texts, strict=True)):
         out["doc_id"][i] = None if doc_id is None else str(doc_id)
         out["run_id"][i] = run_id
         out["bucket"][i] = NO_BUCKET
@@ -119,13 +119,14 @@ class Augmenter:
         from cache_aug.records import encode_record
 
         rows = batch.to_pylist()
-        todo = sorted((i for i, r in enumerate(rows) if r["kind"] == "process"), key=lambda i: len(rows[i]["input_ids"]))
+        todo = sorted((i for i, r in enumerate(rows) if r["kind"] == "process"),
+                      key=lambda i: len(rows[i]["input_ids"]))
         self._maybe_fail(len(todo))
         step = self.cfg.corpus.augment_batch_size
         for start in range(0, len(todo), step):  # neighbours in length order: little padding
             chunk = todo[start : start + step]
             augs = augment(self.decoder, self.module, [rows[i]["input_ids"] for i in chunk])
-            for i, aug in zip(chunk, augs):
+            for i, aug in zip(chunk, augs, strict=True):
                 rec = encode_record(
                     aug, doc_id=rows[i]["doc_id"], fingerprint=self.fingerprint, mode=self.cfg.storage.mode,
                     dtype=self.cfg.storage.dtype, spec=self.decoder.cache_spec,
@@ -186,8 +187,8 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver checks the fingerprint once
     module = load_latent_module(coprocessor, decoder, fsspec_options(cfg.s3))
     if not module.layout.allows_storage(cfg.storage.mode):
-        raise ValueError(f"storage.mode: the coprocessor at {c.coprocessor} writes keys and values (latent_channel=\"kv\"), "
-                         "not input embeddings: store \"latent_kv\" or \"full\"")
+        raise ValueError(f"storage.mode: the coprocessor at {c.coprocessor} writes keys and values "
+                         "(latent_channel=\"kv\"), not input embeddings: store \"latent_kv\" or \"full\"")
     fingerprint = latent_fingerprint(decoder, module)
     del module
     tokenizer = decoder.tokenizer
@@ -199,27 +200,32 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     extra = [e for e in ("HTTP status 500", "HTTP status 502", "HTTP status 504") if e not in ctx.retried_io_errors]
     if extra:
         with warnings.catch_warnings():  # Ray warns on any non-default list; these are valid regexes, as it asks
-            warnings.filterwarnings("ignore", message=".*retried_io_errors.*substring matching", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*retried_io_errors.*substring matching",
+                                    category=DeprecationWarning)
             ctx.retried_io_errors = [*ctx.retried_io_errors, *extra]
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if total_cpus and c.num_actors * c.cpus_per_actor > total_cpus - 1:
-        print(f"[corpus] WARNING: corpus.num_actors x corpus.cpus_per_actor = {c.num_actors * c.cpus_per_actor:g} leaves less than "
-              f"one of the cluster's {total_cpus:g} CPUs to Ray Data's listing, read and write tasks; unless the cluster "
-              "grows, the job stalls. Lower corpus.cpus_per_actor or corpus.num_actors.", flush=True)
+        print(f"[corpus] WARNING: corpus.num_actors x corpus.cpus_per_actor = {c.num_actors * c.cpus_per_actor:g} "
+              "leaves less than "
+              f"one of the cluster's {total_cpus:g} CPUs to Ray Data's listing, read and write tasks; unless the "
+              "cluster grows, the job stalls. Lower corpus.cpus_per_actor or corpus.num_actors.", flush=True)
     t1 = time.time()
     ds, paths = _input_dataset(cfg)
     n_input, duplicates = _scan_ids(paths, cfg)
     done = done_documents(out_fs, out_root, fingerprint)
     phases["scan_s"] = time.time() - t1
-    print(f"[corpus] run {run_id}: {n_input} input rows, {len(duplicates)} duplicated ids, {len(done)} documents already stored "
-          f"for fingerprint {fingerprint}", flush=True)
+    print(f"[corpus] run {run_id}: {n_input} input rows, {len(duplicates)} duplicated ids, {len(done)} documents "
+          f"already stored for fingerprint {fingerprint}", flush=True)
 
-    manifest = {"run_id": run_id, "fingerprint": fingerprint, "status": "running", "input_paths": paths, "output": c.output,
+    manifest = {"run_id": run_id, "fingerprint": fingerprint, "status": "running", "input_paths": paths,
+                "output": c.output,
                 "config": {k: to_dict(getattr(cfg, k)) for k in ("model", "augmentation", "storage", "corpus")}}
     prepared = ds.map_batches(
         prepare_rows, batch_format="pyarrow", batch_size=c.batch_size, num_cpus=0.25,
-        fn_kwargs={"id_column": c.id_column, "text_column": c.text_column, "tokenizer": tokenizer, "max_tokens": c.max_tokens,
-                   "truncate": c.truncate, "duplicates": duplicates, "done": done, "n_buckets": c.index_buckets, "run_id": run_id},
+        fn_kwargs={"id_column": c.id_column, "text_column": c.text_column, "tokenizer": tokenizer,
+                   "max_tokens": c.max_tokens,
+                   "truncate": c.truncate, "duplicates": duplicates, "done": done, "n_buckets": c.index_buckets,
+                   "run_id": run_id},
     )
     augmented = prepared.map_batches(
         Augmenter, batch_format="pyarrow", batch_size=c.batch_size,
@@ -242,16 +248,19 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
         raise
 
     t1 = time.time()
-    counts = {kind: read_kind(out_fs, out_root, kind, ["doc_id"], run_id).num_rows for kind in ("record", "skipped", "error")}
+    counts = {kind: read_kind(out_fs, out_root, kind, ["doc_id"], run_id).num_rows
+              for kind in ("record", "skipped", "error")}
     phases["account_s"] = time.time() - t1
     manifest["phases"] = phases
-    manifest |= {"status": "succeeded", "counts": {"read": n_input, "written": counts["record"], "skipped": counts["skipped"], "failed": counts["error"]}}
+    manifest |= {"status": "succeeded", "counts": {"read": n_input, "written": counts["record"],
+                                                   "skipped": counts["skipped"], "failed": counts["error"]}}
     if sum(counts.values()) != n_input:
         manifest["status"] = "accounting_mismatch"
     _write_manifest(out_fs, out_root, manifest, t0)
     if manifest["status"] != "succeeded":
         raise RuntimeError(f"run {run_id}: {n_input} rows read but {counts} accounted for")
-    print(f"[corpus] run {run_id}: {json.dumps(manifest['counts'])} in {manifest['timings']['seconds']:.1f}s", flush=True)
+    print(f"[corpus] run {run_id}: {json.dumps(manifest['counts'])} in {manifest['timings']['seconds']:.1f}s",
+          flush=True)
     return manifest
 
 
@@ -272,5 +281,6 @@ def augment_job(config: str | None, overrides: list[str], num_cpus: int | None =
     build_if_embedded(cfg.model.path)  # here, before any actor loads it: loading never builds
     init_ray(num_cpus)
     manifest = run_corpus_job(cfg)
-    print(json.dumps({k: manifest[k] for k in ("run_id", "fingerprint", "status", "counts", "timings")}, indent=2), flush=True)
+    print(json.dumps({k: manifest[k] for k in ("run_id", "fingerprint", "status", "counts", "timings")}, indent=2),
+          flush=True)
     return manifest

@@ -111,6 +111,8 @@ def training_datasets(cfg: DataConfig, s3: S3Config, tokenizer) -> dict[str, ray
         heldout_docs = read_documents(cfg.eval_paths, cfg.format, cfg.text_column, s3)
         heldout = pack_dataset(heldout_docs, tokenizer, cfg.seq_len, cfg.docs_per_batch, column=cfg.text_column)
     else:
-        train = pack_dataset(docs, tokenizer, cfg.seq_len, cfg.docs_per_batch, "train", cfg.heldout_fraction, cfg.text_column)
-        heldout = pack_dataset(docs, tokenizer, cfg.seq_len, cfg.docs_per_batch, "heldout", cfg.heldout_fraction, cfg.text_column)
+        train = pack_dataset(docs, tokenizer, cfg.seq_len, cfg.docs_per_batch, "train", cfg.heldout_fraction,
+                             cfg.text_column)
+        heldout = pack_dataset(docs, tokenizer, cfg.seq_len, cfg.docs_per_batch, "heldout", cfg.heldout_fraction,
+                               cfg.text_column)
     return {"train": train, "eval": heldout}

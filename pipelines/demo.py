@@ -51,8 +51,10 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
     run = time.strftime("demo-%Y%m%dT%H%M%S")  # a fresh run each time (the same name would resume the finished one)
     cfg = load_job_config(REPO / "jobs/configs/tiny_cpu.yaml", overrides=[
         f"train.storage_path={storage}/train", f"train.run_name={run}", f"train.max_steps={steps}",
-        f"train.warmup_steps={min(50, steps // 10)}", f"train.checkpoint_every={steps}", f"train.eval_every={max(1, steps // 2)}",
-        f"corpus.input_paths=[{storage}/corpus/]", f"corpus.output={storage}/caches", f"corpus.coprocessor={storage}/train/{run}/export",
+        f"train.warmup_steps={min(50, steps // 10)}", f"train.checkpoint_every={steps}",
+        f"train.eval_every={max(1, steps // 2)}",
+        f"corpus.input_paths=[{storage}/corpus/]", f"corpus.output={storage}/caches",
+        f"corpus.coprocessor={storage}/train/{run}/export",
         "corpus.max_tokens=2048", "corpus.truncate=true", "serve.max_prompt_tokens=2304", *(overrides or [])])
     print(dump_config(cfg), flush=True)
     _say(f"1/6 the decoder ({cfg.model.path}): an embedded one is built here once (tiny-kjv: about 11 min on 2 cores, "
@@ -65,7 +67,8 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
         _say(f"3/6 train a coprocessor: Ray Train + DeepSpeed, {cfg.train.num_workers} workers, {steps} steps")
         result = run_training(cfg)
         m = result.metrics
-        print(f"[demo] held-out ahead-token perplexity: none {m['eval_ppl_none']:.2f}, augmented {m['eval_ppl']:.2f}", flush=True)
+        print(f"[demo] held-out ahead-token perplexity: none {m['eval_ppl_none']:.2f}, augmented {m['eval_ppl']:.2f}",
+              flush=True)
 
         _say(f"4/6 precompute augmented caches for {docs} held-out chapters: Ray Data job")
         chapters = pq.read_table(ensure_embedded_corpus("kjv") / "heldout.parquet").slice(0, docs)
@@ -80,7 +83,8 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
 
         _say(f"5/6 Serve endpoint on http://127.0.0.1:{port}")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 0.5}).bind(to_dict(cfg)), name="cache-aug", route_prefix="/")
+        serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 0.5}).bind(to_dict(cfg)), name="cache-aug",
+                  route_prefix="/")
 
         _say("6/6 ask: the next words of a chapter, with its stored augmented cache and without")
         row = chapters.slice(0, 1).to_pylist()[0]

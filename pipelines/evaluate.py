@@ -45,7 +45,8 @@ class DocumentEvaluator:
             torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
         self.decoder = load_decoder(self.cfg.model, device=device, storage_options=fsspec_options(self.cfg.s3))
         options = fsspec_options(self.cfg.s3)
-        self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, options).eval() for name, uri in modules.items()}
+        self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, options).eval()
+                                         for name, uri in modules.items()}
         for name, m in self.modules.items():  # the report describes the models the driver loaded: these must be them
             if m is not None and (got := latent_fingerprint(self.decoder, m)) != fingerprints[name]:
                 raise RuntimeError(f"eval.{name} / model.path changed during the run: the driver loaded fingerprint "
@@ -83,7 +84,8 @@ def _read_documents(cfg: JobConfig) -> tuple[ray.data.Dataset, Counter]:
     ds = ds.select_columns(columns)
 
     def tables(cols: list[str]) -> list[pa.Table]:  # these columns of every input file, read on the driver
-        return [pads.dataset(t, filesystem=f, format="parquet").to_table(columns=cols) for f, t in (resolve(p, cfg.s3) for p in paths)]
+        return [pads.dataset(t, filesystem=f, format="parquet").to_table(columns=cols)
+                for f, t in (resolve(p, cfg.s3) for p in paths)]
 
     if ev.id_column in names:  # the id column only: a duplicate would count twice, whichever actor sees it
         check_unique_ids([i for t in tables([ev.id_column]) for i in t.column(0).to_pylist()], ev.id_column)
@@ -92,7 +94,8 @@ def _read_documents(cfg: JobConfig) -> tuple[ray.data.Dataset, Counter]:
         found = [d for t in tables(columns) for d in document_rows(t.to_pydict(), ev, skipped)]
         keep = {doc_id for doc_id, _ in sorted(found)[: ev.max_documents]}
         ds = ds.filter(lambda row: any(d in keep for d, _ in document_rows({k: [v] for k, v in row.items()}, ev)))
-    return ds.repartition(4 * ev.num_actors), skipped  # a single input file is one block: split it so every actor gets work
+    # a single input file is one block: split it so every actor gets work
+    return ds.repartition(4 * ev.num_actors), skipped
 
 
 def run_eval_job(cfg: JobConfig) -> dict:
@@ -106,7 +109,8 @@ def run_eval_job(cfg: JobConfig) -> dict:
     # each actor loads the modules from where they are: the driver's disk may not be theirs
     module_uris = {name: portable(getattr(ev, name)) for name in ("pause", "coprocessor") if getattr(ev, name)}
     decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver describes what is evaluated
-    modules = {"none": None} | {name: load_latent_module(uri, decoder, fsspec_options(cfg.s3)) for name, uri in module_uris.items()}
+    modules = {"none": None} | {name: load_latent_module(uri, decoder, fsspec_options(cfg.s3))
+                                for name, uri in module_uris.items()}
     meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor})
     del decoder, modules
 
@@ -120,7 +124,8 @@ def run_eval_job(cfg: JobConfig) -> dict:
     )
     rows = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in windows.take_all()]
     skipped.update(r["doc_id"] for r in rows if r["window"] == SKIPPED)
-    rows = [r | {k: [list(map(float, x)) for x in r[k]] for k in r if k.startswith("ce_")} | {"points": list(map(int, r["points"]))}
+    rows = [r | {k: [list(map(float, x)) for x in r[k]] for k in r if k.startswith("ce_")}
+            | {"points": list(map(int, r["points"]))}
             for r in rows if r["window"] != SKIPPED]
     report = summarise(rows, ["none", *module_uris], cfg.augmentation.n_ahead, ev,
                        meta | {"skipped_documents": dict(skipped), "workers": ev.num_actors})
@@ -141,5 +146,6 @@ def eval_job(config: str | None, overrides: list[str], num_cpus: int | None = No
     build_if_embedded(cfg.model.path)  # here, before any actor loads it: loading never builds
     init_ray(num_cpus)
     report = run_eval_job(cfg)
-    print(json.dumps({k: report[k] for k in ("ppl", "relative_reduction", "points", "wall_s") if k in report}, indent=2), flush=True)
+    print(json.dumps({k: report[k] for k in ("ppl", "relative_reduction", "points", "wall_s") if k in report},
+                     indent=2), flush=True)
     return report

@@ -1,4 +1,5 @@
-"""The HTTP side of /v1/completions: request bodies in, checked requests out; refusals as status codes and OpenAI-style errors.
+"""The HTTP side of /v1/completions: request bodies in, checked requests out; refusals as status codes and OpenAI-style
+errors.
 
     body = await read_body(headers.get("content-length"), request.stream(), cfg.max_request_bytes)   # 413 if too large
     req = parse_request(json_body(body), tokenizer, cfg)    # a cache_aug.engine.CompletionRequest, or RequestError
@@ -44,7 +45,8 @@ _REFUSALS: dict[type[RequestRefused], tuple[int, str | None]] = {
 
 
 def http_error(e: RequestError | RequestRefused) -> RequestError:
-    """A refusal as HTTP: a RequestError as it is; an engine's refusal with the status (and code) of its kind, else 400."""
+    """A refusal as HTTP: a RequestError as it is; an engine's refusal with the status (and code) of its kind, else
+    400."""
     if isinstance(e, RequestError):
         return e
     status, code = next((v for k, v in _REFUSALS.items() if isinstance(e, k)), (400, None))
@@ -53,8 +55,8 @@ def http_error(e: RequestError | RequestRefused) -> RequestError:
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """The OpenAI-style error body: {"error": {"message", "type", "param", "code"}}, its type following the status."""
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+            429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -72,7 +74,8 @@ async def read_body(declared: str | None, chunks: AsyncIterator[bytes], limit: i
 
 
 _UNSUPPORTED = {  # OpenAI fields accepted only at their neutral value
-    "n": 1, "best_of": 1, "echo": False, "logprobs": None, "presence_penalty": 0, "frequency_penalty": 0, "suffix": None,
+    "n": 1, "best_of": 1, "echo": False, "logprobs": None, "presence_penalty": 0, "frequency_penalty": 0,
+    "suffix": None,
 }
 _KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options", "seed", "user",
           "logit_bias", "document_id", "document", *_UNSUPPORTED}
@@ -101,7 +104,8 @@ def _integer(data: dict, name: str) -> int | None:
 
 
 def _unicode(text: str, name: str) -> str:
-    """`text` if it is valid Unicode: JSON may carry lone surrogates ("\\ud800"), which neither tokenizer nor UTF-8 takes."""
+    """`text` if it is valid Unicode: JSON may carry lone surrogates ("\\ud800"), which neither tokenizer nor UTF-8
+    takes."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -110,7 +114,8 @@ def _unicode(text: str, name: str) -> str:
 
 
 def json_body(raw: bytes) -> object:
-    """The decoded JSON of a request body; RequestError 400 if it is not JSON (bad syntax, bad UTF-8, nested too deep)."""
+    """The decoded JSON of a request body; RequestError 400 if it is not JSON (bad syntax, bad UTF-8, nested too
+    deep)."""
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: e.g. 200k nested arrays
@@ -148,7 +153,8 @@ def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionReques
     if not isinstance(model, str):
         raise _bad("model must be a string", "model")
     if model != cfg.model_name:
-        raise _bad(f"model {model!r} does not exist (this endpoint serves {cfg.model_name!r})", "model", 404, "model_not_found")
+        raise _bad(f"model {model!r} does not exist (this endpoint serves {cfg.model_name!r})", "model", 404,
+                   "model_not_found")
 
     max_tokens = _integer(data, "max_tokens")
     max_tokens = cfg.default_max_tokens if max_tokens is None else max_tokens
@@ -169,7 +175,8 @@ def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionReques
     if not isinstance(stream, bool):
         raise _bad("stream must be a boolean", "stream")
     opts = data.get("stream_options") or {}
-    if not isinstance(opts, dict) or set(opts) - {"include_usage"} or not isinstance(opts.get("include_usage", False), bool):
+    if (not isinstance(opts, dict) or set(opts) - {"include_usage"}
+            or not isinstance(opts.get("include_usage", False), bool)):
         raise _bad("stream_options must be an object with an optional boolean include_usage", "stream_options")
 
     doc_id = data.get("document_id")
@@ -195,7 +202,8 @@ def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionReques
     else:
         raise _bad("prompt must be a string, a list of one string, or a list of token ids", "prompt")
     if len(ids) > cfg.max_prompt_tokens:
-        raise _bad(f"prompt has {len(ids)} tokens, more than the limit of {cfg.max_prompt_tokens}", "prompt", code="context_length_exceeded")
+        raise _bad(f"prompt has {len(ids)} tokens, more than the limit of {cfg.max_prompt_tokens}", "prompt",
+                   code="context_length_exceeded")
     if not ids and doc_id is None:
         raise _bad("prompt is empty and no document_id is given: nothing to continue", "prompt")
 
@@ -208,4 +216,5 @@ def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionReques
 
 def response_meta(plan: Plan, req: CompletionRequest) -> dict:
     """The `cache_aug` block of a response: how the answer was produced."""
-    return {"source": plan.source, "reason": plan.reason, "document_id": req.document_id, "document_tokens": plan.document_tokens}
+    return {"source": plan.source, "reason": plan.reason, "document_id": req.document_id,
+            "document_tokens": plan.document_tokens}

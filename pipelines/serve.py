@@ -99,7 +99,8 @@ def build_engine(cfg: JobConfig) -> CompletionEngine:
         documents = DocumentTexts([resolve(p, cfg.s3)[1] for p in paths], filesystem=fs,
                                   id_column=cfg.corpus.id_column, text_column=cfg.corpus.text_column)
     return CompletionEngine(decoder, module, fingerprint or "", s, records=records, documents=documents,
-                            max_document_tokens=min(s.max_document_tokens, cfg.corpus.max_tokens), truncate=cfg.corpus.truncate)
+                            max_document_tokens=min(s.max_document_tokens, cfg.corpus.max_tokens),
+                            truncate=cfg.corpus.truncate)
 
 
 @serve.deployment(name="CompletionServer")
@@ -152,7 +153,8 @@ class CompletionServer:
         if (denied := self._denied(request)) is not None:
             return denied
         try:
-            body = await read_body(request.headers.get("content-length"), request.stream(), self.cfg.serve.max_request_bytes)
+            body = await read_body(request.headers.get("content-length"), request.stream(),
+                                   self.cfg.serve.max_request_bytes)
             req = parse_request(json_body(body), self.engine.decoder.tokenizer, self.cfg.serve)
             plan = await asyncio.to_thread(self.engine.plan, req)
         except (RequestError, RequestRefused) as refused:  # the engine's refusals get their status from the protocol
@@ -220,16 +222,18 @@ def _config_source(config):
 def build_app(args: dict) -> serve.Application:
     """Serve application builder (`import_path: pipelines.serve:build_app`).
 
-    args: {"config": the job config tree (pipelines.config.JobConfig): a YAML path (relative ones are also looked up in the repository
-    that holds this package) or the tree itself, inline; optional. "overrides": ["serve.max_tokens=128", ...]}
+    args: {"config": the job config tree (pipelines.config.JobConfig): a YAML path (relative ones are also looked up in
+    the repository that holds this package) or the tree itself, inline; optional. "overrides": ["serve.max_tokens=128",
+    ...]}
     """
     cfg = load_job_config(_config_source(args.get("config")), overrides=list(args.get("overrides") or []))
     s = cfg.serve
-    return CompletionServer.options(max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests).bind(
-        to_dict(cfg))
+    return CompletionServer.options(max_ongoing_requests=s.max_ongoing_requests,
+                                    max_queued_requests=s.max_queued_requests).bind(to_dict(cfg))
 
 
-def serve_job(config: str | None, overrides: list[str], host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None) -> None:
+def serve_job(config: str | None, overrides: list[str], host: str = "127.0.0.1", port: int = 8000,
+              num_cpus: int | None = None) -> None:
     """Run the endpoint on the cluster named by RAY_ADDRESS (or a local one) until interrupted."""
     from cache_aug.tiny import build_if_embedded
     from pipelines.ray_session import init_ray

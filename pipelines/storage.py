@@ -62,7 +62,8 @@ def upload_dir(local_dir: str, dest: str, cfg: S3Config) -> str:
     fs, target = resolve(dest, cfg)
     if fs is None:
         os.makedirs(target, exist_ok=True)
-    pafs.copy_files(local_dir, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs or pafs.LocalFileSystem())
+    pafs.copy_files(local_dir, target, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs or pafs.LocalFileSystem())
     return dest
 
 
@@ -79,5 +80,6 @@ def download_dir(src: str, local_dir: str, cfg: S3Config) -> str:
     """Copy `src` (local or s3://) into a local directory; returns local_dir."""
     fs, source = resolve(src, cfg)
     os.makedirs(local_dir, exist_ok=True)
-    pafs.copy_files(source, local_dir, source_filesystem=fs or pafs.LocalFileSystem(), destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(source, local_dir, source_filesystem=fs or pafs.LocalFileSystem(),
+                    destination_filesystem=pafs.LocalFileSystem())
     return local_dir

@@ -24,12 +24,13 @@ def ray_train_condition(cfg: JobConfig, condition: str, run_dir: Path) -> Path:
     train = dataclasses.replace(
         cfg.train, run_name=f"sweep-{run_dir.name}", max_steps=cfg.sweep.steps, lr=cfg.sweep.lr,
         warmup_steps=cfg.sweep.warmup_steps, export_path=str(module_dir.resolve()),
-        storage_path=str((run_dir / "ray").resolve()) if "://" not in cfg.train.storage_path else cfg.train.storage_path,
+        storage_path=(str((run_dir / "ray").resolve()) if "://" not in cfg.train.storage_path
+                      else cfg.train.storage_path),
     )
     result = run_training(dataclasses.replace(cfg, train=train))
     (run_dir / "training.json").write_text(json.dumps({
-        "trainer": "ray", "steps": train.max_steps, "micro_batch_size": train.micro_batch_size, "workers": train.num_workers,
-        "lr": train.lr, "metrics": result.metrics}, indent=1, default=str) + "\n")
+        "trainer": "ray", "steps": train.max_steps, "micro_batch_size": train.micro_batch_size,
+        "workers": train.num_workers, "lr": train.lr, "metrics": result.metrics}, indent=1, default=str) + "\n")
     return module_dir
 
 

@@ -124,7 +124,8 @@ def _evaluate(decoder, engine, cfg: JobConfig, rank: int, world: int, device) ->
         if i % world != rank:
             continue
         ids = batch["input_ids"].to(device)
-        points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(device)
+        points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix,
+                               g).to(device)
         a = one_pass_loss(decoder, engine, ids, points, aug.n_ahead)
         n = plain_ahead_loss(decoder, ids, points, aug.n_ahead)
         sums[0] += float(a.loss) * a.n_targets
@@ -174,7 +175,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     decoder = load_decoder(cfg.model, device=device, storage_options=fsspec_options(cfg.s3))
     module = build_latent_module(decoder, cfg.coprocessor, aug.n_latents)
     trainable = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(model=module, model_parameters=trainable, config=loop_config["deepspeed"])
+    engine, _, _, scheduler = deepspeed.initialize(model=module, model_parameters=trainable,
+                                                   config=loop_config["deepspeed"])
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -185,7 +187,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = step
     if rank == 0:
         print(f"[train] rank 0/{world}: {'resumed at' if checkpoint else 'starting at'} step {step}; "
-              f"trainable {sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} params ({module.mode}), decoder {decoder.source}", flush=True)
+              f"trainable {sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} params ({module.mode}), "
+              f"decoder {decoder.source}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
     g = torch.Generator().manual_seed(t.seed * 1_000_003 + rank * 7919 + step)
@@ -195,7 +198,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         micro_before = micro
         for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long, drop_last=True):
             ids = batch["input_ids"].to(device)
-            points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix, g).to(device)
+            points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix,
+                                   g).to(device)
             loss = one_pass_loss(decoder, engine, ids, points, aug.n_ahead).loss
             engine.backward(loss)
             engine.step()
@@ -223,19 +227,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics |= _evaluate(decoder, engine, cfg, rank, world, device)
             if step % t.checkpoint_every == 0 or last:
                 with tempfile.TemporaryDirectory() as tmp:
-                    engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step}, exclude_frozen_parameters=True)
+                    engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step},
+                                           exclude_frozen_parameters=True)
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
             if rank == 0:
-                print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+                print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in metrics.items()), flush=True)
             interval_loss, interval_n, tokens, t0 = 0.0, 0, 0, time.perf_counter()
             if last:
                 break
         if micro == micro_before:  # a whole pass gave no batch: another pass would not either
             raise RuntimeError(
-                f"training data: rank {rank}'s shard of {cfg.data.paths} gave no batch of {t.micro_batch_size} blocks of "
-                f"{cfg.data.seq_len} tokens in a whole pass (too little text for {world} workers, or every row's "
+                f"training data: rank {rank}'s shard of {cfg.data.paths} gave no batch of {t.micro_batch_size} blocks "
+                f"of {cfg.data.seq_len} tokens in a whole pass (too little text for {world} workers, or every row's "
                 f"{cfg.data.text_column!r} null or empty); add text, or lower train.micro_batch_size or data.seq_len")
 
     export = _export(engine, module, decoder, cfg, rank)
@@ -250,7 +256,8 @@ def _ingest_config(cfg: JobConfig) -> DataConfig:
     return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
-def build_trainer(cfg: JobConfig, *, datasets: dict | None = None, tokenizer=None, worker_env: dict | None = None) -> TorchTrainer:
+def build_trainer(cfg: JobConfig, *, datasets: dict | None = None, tokenizer=None,
+                  worker_env: dict | None = None) -> TorchTrainer:
     """A TorchTrainer for the config (datasets built from cfg.data unless given).
 
     worker_env: extra environment variables for the training workers.

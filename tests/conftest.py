@@ -86,10 +86,10 @@ class SeaweedFS:
     def client(self, **kwargs):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key, aws_secret_access_key=self.secret,
-                            region_name="us-east-1", **kwargs)
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key,
+                            aws_secret_access_key=self.secret, region_name="us-east-1", **kwargs)
 
-    def start(self, timeout_s: float = 60, retries: int = 3) -> "SeaweedFS":
+    def start(self, timeout_s: float = 60, retries: int = 3) -> SeaweedFS:
         import shutil
         import subprocess
         import sys
@@ -118,7 +118,7 @@ class SeaweedFS:
                 client.put_object(Bucket="probe", Key=f"k{self.starts}", Body=b"x")
                 assert client.get_object(Bucket="probe", Key=f"k{self.starts}")["Body"].read() == b"x"
                 return self
-            except Exception:
+            except Exception as e:
                 if time.time() > deadline or self.proc.poll() is not None:
                     self.proc.kill()
                     self.proc.wait()
@@ -132,7 +132,7 @@ class SeaweedFS:
                             if f.name not in ("s3.json", "weed.log"):
                                 shutil.rmtree(f) if f.is_dir() else f.unlink()
                         return self.start(timeout_s, retries=retries - 1)
-                    raise RuntimeError(f"SeaweedFS did not come up: {tail}")
+                    raise RuntimeError(f"SeaweedFS did not come up: {tail}") from e
                 time.sleep(0.5)
 
     def stop(self, timeout_s: float = 20) -> None:

@@ -16,8 +16,10 @@ ARCHS = ["llama", "gemma2", "gpt2", "qwen2-sliding", "mistral"]
 # (architecture, which slot predicts the first ahead token, position rule): the paper's rules everywhere; the
 # re-read last token, and the text keeping its positions, on the architectures with embedding scaling (gemma2),
 # sliding layers and learned absolute positions (gpt2)
-SETUPS = ([(a, "last_latent", "shift") for a in ARCHS] + [(a, "last_token", "shift") for a in ("llama", "gemma2", "qwen2-sliding")]
-          + [(a, "last_token", "keep") for a in ("llama", "gemma2", "qwen2-sliding", "gpt2")] + [("mistral", "last_latent", "keep")])
+SETUPS = ([(a, "last_latent", "shift") for a in ARCHS]
+          + [(a, "last_token", "shift") for a in ("llama", "gemma2", "qwen2-sliding")]
+          + [(a, "last_token", "keep") for a in ("llama", "gemma2", "qwen2-sliding", "gpt2")]
+          + [("mistral", "last_latent", "keep")])
 SETUPS = [(*s, "embeds") for s in SETUPS]
 # the coprocessor writing its own KV at the latent slots (latent_channel="kv"), under both position rules
 SETUPS += [("llama", "last_token", "keep", "kv"), ("gemma2", "last_token", "shift", "kv"),
@@ -71,7 +73,7 @@ def test_stored_equals_computed(setup, mode, tmp_path):
     assert restored.next_position == aug.next_position == (30 if module.position_rule == "keep" else aug.seq_len)
     got = _steps(decoder, restored, [5, 6, 7])
     assert [t for t, _ in got] == [t for t, _ in expected]
-    for (_, a), (_, b) in zip(got, expected):
+    for (_, a), (_, b) in zip(got, expected, strict=True):
         assert torch.equal(a, b)
     assert [t for t, _ in _steps(decoder, restored, [])] == [t for t, _ in empty_prompt]
 
@@ -83,7 +85,7 @@ def test_record_round_trip_bit_exact_in_stored_dtype(setup, dtype):
     record = encode_record(aug, doc_id="d", fingerprint=fp, mode="full", dtype=dtype, spec=decoder.cache_spec)
     restored = restore(record, decoder, fp)
     want = getattr(torch, dtype)
-    for (k, v), (k2, v2) in zip(aug.layers, restored.layers):
+    for (k, v), (k2, v2) in zip(aug.layers, restored.layers, strict=True):
         s = k2.shape[2]  # sliding layers keep their window only
         assert torch.equal(k[..., -s:, :].to(want), k2.to(want))
         assert torch.equal(v[..., -s:, :].to(want), v2.to(want))
@@ -113,9 +115,9 @@ def test_a_cache_serves_many_decodes_unchanged(setup):
     other = _steps(decoder, aug, [12])  # another request on the same cache in between
     again = _steps(decoder, aug, [9, 10, 11])
     assert [t for t, _ in again] == [t for t, _ in first] and len(other) == 6
-    for (k, v), (k0, v0) in zip(aug.layers, before):
+    for (k, v), (k0, v0) in zip(aug.layers, before, strict=True):
         assert torch.equal(k, k0) and torch.equal(v, v0)
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(first, again))  # the same logits, bit for bit
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(first, again, strict=True))  # the same logits, bit for bit
 
 
 def test_batched_augment_equals_one_by_one(setup):
@@ -123,11 +125,11 @@ def test_batched_augment_equals_one_by_one(setup):
     decoder, module, _ = setup
     docs = [_doc(n, seed=n) for n in (7, 30, 19)]
     batch = augment(decoder, module, docs)
-    for doc, got in zip(docs, batch):
+    for doc, got in zip(docs, batch, strict=True):
         want = augment(decoder, module, [doc])[0]
         assert got.seq_len == want.seq_len == len(doc) + N_L + module.reread
         assert torch.equal(got.input_ids, want.input_ids)
-        for (k, v), (k2, v2) in zip(got.layers, want.layers):
+        for (k, v), (k2, v2) in zip(got.layers, want.layers, strict=True):
             torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.next_logits, want.next_logits, rtol=1e-5, atol=1e-5)
@@ -147,8 +149,8 @@ def test_serving_agrees_with_training(setup):
     # the cache's own next_logits predict ahead[0]; feeding ahead[:k] predicts ahead[k]
     step_logits = [aug.next_logits]
     for k in range(1, n_ahead):
-        (_, l), = decode_steps(decoder, aug, ahead[:k], max_new_tokens=1, stop_token_ids=[])
-        step_logits.append(l)
+        (_, logits), = decode_steps(decoder, aug, ahead[:k], max_new_tokens=1, stop_token_ids=[])
+        step_logits.append(logits)
     ce = torch.nn.functional.cross_entropy(torch.stack(step_logits).float(), torch.tensor(ahead))
     ref = reference_loss(decoder, module, seq, torch.tensor([[p]]), n_ahead)
     assert torch.equal(ahead_targets(seq, torch.tensor([[p]]), n_ahead)[0, 0], torch.tensor(ahead))

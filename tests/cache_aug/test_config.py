@@ -11,8 +11,6 @@ from typing import Literal
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 from cache_aug.config import (
     AugmentationConfig,
     CacheAugConfig,
@@ -27,6 +25,8 @@ from cache_aug.config import (
     resolve_serve_sources,
     to_dict,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _error(data, **kwargs) -> str:

@@ -56,7 +56,8 @@ def engine(setup, records=None, texts=None, **cfg):
 
 
 def req(**fields) -> CompletionRequest:
-    """A checked request with the protocol's defaults for the fields a body leaves out (temperature 1, max_tokens 16)."""
+    """A checked request with the protocol's defaults for the fields a body leaves out (temperature 1, max_tokens
+    16)."""
     cfg = ServeConfig()
     return CompletionRequest(**({"model": cfg.model_name, "prompt_ids": [], "max_tokens": cfg.default_max_tokens,
                                  "temperature": 1.0} | fields))
@@ -72,12 +73,14 @@ def test_seed_range_ends_decode(setup):
 def test_document_lookup_failures_fall_back(setup, tmp_path):
     dec, module, fp = setup
     pq.write_table(pa.table({"doc_id": [7], "text": ["seven days"]}), tmp_path / "int.parquet")
-    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=DocumentTexts([str(tmp_path / "int.parquet")]))
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64),
+                           documents=DocumentTexts([str(tmp_path / "int.parquet")]))
     plan = eng.plan(req(prompt_ids=[5, 6], document_id="7"))  # integer-id corpus: the text is found
     assert plan.source == "online" and plan.compute_ids == dec.tokenizer.encode("seven days", add_special_tokens=False)
 
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
-    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=DocumentTexts([str(tmp_path / "broken.parquet")]))
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64),
+                           documents=DocumentTexts([str(tmp_path / "broken.parquet")]))
     plan = eng.plan(req(prompt_ids=[5, 6], document_id="7"))  # unreadable store: a reason, not a failure
     assert plan.source == "none" and plan.compute_ids == [5, 6] and "document store unreadable" in plan.reason
     with pytest.raises(DocumentNotFound) as e:  # and nothing to continue without the text: the usual refusal
@@ -94,7 +97,8 @@ def test_documents_over_the_token_limit_are_refused_or_truncated(setup):
     with pytest.raises(DocumentTooLong) as e:
         eng.plan(req(prompt_ids=[5, 6], document_id="d"))
     assert (e.value.param, e.value.message) == ("document", "document has 41 tokens, more than the limit of 40")
-    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=docs, max_document_tokens=40, truncate=True)
+    eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64), documents=docs, max_document_tokens=40,
+                           truncate=True)
     plan = eng.plan(req(prompt_ids=[5, 6], document_id="d"))
     assert plan.source == "online" and plan.compute_ids == dec.tokenizer.encode(text, add_special_tokens=False)[:40]
 
@@ -103,13 +107,16 @@ def test_sources_and_equivalence(setup):
     dec, module, fp = setup
     g = torch.Generator().manual_seed(1)
     docs = {f"d{i}": torch.randint(3, 90, (n,), generator=g).tolist() for i, n in enumerate([9, 14, 6])}
-    augs = dict(zip(docs, augment(dec, module, list(docs.values()))))
-    good = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode="latent_kv", dtype="float32", spec=dec.cache_spec)
+    augs = dict(zip(docs, augment(dec, module, list(docs.values())), strict=True))
+    good = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode="latent_kv", dtype="float32",
+                         spec=dec.cache_spec)
     for mode in ("latents", "full"):  # every storage mode restores to the same answers
         rec = encode_record(augs["d0"], doc_id="d0", fingerprint=fp, mode=mode, dtype="float32", spec=dec.cache_spec)
-        out = engine(setup, Records({"d0": rec})).complete(req(prompt_ids=[5, 6], max_tokens=6, temperature=0.0, document_id="d0"))
+        out = engine(setup, Records({"d0": rec})).complete(req(prompt_ids=[5, 6], max_tokens=6, temperature=0.0,
+                                                               document_id="d0"))
         assert out["token_ids"] == generate(dec, augs["d0"], [5, 6], max_new_tokens=6), mode
-    forged = encode_record(augs["d1"], doc_id="d1", fingerprint="0" * 32, mode="latent_kv", dtype="float32", spec=dec.cache_spec)
+    forged = encode_record(augs["d1"], doc_id="d1", fingerprint="0" * 32, mode="latent_kv", dtype="float32",
+                           spec=dec.cache_spec)
     texts = {"d1": "some text", "d2": "more text"}
     store = Records({"d0": good, "d1": forged})
     eng = engine(setup, store, texts)

@@ -19,7 +19,8 @@ def test_duplicate_ids_and_non_text_columns_are_refused_naming_them(tmp_path):
     ev = EvalConfig(paths=[str(tmp_path / "docs")])
     (tmp_path / "docs").mkdir()
     pq.write_table(pa.table({"doc_id": ["a", "b"], "text": ["one text", "two"]}), tmp_path / "docs" / "part-0.parquet")
-    pq.write_table(pa.table({"doc_id": ["c", "a"], "text": ["three", "another text"]}), tmp_path / "docs" / "part-1.parquet")
+    pq.write_table(pa.table({"doc_id": ["c", "a"], "text": ["three", "another text"]}),
+                   tmp_path / "docs" / "part-1.parquet")
     with pytest.raises(ValueError, match="eval.id_column 'doc_id': 1 ids name more than one row: 'a' \\(2 rows\\)"):
         read_documents(ev)
     skipped = Counter()

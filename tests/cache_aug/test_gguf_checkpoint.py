@@ -94,7 +94,8 @@ def written(tmp_path_factory):
     tokenizer = bpe_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
     model = LlamaForCausalLM(cfg).eval()
     d = tmp_path_factory.mktemp("gguf")
     write_llama_gguf(model, tokenizer, d / "model.gguf")

@@ -1,4 +1,5 @@
-"""`cache_aug` is plain torch + transformers: it never imports Ray, nor the Ray glue (pipelines) or the entrypoints (jobs).
+"""`cache_aug` is plain torch + transformers: it never imports Ray, nor the Ray glue (pipelines) or the entrypoints
+(jobs).
 
 Two checks: importing every module must not import Ray (what runs), and no file may name `ray`, `pipelines` or
 `jobs` in any import, not even a lazy one inside a function or a string given to importlib (what could run).
@@ -47,8 +48,10 @@ def _string_import(node: ast.Call, package: list[str]) -> str | None:
         return None
     target = arg.value
     if name == "import_module" and target.startswith("."):
-        anchor = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "package"), None)
-        anchor_parts = anchor.value.split(".") if isinstance(anchor, ast.Constant) and isinstance(anchor.value, str) else package
+        anchor = (node.args[1] if len(node.args) > 1
+                  else next((k.value for k in node.keywords if k.arg == "package"), None))
+        anchor_parts = (anchor.value.split(".") if isinstance(anchor, ast.Constant) and isinstance(anchor.value, str)
+                        else package)
         level = len(target) - len(target.lstrip("."))
         return _resolve(target.lstrip(".") or None, level, anchor_parts) or target
     return target
@@ -65,7 +68,8 @@ def forbidden_imports(path: Path, root: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             resolved = _resolve(node.module, node.level, package)
             if resolved is None:
-                found.append((node.lineno, f"import {'.' * node.level}{node.module or ''} (above the top-level package)"))
+                found.append((node.lineno,
+                              f"import {'.' * node.level}{node.module or ''} (above the top-level package)"))
                 continue
             names = [resolved]
         elif isinstance(node, ast.Call):
@@ -81,7 +85,8 @@ def test_cache_aug_never_names_ray_pipelines_or_jobs_in_an_import():
     files = sorted((ROOT / "cache_aug").rglob("*.py"))
     assert ROOT / "cache_aug" / "__init__.py" in files and len(files) > 10
     found = [hit for p in files for hit in forbidden_imports(p, ROOT)]
-    assert not found, "cache_aug imports what it must not know (Ray glue goes in pipelines/, entrypoints in jobs/):\n" + "\n".join(found)
+    assert not found, ("cache_aug imports what it must not know (Ray glue goes in pipelines/, entrypoints in "
+                       "jobs/):\n" + "\n".join(found))
 
 
 def test_the_import_scanner_sees_every_form(tmp_path):

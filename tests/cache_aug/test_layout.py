@@ -29,7 +29,8 @@ from cache_aug.records import (
 )
 from cache_aug.testing import tiny_decoder
 
-LAYOUTS = [LatentLayout(n, r, rule, channel) for n, r, rule, channel in itertools.product((1, 3), (0, 1), ("shift", "keep"), ("embeds", "kv"))
+LAYOUTS = [LatentLayout(n, r, rule, channel)
+           for n, r, rule, channel in itertools.product((1, 3), (0, 1), ("shift", "keep"), ("embeds", "kv"))
            if not (channel == "kv" and r == 0)]
 
 
@@ -41,12 +42,14 @@ def test_names_and_config():
     pause = dataclasses.replace(cfg, mode="pause")  # pause tokens have no coprocessor: always fed as embeddings
     assert LatentLayout.from_config(pause, 4) == LatentLayout(4, 1, "keep", "embeds")
     for layout in LAYOUTS:
-        assert LatentLayout.from_names(layout.n_latents, layout.first_ahead_from, layout.position_rule, layout.channel) == layout
+        assert LatentLayout.from_names(layout.n_latents, layout.first_ahead_from, layout.position_rule,
+                                       layout.channel) == layout
 
 
 @pytest.mark.parametrize("bad, match", [
     ({"n_latents": -1}, "n_latents"), ({"n_latents": 2.0}, "n_latents"), ({"n_latents": 2, "reread": 2}, "reread"),
-    ({"n_latents": 2, "position_rule": "sideways"}, "position_rule"), ({"n_latents": 2, "channel": "logits"}, "latent_channel"),
+    ({"n_latents": 2, "position_rule": "sideways"}, "position_rule"),
+    ({"n_latents": 2, "channel": "logits"}, "latent_channel"),
     ({"n_latents": 2, "channel": "kv"}, "last_token"), ({"n_latents": 0, "reread": 1}, "plain cache"),
 ])
 def test_invalid_layouts_are_refused(bad, match):
@@ -58,12 +61,14 @@ def test_invalid_layouts_are_refused(bad, match):
 
 def test_questions_the_code_asks():
     paper = LatentLayout(4)
-    assert not paper.writes_kv and paper.storage_modes == ("latents", "latent_kv", "full") and paper.first_ahead_from == "last_latent"
+    assert (not paper.writes_kv and paper.storage_modes == ("latents", "latent_kv", "full")
+            and paper.first_ahead_from == "last_latent")
     assert paper.n_added == 4 and paper.cache_len(10) == 14 and paper.next_position(10) == 14
     assert paper.latent_positions(10) == [10, 11, 12, 13] and paper.text_positions(10, 2) == [14, 15]
     kv = LatentLayout(4, 1, "keep", "kv")
     assert kv.writes_kv and kv.storage_modes == ("latent_kv", "full") and not kv.allows_storage("latents")
-    assert kv.first_ahead_from == "last_token" and kv.n_added == 5 and kv.cache_len(10) == 15 and kv.next_position(10) == 10
+    assert (kv.first_ahead_from == "last_token" and kv.n_added == 5 and kv.cache_len(10) == 15
+            and kv.next_position(10) == 10)
     assert kv.latent_positions(10) == [6, 7, 8, 9] and kv.text_positions(10, 3) == [9, 10, 11]
     assert kv.latent_positions(2) == [0, 0, 0, 1]  # a prefix shorter than N_L: clamped at 0
     assert LatentLayout(2, 1).next_position(10) == 13 and LatentLayout(2, 1).text_positions(10, 2) == [12, 13]
@@ -96,15 +101,18 @@ def test_json_round_trip(layout):
 
 @pytest.fixture(scope="module")
 def made():
-    """A paper-rule module and a re-reading, position-keeping, KV-writing one, each with its records in every mode it allows."""
+    """A paper-rule module and a re-reading, position-keeping, KV-writing one, each with its records in every mode it
+    allows."""
     decoder = tiny_decoder("llama")
     out = {}
     for name, cfg in {"paper": CoprocessorConfig(mode="full"),
-                      "kv": CoprocessorConfig(mode="full", first_ahead_from="last_token", position_rule="keep", latent_channel="kv")}.items():
+                      "kv": CoprocessorConfig(mode="full", first_ahead_from="last_token", position_rule="keep",
+                                              latent_channel="kv")}.items():
         module = build_latent_module(decoder, cfg, n_latents=2).eval()
         fp = latent_fingerprint(decoder, module)
         aug = augment(decoder, module, [list(range(3, 15))])[0]
-        records = {m: encode_record(aug, doc_id=f"doc-{name}", fingerprint=fp, mode=m, dtype="float32", spec=decoder.cache_spec)
+        records = {m: encode_record(aug, doc_id=f"doc-{name}", fingerprint=fp, mode=m, dtype="float32",
+                                    spec=decoder.cache_spec)
                    for m in module.layout.storage_modes}
         out[name] = module, fp, aug, records
     return decoder, out
@@ -116,7 +124,8 @@ def _header(payload: bytes) -> dict:
 
 
 def _with_metadata(record, metadata):
-    """The record with its payload header's __metadata__ replaced (None: removed, as records written before the layout)."""
+    """The record with its payload header's __metadata__ replaced (None: removed, as records written before the
+    layout)."""
     (n,) = struct.unpack("<Q", record.payload[:8])
     header = json.loads(record.payload[8 : 8 + n])
     header.pop("__metadata__", None)
@@ -130,7 +139,8 @@ def _with_metadata(record, metadata):
 def _same_cache(a, b):
     assert a.layout == b.layout and a.seq_len == b.seq_len and a.next_position == b.next_position
     assert torch.equal(a.next_logits, b.next_logits)
-    assert all(torch.equal(x, y) for (k, v), (k2, v2) in zip(a.layers, b.layers) for x, y in ((k, k2), (v, v2)))
+    assert all(torch.equal(x, y) for (k, v), (k2, v2) in zip(a.layers, b.layers, strict=True)
+               for x, y in ((k, k2), (v, v2)))
 
 
 def test_module_and_cache_carry_the_layout(made):
@@ -139,7 +149,8 @@ def test_module_and_cache_carry_the_layout(made):
     assert module.layout == aug.layout == LatentLayout(2, 1, "keep", "kv")
     assert (module.n_latents, module.reread, module.first_ahead_from, module.position_rule, module.latent_channel) == (
         2, 1, "last_token", "keep", "kv")
-    assert (aug.n_latents, aug.n_reread, aug.position_rule) == (2, 1, "keep") and aug.seq_len == 12 + 3 and aug.next_position == 12
+    assert ((aug.n_latents, aug.n_reread, aug.position_rule) == (2, 1, "keep")
+            and aug.seq_len == 12 + 3 and aug.next_position == 12)
     soft = module.soft_tokens.detach()
     with pytest.raises(ValueError, match="pause tokens"):
         PauseTokens(soft, module.layout)
@@ -151,7 +162,8 @@ def test_layout_round_trips_through_the_record_header(made):
     decoder, out = made
     for name, (module, fp, aug, records) in out.items():
         for mode, record in records.items():
-            assert LatentLayout.from_json(_header(record.payload)["__metadata__"][LAYOUT_KEY]) == module.layout, (name, mode)
+            assert LatentLayout.from_json(_header(record.payload)["__metadata__"][LAYOUT_KEY]) == module.layout, (
+                name, mode)
             restored = restore(record, decoder, fp, layout=module.layout)
             assert restored.layout == module.layout and restored.seq_len == aug.seq_len, (name, mode)
             _same_cache(restored, restore(record, decoder, fp))
@@ -167,8 +179,8 @@ def test_records_without_a_stored_layout_still_load(made):
             # given the module's layout, the channel (not recorded in old records) is the module's
             _same_cache(restore(old, decoder, fp, layout=module.layout), restore(record, decoder, fp))
             back = restore(old, decoder, fp)  # no layout given: the channel is taken as "embeds", the rest derived
-            assert (back.n_latents, back.n_reread, back.position_rule, back.seq_len) == (2, module.reread, module.position_rule,
-                                                                                       record.seq_len), (name, mode)
+            assert (back.n_latents, back.n_reread, back.position_rule, back.seq_len) == (
+                2, module.reread, module.position_rule, record.seq_len), (name, mode)
             with pytest.raises(CacheRecordError, match="inconsistent lengths"):
                 restore(dataclasses.replace(old, seq_len=record.seq_len + 2), decoder, fp)
 
@@ -178,7 +190,8 @@ def test_a_record_made_with_another_layout_is_refused(made):
     for (module, fp, _, records) in out.values():
         other = dataclasses.replace(module.layout, position_rule="keep" if module.position_rule == "shift" else "shift")
         for record in records.values():
-            with pytest.raises(CacheRecordError, match=r"made with latent layout \(N_L=2, .*\), the loaded module's is"):
+            with pytest.raises(CacheRecordError,
+                               match=r"made with latent layout \(N_L=2, .*\), the loaded module's is"):
                 restore(record, decoder, fp, layout=other)
             with pytest.raises(CacheRecordError, match="made with latent layout"):
                 restore(record, decoder, fp, layout=dataclasses.replace(module.layout, n_latents=3))

@@ -65,9 +65,12 @@ def test_coprocessor_is_a_copy_initialised_from_the_decoder():
 
 
 @pytest.mark.parametrize("mode,first,rule,channel", [
-    ("full", "last_latent", "shift", "embeds"), ("lora", "last_latent", "shift", "embeds"), ("pause", "last_latent", "shift", "embeds"),
-    ("full", "last_token", "shift", "embeds"), ("pause", "last_token", "shift", "embeds"), ("full", "last_token", "keep", "embeds"),
-    ("lora", "last_latent", "keep", "embeds"), ("full", "last_token", "keep", "kv"), ("lora", "last_token", "shift", "kv")])
+    ("full", "last_latent", "shift", "embeds"), ("lora", "last_latent", "shift", "embeds"),
+    ("pause", "last_latent", "shift", "embeds"),
+    ("full", "last_token", "shift", "embeds"), ("pause", "last_token", "shift", "embeds"),
+    ("full", "last_token", "keep", "embeds"),
+    ("lora", "last_latent", "keep", "embeds"), ("full", "last_token", "keep", "kv"),
+    ("lora", "last_token", "shift", "kv")])
 def test_save_load_round_trip(mode, first, rule, channel, tmp_path):
     decoder = tiny_decoder("qwen2")
     cfg = CoprocessorConfig(mode=mode, lora_rank=4, first_ahead_from=first, position_rule=rule, latent_channel=channel)
@@ -89,7 +92,7 @@ def test_save_load_round_trip(mode, first, rule, channel, tmp_path):
     assert torch.equal(a.next_logits, b.next_logits)
     if channel == "kv":  # the trained C's own KV at the latent slots, no input embeddings
         assert loaded.latent_channel == "kv" and a.latents is None and b.latents is None
-        for (k, v), (k2, v2) in zip(a.layers, b.layers):
+        for (k, v), (k2, v2) in zip(a.layers, b.layers, strict=True):
             assert torch.equal(k, k2) and torch.equal(v, v2)
     else:
         assert torch.equal(a.latents, b.latents)
@@ -180,7 +183,8 @@ def moto_s3():
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+    opts = {"key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
     yield opts
     server.stop()
 
@@ -189,7 +193,8 @@ def test_load_decoder_from_s3(moto_s3, tmp_path):
     import boto3
     import s3fs
 
-    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing", **moto_s3["client_kwargs"]).create_bucket(Bucket="models")
+    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                 **moto_s3["client_kwargs"]).create_bucket(Bucket="models")
     fs = s3fs.S3FileSystem(**moto_s3)
     src = tiny_decoder("llama")
     local = _save_checkpoint(src, tmp_path / "ckpt")

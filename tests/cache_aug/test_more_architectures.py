@@ -42,7 +42,7 @@ def test_one_pass_equals_reference(setup):
     slow = reference_loss(decoder, module, ids, points, N_A)
     torch.testing.assert_close(fast.per_position, slow.per_position, rtol=1e-4, atol=1e-6)
     params = [p for p in module.parameters() if p.requires_grad]
-    for a, b in zip(torch.autograd.grad(fast.loss, params), torch.autograd.grad(slow.loss, params)):
+    for a, b in zip(torch.autograd.grad(fast.loss, params), torch.autograd.grad(slow.loss, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-9)
 
 
@@ -63,5 +63,6 @@ def test_serving_agrees_with_training(setup):
     ce = torch.nn.functional.cross_entropy(torch.stack(logits).float(), torch.tensor(ahead))
     ref = reference_loss(decoder, module, seq, torch.tensor([[p]]), N_A).loss.detach()
     torch.testing.assert_close(ce, ref, rtol=1e-5, atol=1e-5)
-    plain = torch.nn.functional.cross_entropy(decoder.model(seq[:, : p + N_A - 1]).logits[0, p - 1 :].float(), torch.tensor(ahead))
+    plain = torch.nn.functional.cross_entropy(decoder.model(seq[:, : p + N_A - 1]).logits[0, p - 1 :].float(),
+                                              torch.tensor(ahead))
     assert abs(float(plain) - float(ref)) > 1e-4  # the latents change what is predicted

@@ -50,7 +50,7 @@ def _assert_one_pass_equals_reference(decoder, module, seed):
     torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fast.per_position, slow.per_position, rtol=1e-4, atol=1e-6)
     assert len(g_fast) == len(g_slow) > 0
-    for a, b in zip(g_fast, g_slow):
+    for a, b in zip(g_fast, g_slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-9)
     assert any(a.abs().sum() > 0 for a in g_fast)
 

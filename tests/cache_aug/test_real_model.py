@@ -40,7 +40,8 @@ def test_stored_equals_computed_on_the_real_model(smollm2, channel):
     from cache_aug.coprocessor import build_latent_module, latent_fingerprint
     from cache_aug.records import encode_record, restore
 
-    cfg = CoprocessorConfig(mode="lora", lora_rank=4, first_ahead_from="last_token", position_rule="keep", latent_channel=channel)
+    cfg = CoprocessorConfig(mode="lora", lora_rank=4, first_ahead_from="last_token", position_rule="keep",
+                            latent_channel=channel)
     module = build_latent_module(smollm2, cfg, n_latents=4).eval()
     fp = latent_fingerprint(smollm2, module)
     doc = smollm2.tokenizer.encode("And God said, Let there be light: and there was light. And God saw the light")
@@ -52,5 +53,5 @@ def test_stored_equals_computed_on_the_real_model(smollm2, channel):
         restored = restore(record, smollm2, fp, position_rule="keep")  # latent_kv prefills the stored document ids
         got = list(decode_steps(smollm2, restored, prompt, max_new_tokens=4, stop_token_ids=[]))
         assert [t for t, _ in got] == [t for t, _ in expected]
-        for (_, a), (_, b) in zip(got, expected):
+        for (_, a), (_, b) in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

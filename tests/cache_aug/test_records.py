@@ -53,7 +53,8 @@ def _with_payload(record: CacheRecord, payload: bytes, fix_checksum: bool = True
 
 def _as_format_1(record: CacheRecord) -> CacheRecord:
     """The same record as the previous format wrote it: one sha256 of the payload, no chunked checksum."""
-    return dataclasses.replace(record, format_version=1, payload_checksum=None, payload_sha256=hashlib.sha256(record.payload).hexdigest())
+    return dataclasses.replace(record, format_version=1, payload_checksum=None,
+                               payload_sha256=hashlib.sha256(record.payload).hexdigest())
 
 
 def _rewrite_header(payload: bytes, edit) -> bytes:
@@ -109,7 +110,8 @@ def test_chunked_checksum_catches_damage_in_any_chunk():
         bad[i] ^= 0x01
         assert not checksum_matches(bytes(bad), stored), i
     assert not checksum_matches(data + b"x", stored) and not checksum_matches(data[:-1] + b"", stored[:-9])
-    for malformed in ("", "sha256:abc", stored.replace("crc32/65536", "crc32/1"), stored.upper(), stored + ",", "crc32/65536:zz"):
+    for malformed in ("", "sha256:abc", stored.replace("crc32/65536", "crc32/1"), stored.upper(), stored + ",",
+                      "crc32/65536:zz"):
         assert not checksum_matches(data, malformed), malformed
 
 
@@ -118,7 +120,8 @@ def test_format_1_records_still_load_and_are_still_checked(made, tmp_path):
     for mode, record in records.items():
         old = _as_format_1(record)
         want, got = restore(record, decoder, fp), restore(old, decoder, fp)
-        assert all(torch.equal(a, b) for x, y in zip(want.layers, got.layers) for a, b in zip(x, y)), mode
+        assert all(torch.equal(a, b) for x, y in zip(want.layers, got.layers, strict=True)
+                   for a, b in zip(x, y, strict=True)), mode
         flipped = bytearray(old.payload)
         flipped[-3] ^= 0x10
         with pytest.raises(CacheRecordError, match="checksum"):
@@ -145,7 +148,8 @@ def test_format_1_records_still_load_and_are_still_checked(made, tmp_path):
 
 
 def test_position_rule_is_checked(made):
-    """A record says where the next token goes on; an unknown rule, or one the loaded module does not follow, is refused."""
+    """A record says where the next token goes on; an unknown rule, or one the loaded module does not follow, is
+    refused."""
     decoder, fp, records = made
     for record in records.values():
         assert record.position_rule == "shift"

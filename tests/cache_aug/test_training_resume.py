@@ -58,7 +58,8 @@ def test_lr_factor_warmup_then_cosine_to_ten_percent():
 
 
 def test_too_little_text_is_refused_not_looped_over():
-    """Fewer packed blocks than one batch used to make iterate_batches spin forever; no held-out block divided by zero."""
+    """Fewer packed blocks than one batch used to make iterate_batches spin forever; no held-out block divided by
+    zero."""
     blocks = pack_blocks([[5, 6, 7]] * 3, seq_len=8, eos_id=0)  # 12 tokens: 1 block
     assert blocks.shape == (1, 8)
     with pytest.raises(ValueError, match="1 packed blocks of 8 tokens, fewer than one batch of 4"):

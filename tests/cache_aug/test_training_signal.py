@@ -24,7 +24,8 @@ def test_short_training_lowers_heldout_ahead_loss(tiny_default_dir):
     module = build_latent_module(decoder, CoprocessorConfig(mode="full"), aug.n_latents)
 
     before = evaluate(decoder, module, heldout, aug)
-    losses = train_local(decoder, module, iterate_batches(train, 4, seed=0), aug, steps=60, lr=1e-3, warmup_steps=5, log_every=20)
+    losses = train_local(decoder, module, iterate_batches(train, 4, seed=0), aug, steps=60, lr=1e-3, warmup_steps=5,
+                         log_every=20)
     after = evaluate(decoder, module, heldout, aug)
 
     print(f"held-out ahead loss: none {before.loss_none:.4f} | augmented step 0 {before.loss_augmented:.4f} "

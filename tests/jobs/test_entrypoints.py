@@ -156,7 +156,8 @@ def test_each_entrypoint_is_a_cache_aug_command_with_its_submit_command():
 
 def test_python_m_jobs_runs_from_the_repository_root():
     for module in sorted(ENTRYPOINTS):
-        out = subprocess.run([sys.executable, "-m", f"jobs.{module}", "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
+        out = subprocess.run([sys.executable, "-m", f"jobs.{module}", "--help"], cwd=ROOT, capture_output=True,
+                             text=True, check=False)
         assert out.returncode == 0 and out.stdout.startswith("usage:"), (module, out.stderr)
 
 
@@ -244,7 +245,8 @@ def test_only_jobs_cli_constructs_an_argument_parser():
     files = sorted((ROOT / "jobs").rglob("*.py"))
     assert argument_parsers(ROOT / "jobs" / "cli.py"), "the scanner finds the one definition's parsers"
     found = [hit for p in files if p.name != "cli.py" for hit in argument_parsers(p)]
-    assert not found, "an entrypoint builds its own parser (define the flags once, in jobs/cli.py):\n" + "\n".join(found)
+    assert not found, (
+        "an entrypoint builds its own parser (define the flags once, in jobs/cli.py):\n" + "\n".join(found))
 
 
 def test_the_parser_scanner_sees_every_form(tmp_path):

@@ -18,9 +18,12 @@ from jobs import cli
 
 MAX_AHEAD, N_A, WINDOW = 6, 3, 48
 TEXTS = [
-    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep.",
-    "And God said, Let there be light: and there was light. And God saw the light, that it was good: and God divided the light from the darkness.",
-    "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures: he leadeth me beside the still waters.",
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was "
+    "upon the face of the deep.",
+    "And God said, Let there be light: and there was light. And God saw the light, that it was good: and God divided "
+    "the light from the darkness.",
+    "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures: he leadeth me beside the "
+    "still waters.",
     "short",  # too short for any point: contributes no window
 ]
 
@@ -46,8 +49,8 @@ def _run(setup, out, *extra):
         "eval", "--set", f"model.path={decoder.source}", "--set", f"eval.paths=[{docs}]",
         "--set", f"eval.pause={paths['pause']}", "--set", f"eval.coprocessor={paths['coprocessor']}",
         "--set", f"eval.output={out}", "--set", f"eval.window={WINDOW}", "--set", f"eval.max_ahead={MAX_AHEAD}",
-        "--set", "eval.points_per_window=4", "--set", f"augmentation.n_ahead={N_A}", "--set", "augmentation.min_prefix=4",
-        "--set", "eval.bootstrap_samples=200", *extra,
+        "--set", "eval.points_per_window=4", "--set", f"augmentation.n_ahead={N_A}", "--set",
+        "augmentation.min_prefix=4", "--set", "eval.bootstrap_samples=200", *extra,
     ])
     return json.loads((out / "eval.json").read_text()), json.loads((out / "eval.positions.json").read_text())
 
@@ -99,7 +102,8 @@ def test_reported_losses_are_those_at_the_listed_points(setup, tmp_path):
             cop_sum += reference_loss(decoder, coprocessor, ids, points, MAX_AHEAD).per_position * points.shape[1]
         n += points.shape[1]
     torch.testing.assert_close(none_sum / n, torch.tensor(report["per_position"]["none"]["loss"]), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cop_sum / n, torch.tensor(report["per_position"]["coprocessor"]["loss"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cop_sum / n, torch.tensor(report["per_position"]["coprocessor"]["loss"]), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_points_follow_the_seed(setup, tmp_path):

@@ -71,7 +71,8 @@ def test_library_sections_carry_no_ray_setting():
 
 def test_ray_keys_keep_their_paths():
     cfg = load_job_config(overrides=["train.num_workers=4", "train.zero_stage=2", "corpus.num_actors=3",
-                                     "serve.max_queued_requests=7", "eval.gpus_per_actor=1", "data.preserve_order=false"])
+                                     "serve.max_queued_requests=7", "eval.gpus_per_actor=1",
+                                     "data.preserve_order=false"])
     assert (cfg.train.num_workers, cfg.train.zero_stage, cfg.corpus.num_actors) == (4, 2, 3)
     assert (cfg.serve.max_queued_requests, cfg.eval.gpus_per_actor, cfg.data.preserve_order) == (7, 1.0, False)
     assert load_job_config(yaml.safe_load(dump_config(cfg))) == cfg
@@ -117,10 +118,12 @@ def test_shipped_serve_configs_write_their_sources_out(path):
     raw = yaml.safe_load(path.read_text()) or {}
     if "serve" not in raw:
         return
-    assert {"coprocessor", "cache_prefix", "documents"} <= set(raw["serve"]), "serve.* sources written out, not inherited"
+    assert {"coprocessor", "cache_prefix", "documents"} <= set(raw["serve"]), (
+        "serve.* sources written out, not inherited")
 
 
 def test_import_does_not_pull_heavy_deps():
-    code = "import sys, pipelines.config\nheavy = [m for m in ('ray', 'torch') if m in sys.modules]\nassert not heavy, heavy\n"
+    code = ("import sys, pipelines.config\nheavy = [m for m in ('ray', 'torch') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -40,7 +40,8 @@ KNOWN_FIELDS = {
                        "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions",
                        "upgradeStrategy"},
     "RayJobSpec": {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-                   "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "deletionStrategy", "entrypoint",
+                   "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "deletionStrategy",
+                   "entrypoint",
                    "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
                    "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule"},
     "RayServiceSpec": {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold", "serveService",
@@ -52,7 +53,8 @@ KNOWN_FIELDS = {
     "WorkerGroupSpec": {"groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams",
                         "template", "scaleStrategy", "suspend", "numOfHosts"},
 }
-SECRET_NAME = re.compile(r"(?:^|_)(?:SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIALS?)(?:_|$)", re.I)
+SECRET_NAME = re.compile(r"(?:^|_)(?:SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIALS?)(?:_|$)",
+                         re.I)
 
 
 # --------------------------------------------------------------------------- #
@@ -118,14 +120,18 @@ def test_job_config_loads_and_names_existing_files(path, monkeypatch):
     ds.pop("train_batch_size")
     DeepSpeedConfig(ds)
     bf16 = ds.get("bf16", {}).get("enabled", False)
-    assert bf16 == (cfg.model.dtype == "bfloat16") == cfg.train.use_gpu, "bf16 JSON <=> bfloat16 weights <=> GPU workers"
+    assert bf16 == (cfg.model.dtype == "bfloat16") == cfg.train.use_gpu, (
+        "bf16 JSON <=> bfloat16 weights <=> GPU workers")
 
 
-@pytest.mark.parametrize("path", [p for p in JOB_CONFIGS if "python -m jobs.augment" in _header(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in JOB_CONFIGS if "python -m jobs.augment" in _header(p)],
+                         ids=lambda p: p.name)
 def test_corpus_config_uses_a_coprocessor_trained_for_its_decoder(path):
     cfg = load_job_config(path)
-    trainers = {_export_path(t): t for t in (load_job_config(p) for p in JOB_CONFIGS if "python -m jobs.train" in _header(p))}
-    assert cfg.corpus.coprocessor in trainers, f"corpus.coprocessor is no shipped training config's export: {sorted(trainers)}"
+    trainers = {_export_path(t): t
+                for t in (load_job_config(p) for p in JOB_CONFIGS if "python -m jobs.train" in _header(p))}
+    assert cfg.corpus.coprocessor in trainers, (
+        f"corpus.coprocessor is no shipped training config's export: {sorted(trainers)}")
     trained = trainers[cfg.corpus.coprocessor]
     assert (cfg.model.path, cfg.model.dtype) == (trained.model.path, trained.model.dtype)
     assert cfg.augmentation.n_latents == trained.augmentation.n_latents
@@ -154,9 +160,11 @@ def test_cluster_launcher_yaml_passes_ray_up_validation(path):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load(path.read_text())
-    validate_config(prepare_config(raw))  # what `ray up` runs before it contacts the cloud: ray-schema.json + node types
+    # what `ray up` runs before it contacts the cloud: ray-schema.json + node types
+    validate_config(prepare_config(raw))
     starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
-    assert len(starts) >= 2 and all("RAY_AUTH_MODE=token" in c for c in starts), "every `ray start` runs with token auth"
+    assert len(starts) >= 2 and all("RAY_AUTH_MODE=token" in c for c in starts), (
+        "every `ray start` runs with token auth")
     assert "~/.ray/auth_token" in raw["file_mounts"], "the token reaches every node"
     assert not any("0.0.0.0" in c for c in starts), "the dashboard/job API stays off public interfaces"
     docker = raw.get("docker", {})
@@ -164,7 +172,8 @@ def test_cluster_launcher_yaml_passes_ray_up_validation(path):
         if image:
             version = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)(-\S+)?", image)
             assert version and version.group(1) in _pinned_ray(), image
-    setup = " ".join(sum((raw.get(k, []) for k in ("setup_commands", "head_setup_commands", "worker_setup_commands")), []))
+    setup = " ".join(sum((raw.get(k, []) for k in ("setup_commands", "head_setup_commands", "worker_setup_commands")),
+                         []))
     assert re.search(r"torch==\S+ --index-url", setup), "torch from the index matching the node, never plain PyPI's"
     assert re.search(r"cache-aug @ git\+\S+@\S+", setup), "the project installs at a pinned ref"
 
@@ -189,7 +198,8 @@ def _kube_docs(path: Path) -> list[dict]:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     for d in list(docs):
         if d.get("kind") == "ConfigMap":
-            docs += [e for v in d.get("data", {}).values() for e in yaml.safe_load_all(v) if isinstance(e, dict) and "kind" in e]
+            docs += [e for v in d.get("data", {}).values() for e in yaml.safe_load_all(v)
+                     if isinstance(e, dict) and "kind" in e]
     return docs
 
 
@@ -281,21 +291,24 @@ def _check_cluster_spec(cs: dict, image: str, workdir: str) -> None:
     from packaging.version import Version
 
     assert not _unknown(cs, "RayClusterSpec"), _unknown(cs, "RayClusterSpec")
-    assert Version(cs["rayVersion"]) in _pinned_ray(), f"rayVersion {cs['rayVersion']} is outside the pinned {_pinned_ray()}"
+    assert Version(cs["rayVersion"]) in _pinned_ray(), (
+        f"rayVersion {cs['rayVersion']} is outside the pinned {_pinned_ray()}")
     assert cs["rayVersion"] == _dockerfile()[0], "rayVersion is the Ray of the image"
     assert cs.get("authOptions", {}).get("mode") == "token", "token auth on every Ray cluster"
     assert not _unknown(cs["headGroupSpec"], "HeadGroupSpec"), _unknown(cs["headGroupSpec"], "HeadGroupSpec")
     pods = [cs["headGroupSpec"]["template"]]
     for group in cs.get("workerGroupSpecs", []):
         assert not _unknown(group, "WorkerGroupSpec"), _unknown(group, "WorkerGroupSpec")
-        assert group.get("minReplicas", 0) <= group.get("replicas", 0) <= group.get("maxReplicas", 2**31), group["groupName"]
+        assert group.get("minReplicas", 0) <= group.get("replicas", 0) <= group.get("maxReplicas", 2**31), (
+            group["groupName"])
         pods.append(group["template"])
     for pod in pods:
         for c in pod["spec"]["containers"]:
             assert c["image"] == image, f"{c['name']}: {c['image']} is not the project image {image}"
             assert c.get("workingDir") == workdir, f"{c['name']}: workingDir is not the image's checkout {workdir}"
             res = c.get("resources", {})
-            assert res.get("limits", {}).get("nvidia.com/gpu") == res.get("requests", {}).get("nvidia.com/gpu"), c["name"]
+            assert res.get("limits", {}).get("nvidia.com/gpu") == res.get("requests", {}).get("nvidia.com/gpu"), (
+                c["name"])
 
 
 @pytest.mark.parametrize("path", KUBE_MANIFESTS, ids=lambda p: p.name)
@@ -358,16 +371,19 @@ def test_lock_pins_every_requirement_within_its_range():
                 continue
             name = canonicalize_name(req.name)
             assert name in pins, f"{req.name} ({extra or 'dependencies'}) is not in {LOCK.name}: run bash .ci/lock"
-            assert req.specifier.contains(pins[name], prereleases=True), f"{LOCK.name} pins {req.name}=={pins[name]}, outside {req}"
+            assert req.specifier.contains(pins[name], prereleases=True), (
+                f"{LOCK.name} pins {req.name}=={pins[name]}, outside {req}")
     for name in ("torch", "transformers", "ray", "deepspeed"):  # what the code reaches inside of: below the next minor
         req = next(Requirement(r) for r in project["dependencies"] if canonicalize_name(Requirement(r).name) == name)
         major, minor = (int(x) for x in pins[name].split(".")[:2])
-        assert not req.specifier.contains(f"{major}.{minor + 1}.0", prereleases=True), f"{req}: admits the untested {major}.{minor + 1}"
+        assert not req.specifier.contains(f"{major}.{minor + 1}.0", prereleases=True), (
+            f"{req}: admits the untested {major}.{minor + 1}")
 
 
 def test_installs_go_through_the_lock():
     for path in (ROOT / ".ci" / "run", ROOT / "README.md", DOCKERFILE):
-        installs = [line for line in path.read_text().splitlines() if re.search(r"pip install .*(-e |\.\[|\s\.$)", line)]
+        installs = [line for line in path.read_text().splitlines()
+                    if re.search(r"pip install .*(-e |\.\[|\s\.$)", line)]
         assert installs, f"{path.name}: no install of the project found"
         for line in installs:
             assert "-c cluster/constraints.txt" in line, f"{path.name}: installs without the lock: {line.strip()}"
@@ -408,7 +424,8 @@ def _values(obj):
             pass
 
 
-@pytest.mark.parametrize("path", sorted(p for p in CLUSTER.rglob("*") if p.is_file()), ids=lambda p: str(p.relative_to(CLUSTER)))
+@pytest.mark.parametrize("path", sorted(p for p in CLUSTER.rglob("*") if p.is_file()),
+                         ids=lambda p: str(p.relative_to(CLUSTER)))
 def test_cluster_file_is_checked_documented_and_free_of_credentials(path):
     assert _covered_by(path), "no test checks this file: add one"
     text = path.read_text()
@@ -416,7 +433,8 @@ def test_cluster_file_is_checked_documented_and_free_of_credentials(path):
         assert json.loads(text).get("_comment"), "JSON has no comments: a _comment says how it is used"
         return
     header = _header(path)
-    assert re.search(r"^#\s+(kubectl|ray|serve|docker|.*\bpip install) ", header, re.M), "the header comment shows the command that uses it"
+    assert re.search(r"^#\s+(kubectl|ray|serve|docker|.*\bpip install) ", header, re.M), (
+        "the header comment shows the command that uses it")
     assert not re.search(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY", text), "a credential is committed"
     if path == DOCKERFILE:
         names = re.findall(r"^(?:ENV|ARG)\s+([A-Za-z_][A-Za-z0-9_]*)", text, re.M)

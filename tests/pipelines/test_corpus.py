@@ -60,7 +60,8 @@ def setup(s3_server, tiny_default_dir, tmp_path_factory):
 
 def _cfg(setup, output, inputs="s3://corpus-in/v1/", **corpus):
     overrides = {
-        "model.path": str(setup["dir"]), "augmentation.n_latents": 2, "storage.mode": "latent_kv", "storage.dtype": "float32",
+        "model.path": str(setup["dir"]), "augmentation.n_latents": 2, "storage.mode": "latent_kv",
+        "storage.dtype": "float32",
         "corpus.input_paths": f"[{inputs}]", "corpus.output": output, "corpus.coprocessor": "s3://models/cop",
         "corpus.max_tokens": 400, "corpus.batch_size": 32, "corpus.augment_batch_size": 8, "corpus.index_buckets": 8,
         "corpus.max_rows_per_file": 50,
@@ -112,7 +113,7 @@ def test_incremental_runs_with_exact_accounting(setup):
     a = list(decode_steps(decoder, stored, prompt, max_new_tokens=8, stop_token_ids=[]))
     b = list(decode_steps(decoder, fresh, prompt, max_new_tokens=8, stop_token_ids=[]))
     assert [t for t, _ in a] == [t for t, _ in b]
-    for (_, la), (_, lb) in zip(a, b):
+    for (_, la), (_, lb) in zip(a, b, strict=True):
         torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)  # batched with padding vs alone
 
     before = reader.get(good[50][0])
@@ -142,7 +143,8 @@ def test_actor_refuses_models_other_than_the_drivers(setup):
     cfg = _cfg(setup, "s3://caches/never")
     with pytest.raises(RuntimeError, match="changed during the run.*fingerprint deadbeef"):
         Augmenter(to_dict(cfg), "s3://models/cop", fingerprint="deadbeef")
-    fingerprint = latent_fingerprint(setup["decoder"], load_latent_module("s3://models/cop", setup["decoder"], fsspec_options(cfg.s3)))
+    fingerprint = latent_fingerprint(setup["decoder"],
+                                     load_latent_module("s3://models/cop", setup["decoder"], fsspec_options(cfg.s3)))
     assert Augmenter(to_dict(cfg), "s3://models/cop", fingerprint=fingerprint).fingerprint == fingerprint
 
 

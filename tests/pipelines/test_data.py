@@ -68,9 +68,12 @@ def test_unusable_rows_are_skipped_and_counted_a_non_text_column_fails(tiny_defa
     tok = AutoTokenizer.from_pretrained(tiny_default_dir)
     fn = TokenizeAndPack(tok, 8, column="body")
     good = DOCS[:10]
-    batch = {"text": np.asarray(good[:5] + [None, "", float("nan"), b"\xff\xfe bad", good[5].encode()] + good[6:], dtype=object)}
-    assert np.array_equal(fn(batch)["input_ids"], _expected_blocks(tok, good, 8))  # bytes are text; the rest is left out
-    assert "skipped 4 of 14 documents of a batch: 1 empty text, 2 null text, 1 text is not valid UTF-8" in capsys.readouterr().out
+    batch = {"text": np.asarray(good[:5] + [None, "", float("nan"), b"\xff\xfe bad", good[5].encode()] + good[6:],
+                                dtype=object)}
+    # bytes are text; the rest is left out
+    assert np.array_equal(fn(batch)["input_ids"], _expected_blocks(tok, good, 8))
+    assert ("skipped 4 of 14 documents of a batch: 1 empty text, 2 null text, 1 text is not valid UTF-8"
+            in capsys.readouterr().out)
     for wrong in (7, [1, 2]):
         with pytest.raises(ValueError, match=f"column 'body' holds a {type(wrong).__name__}.*not text"):
             fn({"text": np.asarray(["fine", wrong], dtype=object)})

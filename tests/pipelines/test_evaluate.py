@@ -35,7 +35,8 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
     decoder = load_decoder(ModelConfig(path=str(tiny_default_dir)))
     torch.manual_seed(0)
     for name, mode in (("pause", "pause"), ("coprocessor", "full")):
-        save_latent_module(build_latent_module(decoder, CoprocessorConfig(mode=mode), n_latents=2), decoder, tmp_path / name)
+        save_latent_module(build_latent_module(decoder, CoprocessorConfig(mode=mode), n_latents=2), decoder,
+                           tmp_path / name)
     texts = [*TEXTS, None, ""]  # no usable text: both paths leave them out and count them
     table = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts})
     pq.write_table(table, tmp_path / "heldout.parquet")
@@ -45,7 +46,8 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
     pq.write_table(table, buf)
     client.put_object(Bucket="eval-docs", Key="heldout/part-0.parquet", Body=buf.getvalue())
 
-    common = [f"model.path={tiny_default_dir}", f"eval.pause={tmp_path / 'pause'}", f"eval.coprocessor={tmp_path / 'coprocessor'}",
+    common = [f"model.path={tiny_default_dir}", f"eval.pause={tmp_path / 'pause'}",
+              f"eval.coprocessor={tmp_path / 'coprocessor'}",
               "eval.window=32", "eval.max_ahead=5", "eval.points_per_window=3", "augmentation.n_ahead=3",
               "augmentation.min_prefix=4", "eval.bootstrap_samples=100", "eval.docs_per_batch=2"]
     local = run_eval(load_job_config(None, overrides=[*common, f"eval.paths=[{tmp_path / 'heldout.parquet'}]",
@@ -80,7 +82,8 @@ def test_ray_eval_equals_local(s3_server, tiny_default_dir, tmp_path):
 
 def test_first_documents_are_chosen_past_unusable_rows_and_duplicates_refused(s3_server, tmp_path):
     """eval.max_documents picks the first usable documents in id order; rows without text are counted, not a crash."""
-    pq.write_table(pa.table({"doc_id": ["c", "a", "b", "d"], "text": [TEXTS[0], None, TEXTS[1], ""]}), tmp_path / "docs.parquet")
+    pq.write_table(pa.table({"doc_id": ["c", "a", "b", "d"], "text": [TEXTS[0], None, TEXTS[1], ""]}),
+                   tmp_path / "docs.parquet")
     cfg = load_job_config(None, overrides=[f"eval.paths=[{tmp_path / 'docs.parquet'}]", "eval.max_documents=1"])
     documents, skipped = _read_documents(cfg)
     assert [r["doc_id"] for r in documents.take_all()] == ["b"]

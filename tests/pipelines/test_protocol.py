@@ -61,7 +61,8 @@ def req(tok, body, **cfg):
     ({"prompt": "x", "document_id": "x" * 257}, 400, "document_id"),
     ({"prompt": "x", "document_id": 7}, 400, "document_id"),
     ({"prompt": "x", "document": "text"}, 400, "document"),
-    ({"prompt": "x", "seed": 2**63}, 400, "seed"),  # seeds are in [0, 2^63): past 2^64 torch.Generator.manual_seed overflows
+    # seeds are in [0, 2^63): past 2^64 torch.Generator.manual_seed overflows
+    ({"prompt": "x", "seed": 2**63}, 400, "seed"),
     ({"prompt": "x", "seed": 2**70}, 400, "seed"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "seed": 1.5}, 400, "seed"),
@@ -80,7 +81,8 @@ def test_bad_requests_are_refused_naming_the_field(tok, body, status, param):
 
 
 def test_lone_surrogates_are_named_in_the_refusal(tok):
-    for body, param in [({"prompt": "ab\ud800cd"}, "prompt"), ({"prompt": "x", "document_id": "d", "document": "t\ud800"}, "document"),
+    for body, param in [({"prompt": "ab\ud800cd"}, "prompt"),
+                        ({"prompt": "x", "document_id": "d", "document": "t\ud800"}, "document"),
                         ({"prompt": "x", "stop": ["\ud800"]}, "stop")]:
         with pytest.raises(RequestError, match=f"{param} is not valid Unicode: lone surrogate"):
             req(tok, body)
@@ -103,9 +105,11 @@ def test_bodies_that_are_not_json_are_refused_with_400(raw):
 
 def test_good_request_fields(tok):
     r = req(tok, {"model": "cache-aug", "prompt": ["hello"], "max_tokens": 5, "temperature": 0, "stop": "\n", "seed": 3,
-                  "document_id": "Ge 20", "stream": True, "stream_options": {"include_usage": True}, "user": "u", "n": 1})
+                  "document_id": "Ge 20", "stream": True, "stream_options": {"include_usage": True}, "user": "u",
+                  "n": 1})
     assert r.prompt_ids == tok.encode("hello", add_special_tokens=False)
-    assert (r.max_tokens, r.stop, r.seed, r.document_id, r.stream, r.include_usage) == (5, ["\n"], 3, "Ge 20", True, True)
+    assert (r.max_tokens, r.stop, r.seed, r.document_id, r.stream,
+            r.include_usage) == (5, ["\n"], 3, "Ge 20", True, True)
     assert req(tok, {"prompt": "x"}).max_tokens == ServeConfig().default_max_tokens
 
 
@@ -160,7 +164,8 @@ def test_engine_refusals_get_their_http_status():
     assert e.message == ("document 'zz': no cache store configured and its text is unknown, and the prompt is empty: "
                          "nothing to continue")
     e = http_error(refusals["long"])
-    assert (e.status, e.param, e.code, e.message) == (400, "document", None, "document has 41 tokens, more than the limit of 40")
+    assert (e.status, e.param, e.code, e.message) == (400, "document", None,
+                                                      "document has 41 tokens, more than the limit of 40")
     e = http_error(RequestRefused("no", "prompt"))  # a refusal of no kind of its own: a plain 400
     assert (e.status, e.param, e.code, e.message) == (400, "prompt", None, "no")
     mine = RequestError(413, "too big")

@@ -66,18 +66,22 @@ def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_pat
     pq.write_table(docs, work / "in" / "docs.parquet")
     common = [f"--set=model.path={tiny_default_dir}", "--set=augmentation.n_latents=4"]
     runtime_env = json.dumps({"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token"}})
-    submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", runtime_env, "--no-wait"]
+    submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", runtime_env,
+              "--no-wait"]
 
     train_id = f"train-{int(time.time())}"
-    _submit(submit + ["--submission-id", train_id, "--", "python", "-m", "jobs.train", "--config", "jobs/configs/tiny_cpu.yaml",
-                   *common, f"--set=train.storage_path={work / 'train'}", "--set=train.run_name=cli", "--debug-steps", "4"], env)
+    _submit(submit + ["--submission-id", train_id, "--", "python", "-m", "jobs.train", "--config",
+                      "jobs/configs/tiny_cpu.yaml",
+                   *common, f"--set=train.storage_path={work / 'train'}", "--set=train.run_name=cli", "--debug-steps",
+                   "4"], env)
     logs = _wait_job(train_id, env, address)
     assert "[train] exported coprocessor" in logs
     export = work / "train" / "cli" / "export"
     assert (export / "latents.json").exists()
 
     augment_id = f"augment-{int(time.time())}"
-    _submit(submit + ["--submission-id", augment_id, "--", "python", "-m", "jobs.augment", "--config", "jobs/configs/augment_tiny.yaml",
+    _submit(submit + ["--submission-id", augment_id, "--", "python", "-m", "jobs.augment", "--config",
+                      "jobs/configs/augment_tiny.yaml",
                    *common, f"--set=corpus.input_paths=[{work / 'in'}]", f"--set=corpus.output={work / 'caches'}",
                    f"--set=corpus.coprocessor={export}", "--set=corpus.truncate=true"], env)
     logs = _wait_job(augment_id, env, address)
@@ -97,14 +101,17 @@ def test_train_augment_serve_through_the_ray_cli(head, tiny_default_dir, tmp_pat
     except TimeoutError as e:
         pytest.fail(str(e))
     doc_id = docs.column("doc_id")[0].as_py()
-    r = requests.post(f"{url}/v1/completions", json={"model": "cache-aug", "prompt": " And", "max_tokens": 8, "temperature": 0,
+    r = requests.post(f"{url}/v1/completions",
+                      json={"model": "cache-aug", "prompt": " And", "max_tokens": 8, "temperature": 0,
                                                      "document_id": doc_id}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["cache_aug"]["source"] == "stored" and len(r.json()["cache_aug"]["token_ids"]) >= 1
     # the same request streamed through the ingress: server-sent events that join to the same text
     pieces = []
-    with requests.post(f"{url}/v1/completions", json={"model": "cache-aug", "prompt": " And", "max_tokens": 8, "temperature": 0,
-                                                      "document_id": doc_id, "stream": True}, stream=True, timeout=120) as s:
+    with requests.post(f"{url}/v1/completions",
+                       json={"model": "cache-aug", "prompt": " And", "max_tokens": 8, "temperature": 0,
+                                                      "document_id": doc_id, "stream": True}, stream=True,
+                       timeout=120) as s:
         assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in s.iter_lines() if line.startswith(b"data: ")]
     assert lines[-1] == b"data: [DONE]"

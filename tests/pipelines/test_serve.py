@@ -40,7 +40,8 @@ def served(s3_server, tiny_default_dir, tmp_path_factory):
     from ray import serve
 
     decoder, module, cfg0 = upload_fresh_coprocessor(s3_server["client"], ("serve-in", "serve-caches", "serve-models"),
-                                                     tiny_default_dir, "s3://serve-models/cop", tmp_path_factory.mktemp("cop"))
+                                                     tiny_default_dir, "s3://serve-models/cop",
+                                                     tmp_path_factory.mktemp("cop"))
 
     rows = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").slice(0, 8).to_pylist()
     docs = {r["doc_id"]: r["text"][:300] for r in rows}
@@ -72,8 +73,8 @@ def deploy(served, mode: str, *extra: str, env: dict | None = None) -> str:
 
     from pipelines.serve import CompletionServer
 
-    over = served["base"] | {"serve.cache_prefix": f"s3://serve-caches/{mode}", "serve.max_tokens": 32, "serve.max_prompt_tokens": 64,
-                             "serve.max_request_bytes": 4096}
+    over = served["base"] | {"serve.cache_prefix": f"s3://serve-caches/{mode}", "serve.max_tokens": 32,
+                             "serve.max_prompt_tokens": 64, "serve.max_request_bytes": 4096}
     cfg = load_job_config(None, overrides=[f"{k}={v}" for k, v in over.items()] + list(extra))
     dep = CompletionServer.options(ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env or {}}})
     serve.run(dep.bind(to_dict(cfg)), name="cache-aug", route_prefix="/")
@@ -92,7 +93,8 @@ def offline(served, mode: str, doc_id: str, prompt_ids: list[int], n: int) -> li
 
 def ask(client: OpenAI, doc_id: str | None, prompt: str = PROMPT, n: int = 12, **extra):
     body = {"document_id": doc_id} if doc_id else {}
-    return client.completions.create(model="cache-aug", prompt=prompt, max_tokens=n, temperature=0, extra_body=body | extra)
+    return client.completions.create(model="cache-aug", prompt=prompt, max_tokens=n, temperature=0,
+                                     extra_body=body | extra)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -109,8 +111,8 @@ def test_stored_cache_answers_equal_offline_decoding(served, mode):
         assert r.choices[0].text == tok.decode([t for t in want if t != tok.eos_token_id], skip_special_tokens=True)
         assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.completion_tokens == len(want)
         # the same answer streamed through the same client
-        chunks = list(client.completions.create(model="cache-aug", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
-                                                extra_body={"document_id": doc_id}))
+        chunks = list(client.completions.create(model="cache-aug", prompt=PROMPT, max_tokens=12, temperature=0,
+                                                stream=True, extra_body={"document_id": doc_id}))
         assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
         assert chunks[0].model_extra["cache_aug"]["source"] == "stored"
         assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason

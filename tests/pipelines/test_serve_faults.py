@@ -63,7 +63,8 @@ def site(s3_server, tiny_default_dir, tmp_path_factory):
     from ray import serve
 
     client = s3_server["client"]
-    decoder, module, cfg0 = upload_fresh_coprocessor(client, ("faults-in", "faults-caches", "faults-models"), tiny_default_dir,
+    decoder, module, cfg0 = upload_fresh_coprocessor(client, ("faults-in", "faults-caches", "faults-models"),
+                                                     tiny_default_dir,
                                                      "s3://faults-models/cop", tmp_path_factory.mktemp("cop"))
 
     rows = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").slice(20, 6).to_pylist()
@@ -72,10 +73,12 @@ def site(s3_server, tiny_default_dir, tmp_path_factory):
     fs = s3_filesystem(cfg0.s3)
     with fs.open_output_stream("faults-in/docs/part-0.parquet") as f:
         pq.write_table(pa.table({"doc_id": list(stored), "text": list(stored.values())}), f)
-    base = {"model.path": str(tiny_default_dir), "augmentation.n_latents": 2, "storage.dtype": "bfloat16", "storage.mode": "latent_kv",
+    base = {"model.path": str(tiny_default_dir), "augmentation.n_latents": 2, "storage.dtype": "bfloat16",
+            "storage.mode": "latent_kv",
             "corpus.input_paths": "[s3://faults-in/docs/]", "corpus.coprocessor": "s3://faults-models/cop",
             "corpus.output": "s3://faults-caches/latent_kv", "corpus.index_buckets": BUCKETS, "corpus.max_tokens": 512}
-    assert run_corpus_job(load_job_config(None, overrides=[f"{k}={v}" for k, v in base.items()]))["counts"]["written"] == len(stored)
+    assert run_corpus_job(load_job_config(None, overrides=[f"{k}={v}" for k, v in base.items()]))["counts"][
+        "written"] == len(stored)
     with fs.open_output_stream("faults-in/docs/part-1.parquet") as f:
         pq.write_table(pa.table({"doc_id": list(late), "text": list(late.values())}), f)
 
@@ -84,7 +87,8 @@ def site(s3_server, tiny_default_dir, tmp_path_factory):
     reader = AugmentedCacheReader(fs, "faults-caches/latent_kv", BUCKETS)
     want = {d: generate(decoder, restore(reader.get(d), decoder, fp), prompt_ids, max_new_tokens=N) for d in stored}
     for d, text in late.items():
-        want[d] = generate(decoder, augment(decoder, module, [tok.encode(text, add_special_tokens=False)])[0], prompt_ids, max_new_tokens=N)
+        want[d] = generate(decoder, augment(decoder, module, [tok.encode(text, add_special_tokens=False)])[0],
+                           prompt_ids, max_new_tokens=N)
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -137,7 +141,8 @@ def burst(fn, n: int, timeout: float) -> list:
 
 
 def test_limits_hold_under_concurrency(site):
-    """413 (declared and chunked bodies), 400 for max_tokens / prompt / document over their caps, mixed with good requests."""
+    """413 (declared and chunked bodies), 400 for max_tokens / prompt / document over their caps, mixed with good
+    requests."""
     url = deploy(site)
     doc = list(site["stored"])[0]
     post = lambda **kw: requests.post(f"{url}/v1/completions", timeout=60, **kw)  # noqa: E731
@@ -152,7 +157,7 @@ def test_limits_hold_under_concurrency(site):
         ("prompt over cap", lambda: post(json=body(doc, prompt=" the" * 200)), 400),
     ]
     results = burst(lambda i: cases[i % len(cases)][0:1] + (cases[i % len(cases)][1](),), 3 * len(cases), timeout=90)
-    for (name, r), (_, _, status) in zip(results, cases * 3):
+    for (name, r), (_, _, status) in zip(results, cases * 3, strict=True):
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         if status == 200:
             assert r.json()["cache_aug"]["token_ids"] == site["want"][doc]

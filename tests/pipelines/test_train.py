@@ -57,7 +57,8 @@ def _cfg(tiny_default_dir, corpus, run_name, storage, **train):
 
 def test_end_to_end_s3_checkpoint_resume_and_export(tiny_default_dir, corpus_bucket, s3_server, tmp_path):
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    cfg = _cfg(tiny_default_dir, corpus_bucket, name, "s3://runs/train", zero_stage=2, max_steps=3, checkpoint_every=3, eval_every=3)
+    cfg = _cfg(tiny_default_dir, corpus_bucket, name, "s3://runs/train", zero_stage=2, max_steps=3, checkpoint_every=3,
+               eval_every=3)
     first = run_training(cfg)
     assert first.metrics["step"] == 3 and first.metrics["resumed_from_step"] == 0
     assert first.metrics["eval_targets"] > 0 and first.metrics["tokens_per_s"] > 0
@@ -65,7 +66,8 @@ def test_end_to_end_s3_checkpoint_resume_and_export(tiny_default_dir, corpus_buc
     assert any(k.endswith("/ckpt/mp_rank_00_model_states.pt") for k in keys), keys
     assert sum("optim_states" in k for k in keys) == 2  # one ZeRO shard per rank
 
-    second = run_training(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5, checkpoint_every=5, eval_every=5)))
+    second = run_training(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5, checkpoint_every=5,
+                                                                             eval_every=5)))
     assert second.metrics["resumed_from_step"] == 3
     assert second.metrics["step"] == 5
 
@@ -85,7 +87,8 @@ def test_zero_stages_give_the_same_loss(stages, tiny_default_dir, corpus_bucket,
     -m slow: the default suite holds ZeRO-3 == ZeRO-0 for the kv channel, and runs stage 2 end to end)."""
     losses = {}
     for stage in stages:
-        cfg = _cfg(tiny_default_dir, corpus_bucket, f"zero{stage}", str(tmp_path), zero_stage=stage, max_steps=2, checkpoint_every=2, eval_every=2)
+        cfg = _cfg(tiny_default_dir, corpus_bucket, f"zero{stage}", str(tmp_path), zero_stage=stage, max_steps=2,
+                   checkpoint_every=2, eval_every=2)
         result = run_training(cfg)
         assert result.metrics["step"] == 2
         losses[stage] = result.metrics["loss"]
@@ -97,15 +100,18 @@ def test_zero_stages_give_the_same_loss(stages, tiny_default_dir, corpus_bucket,
 def test_worker_failure_restarts_from_checkpoint(tiny_default_dir, corpus_bucket, tmp_path):
     """LoRA run killed at step 2: restarted from the step-1 checkpoint, which holds only the trainable weights."""
     marker = tmp_path / "failed-once"
-    cfg = _cfg(tiny_default_dir, corpus_bucket, "faulty", str(tmp_path), zero_stage=2, max_steps=3, checkpoint_every=1, eval_every=3, max_failures=1)
+    cfg = _cfg(tiny_default_dir, corpus_bucket, "faulty", str(tmp_path), zero_stage=2, max_steps=3, checkpoint_every=1,
+               eval_every=3, max_failures=1)
     cfg = dataclasses.replace(cfg, coprocessor=dataclasses.replace(cfg.coprocessor, mode="lora", lora_rank=4))
     result = run_training(cfg, worker_env={FAIL_ONCE_ENV: f"2:{marker}"})
     assert marker.read_text() == "failed at step 2\n"  # the failure really happened
     assert result.metrics["step"] == 3
     assert result.metrics["resumed_from_step"] == 1  # restarted from the step-1 checkpoint, not from scratch
-    states = torch.load(next(tmp_path.glob("faulty/checkpoint_*/ckpt/mp_rank_00_model_states.pt")), weights_only=False)["module"]
+    states = torch.load(next(tmp_path.glob("faulty/checkpoint_*/ckpt/mp_rank_00_model_states.pt")),
+                        weights_only=False)["module"]
     assert states and all("lora_" in k or k == "soft_tokens" for k in states), sorted(states)[:5]
-    exported = load_latent_module(str(tmp_path / "faulty" / "export"), load_decoder(ModelConfig(path=str(tiny_default_dir))))
+    exported = load_latent_module(str(tmp_path / "faulty" / "export"),
+                                  load_decoder(ModelConfig(path=str(tiny_default_dir))))
     assert exported.mode == "lora"
 
 
@@ -115,8 +121,10 @@ def test_kv_channel_under_zero3_equals_zero0_and_exports(tiny_default_dir, corpu
     exported module writes KV."""
     losses = {}
     for stage in (0, 3):
-        cfg = _cfg(tiny_default_dir, corpus_bucket, f"kv{stage}", str(tmp_path), zero_stage=stage, max_steps=2, checkpoint_every=2, eval_every=2)
-        cfg = dataclasses.replace(cfg, coprocessor=dataclasses.replace(cfg.coprocessor, first_ahead_from="last_token", latent_channel="kv"))
+        cfg = _cfg(tiny_default_dir, corpus_bucket, f"kv{stage}", str(tmp_path), zero_stage=stage, max_steps=2,
+                   checkpoint_every=2, eval_every=2)
+        cfg = dataclasses.replace(cfg, coprocessor=dataclasses.replace(cfg.coprocessor, first_ahead_from="last_token",
+                                                                       latent_channel="kv"))
         losses[stage] = run_training(cfg).metrics["loss"]
     assert losses[3] == pytest.approx(losses[0], rel=1e-4)
     decoder = load_decoder(ModelConfig(path=str(tiny_default_dir)))
@@ -130,7 +138,9 @@ def test_too_little_text_fails_naming_it_instead_of_looping(tiny_default_dir, tm
     """A shard that makes no micro-batch used to restart its empty pass forever; now the run fails and says why."""
     for split in ("train", "heldout"):
         (tmp_path / "tiny" / split).mkdir(parents=True)
-        pq.write_table(pa.table({"text": ["In the beginning God created the heaven", None]}), tmp_path / "tiny" / split / "part-0.parquet")
-    cfg = _cfg(tiny_default_dir, str(tmp_path / "tiny"), "starved", str(tmp_path / "runs"), zero_stage=0, max_steps=2, max_failures=0)
+        pq.write_table(pa.table({"text": ["In the beginning God created the heaven", None]}),
+                       tmp_path / "tiny" / split / "part-0.parquet")
+    cfg = _cfg(tiny_default_dir, str(tmp_path / "tiny"), "starved", str(tmp_path / "runs"), zero_stage=0, max_steps=2,
+               max_failures=0)
     with pytest.raises(Exception, match="gave no batch of 2 blocks of 64 tokens in a whole pass"):
         run_training(cfg)

@@ -1,5 +1,7 @@
 """cache-aug: differentiable cache augmentation for frozen LLMs (plain torch + transformers, no Ray).
 
-Modules: config, decoder, coprocessor, masks, passes, augment, losses, records, fingerprint, engine, lru,
-document_texts, training, corpus, tiny. See README.md (the `cache-aug` command is jobs/cli.py).
+Modules: the method (layout, masks, passes, losses, augment, kv, coprocessor, architecture), its models (decoder,
+gguf_checkpoint, tiny, corpus), its storage (records, store, fingerprint), serving (engine, lru, document_texts),
+training and evaluation (training, evaluate, sweep, arithmetic), configs (config, model_config, stage_config,
+typed_config) and helpers (paths, dtypes, documents, testing). See README.md; the `cache-aug` command is jobs/cli.py.
 """

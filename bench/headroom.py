@@ -26,7 +26,8 @@ import torch
 
 from bench.results_io import write_result
 from cache_aug.decoder import Decoder, load_decoder
-from cache_aug.evaluate import evaluate_documents, read_documents, summarise
+from cache_aug.evaluate import evaluate_documents, read_documents
+from cache_aug.stats import summarise
 from cache_aug.sweep import training_blocks
 from cache_aug.tiny import build_if_embedded
 from cache_aug.training import iterate_batches, lr_factor

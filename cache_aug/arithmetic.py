@@ -35,7 +35,7 @@ import torch
 
 from cache_aug.corpus import Document, write_documents
 from cache_aug.decoder import Decoder
-from cache_aug.evaluate import _interval
+from cache_aug.stats import interval
 
 FORMAT = "cache-aug/arithmetic"
 CONDITIONS = ("none", "pause", "coprocessor")
@@ -202,9 +202,9 @@ def summarise_exact(rows: Sequence[dict], conditions: Sequence[str], *, samples:
     return {
         "problems": len(keys),
         "accuracy": acc,
-        "accuracy_ci": {c: _interval(boot[i], confidence) for i, c in enumerate(conditions)},
+        "accuracy_ci": {c: interval(boot[i], confidence) for i, c in enumerate(conditions)},
         "minus_none": {c: acc[c] - acc["none"] for c in conditions if c != "none"},
-        "minus_none_ci": {c: _interval(boot[i] - boot[0], confidence) for i, c in enumerate(conditions) if c != "none"},
+        "minus_none_ci": {c: interval(boot[i] - boot[0], confidence) for i, c in enumerate(conditions) if c != "none"},
         "confidence": confidence,
         "bootstrap_samples": samples,
     }

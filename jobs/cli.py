@@ -207,13 +207,22 @@ def evaluate(config: str | None = None, set: list[str] | None = None, ray: bool 
         from pipelines.evaluate import eval_job
 
         return eval_job(config, set or [], num_cpus)
-    from cache_aug.evaluate import markdown_table, run_eval
+    from cache_aug.evaluate import run_eval
+    from cache_aug.report import markdown_table
     from cache_aug.tiny import build_if_embedded
+    from pipelines.storage import is_remote, upload_dir
 
     cfg = load_job_config(config, overrides=set or ())
     print(dump_config(cfg))
     build_if_embedded(cfg.model.path)
-    report = run_eval(cfg)
+    if is_remote(cfg.eval.output):  # the library writes a local directory; this copies it to object storage
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            report = run_eval(cfg, output=tmp)
+            upload_dir(tmp, cfg.eval.output, cfg.s3)
+    else:
+        report = run_eval(cfg)
     print(markdown_table(report))
     print(f"written to {cfg.eval.output} in {report['wall_s']:.1f}s")
     return report

@@ -1,7 +1,7 @@
 """Ray Data job: evaluate none / pause / coprocessor on held-out documents spread over an actor pool.
 
     read_parquet(eval.paths) -> DocumentEvaluator (actor pool: decoder + modules; one row per window)
-                             -> collected on the driver -> cache_aug.evaluate.summarise -> report files
+                             -> collected on the driver -> cache_aug.stats.summarise -> report files
 
 Points are sampled per (doc_id, window) inside `cache_aug.evaluate`, so the report does not depend
 on how documents land on actors: it equals the in-process `cache-aug eval` (tests/pipelines).
@@ -102,7 +102,9 @@ def run_eval_job(cfg: JobConfig) -> dict:
     """Evaluate with Ray Data and write the report to eval.output; returns the report."""
     from cache_aug.coprocessor import load_latent_module
     from cache_aug.decoder import load_decoder
-    from cache_aug.evaluate import module_meta, summarise, write_report
+    from cache_aug.evaluate import module_meta
+    from cache_aug.report import write_report
+    from cache_aug.stats import summarise
 
     ev = cfg.eval
     t0 = time.perf_counter()

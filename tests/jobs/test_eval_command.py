@@ -112,3 +112,21 @@ def test_points_follow_the_seed(setup, tmp_path):
     b, _ = _run(setup, tmp_path / "s1", "--set", "eval.seed=1")
     assert a["positions_sha256"]["none"] != b["positions_sha256"]["none"]
     assert a["loss"]["none"] != b["loss"]["none"]
+
+
+def test_eval_to_object_storage_uploads_the_report(setup, tmp_path, s3_server):
+    """An s3:// eval.output: the report is written locally and copied there, the same files as a local output."""
+    s3_server["client"].create_bucket(Bucket="eval-report")
+    decoder, paths, docs, _ = setup
+    cli.main([
+        "eval", "--set", f"model.path={decoder.source}", "--set", f"eval.paths=[{docs}]",
+        "--set", f"eval.pause={paths['pause']}", "--set", f"eval.coprocessor={paths['coprocessor']}",
+        "--set", "eval.output=s3://eval-report/run", "--set", f"eval.window={WINDOW}",
+        "--set", f"eval.max_ahead={MAX_AHEAD}", "--set", "eval.points_per_window=4", "--set",
+        f"augmentation.n_ahead={N_A}", "--set", "augmentation.min_prefix=4", "--set", "eval.bootstrap_samples=200",
+    ])
+    listed = s3_server["client"].list_objects_v2(Bucket="eval-report", Prefix="run/")["Contents"]
+    assert sorted(o["Key"] for o in listed) == [f"run/eval.{ext}" for ext in ("json", "md", "png", "positions.json")]
+    stored = json.loads(s3_server["client"].get_object(Bucket="eval-report", Key="run/eval.json")["Body"].read())
+    local, _ = _run(setup, tmp_path / "local")
+    assert stored["ppl"] == local["ppl"] and stored["positions_sha256"] == local["positions_sha256"]

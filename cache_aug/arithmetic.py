@@ -4,7 +4,7 @@
 
 1. A synthetic corpus: documents of `problems_per_doc` lines `a+b=c` (or `a*b=c`) with `digits`-digit
    operands (seeded). The evaluation documents use operand pairs that never occur in training.
-2. A tiny character-level decoder is pretrained on the training documents (`cache_aug.tiny`).
+2. A tiny character-level decoder is pretrained on the training documents (`cache_aug.tiny_pretrain`).
    Answers are written most-significant digit first, so the first answer digit already depends on
    every carry: the decoder must do that work in the positions it has, which is where latent
    computation at `=` could help.
@@ -73,7 +73,7 @@ class ArithmeticSpec:
     """torch threads while pretraining the decoder."""
 
     def tiny_spec(self):
-        from cache_aug.tiny import TinySpec
+        from cache_aug.tiny_spec import TinySpec
 
         heads = max(1, self.hidden_size // 32)
         # pretrained on 256-token blocks, twice what the modules train and evaluate on (128): augmentation shifts
@@ -225,7 +225,7 @@ def markdown(report: dict) -> str:
 def build_decoder(spec: ArithmeticSpec, train_docs: list[Document], out: Path,
                   log: Callable[[str], None] = print) -> Path:
     """Pretrain the character-level decoder once (reused when its pretrain.json is there)."""
-    from cache_aug.tiny import pretrain_tiny
+    from cache_aug.tiny_pretrain import pretrain_tiny
 
     if not (out / "pretrain.json").exists():
         pretrain_tiny(out, spec.tiny_spec(), docs=train_docs, log=log)

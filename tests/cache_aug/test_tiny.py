@@ -1,4 +1,4 @@
-"""Tests for the embedded tiny decoder (cache_aug.corpus + cache_aug.tiny)."""
+"""Tests for the embedded tiny decoder (cache_aug.corpus, cache_aug.tiny, .tiny_spec, .tiny_pretrain)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,12 @@ from cache_aug.tiny import (
     TINY_SPECS,
     EmbeddedDecoderNotBuilt,
     build_if_embedded,
-    build_threads,
     built_tiny_decoder,
     ensure_tiny_decoder,
     is_embedded_name,
-    pretrain_tiny,
-    spec_hash,
-    train_tokenizer,
 )
+from cache_aug.tiny_pretrain import pretrain_tiny, train_tokenizer
+from cache_aug.tiny_spec import build_threads, spec_hash
 
 needs_bible = pytest.mark.skipif(
     shutil.which("bible") is None, reason="Debian packages bible-kjv bible-kjv-text not installed"

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_aug.augment import augment
+from cache_aug.checksum import checksum_matches, payload_checksum
 from cache_aug.config import CoprocessorConfig
 from cache_aug.coprocessor import build_latent_module, latent_fingerprint
 from cache_aug.fingerprint import FingerprintMismatch
@@ -24,10 +25,8 @@ from cache_aug.records import (
     RECORD_SCHEMA,
     CacheRecord,
     CacheRecordError,
-    checksum_matches,
     decode_payload,
     encode_record,
-    payload_checksum,
     read_records,
     restore,
 )

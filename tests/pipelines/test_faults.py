@@ -22,6 +22,7 @@ import pytest
 import torch
 from pyarrow.fs import LocalFileSystem
 
+from cache_aug.checksum import payload_checksum
 from cache_aug.config import ModelConfig
 from cache_aug.coprocessor import build_latent_module, save_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
@@ -31,7 +32,6 @@ from cache_aug.records import (
     CacheRecord,
     CacheRecordError,
     decode_payload,
-    payload_checksum,
     write_records,
 )
 from cache_aug.store import (

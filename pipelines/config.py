@@ -97,27 +97,35 @@ class RayTrainConfig(TrainConfig):
 
 
 @dataclass(kw_only=True)
-class RayCorpusConfig(CorpusConfig):
+class ActorPool:
+    """The Ray Data actor pool of a stage (each actor holds the decoder and the coprocessor or modules)."""
+
+    num_actors: int = 1
+    """Actors in the pool."""
+
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor."""
+
+    gpus_per_actor: float = 0.0
+    """GPUs per actor (0 on CPU clusters)."""
+
+    def _check_pool(self) -> None:
+        at_least("num_actors", self.num_actors, 1)
+        require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0", self.cpus_per_actor)
+        require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0", self.gpus_per_actor)
+
+
+@dataclass(kw_only=True)
+class RayCorpusConfig(ActorPool, CorpusConfig):
     """The corpus augmentation job on Ray Data: documents in, stored augmented caches out (incremental)."""
 
     batch_size: int = 64
     """Documents per Ray Data batch handed to an augmentation actor (sorted by length inside)."""
 
-    num_actors: int = 1
-    """Augmentation actors in the pool (each holds decoder + coprocessor)."""
-
-    cpus_per_actor: float = 1.0
-    """CPUs reserved per augmentation actor."""
-
-    gpus_per_actor: float = 0.0
-    """GPUs per augmentation actor (0 on CPU clusters)."""
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("batch_size", "num_actors"):
-            at_least(name, getattr(self, name), 1)
-        require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0", self.cpus_per_actor)
-        require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0", self.gpus_per_actor)
+        at_least("batch_size", self.batch_size, 1)
+        self._check_pool()
 
 
 @dataclass(kw_only=True)
@@ -137,27 +145,16 @@ class RayServeConfig(ServeConfig):
 
 
 @dataclass(kw_only=True)
-class RayEvalConfig(EvalConfig):
+class RayEvalConfig(ActorPool, EvalConfig):
     """Held-out evaluation, in this process or over a pool of Ray Data actors."""
-
-    num_actors: int = 1
-    """Evaluation actors in the Ray Data pool (each holds the decoder and the modules)."""
-
-    cpus_per_actor: float = 1.0
-    """CPUs reserved per evaluation actor."""
-
-    gpus_per_actor: float = 0.0
-    """GPUs per evaluation actor (0 on CPU clusters)."""
 
     docs_per_batch: int = 8
     """Documents handed to an evaluation actor at a time."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_actors", "docs_per_batch"):
-            at_least(name, getattr(self, name), 1)
-        require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0", self.cpus_per_actor)
-        require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0", self.gpus_per_actor)
+        at_least("docs_per_batch", self.docs_per_batch, 1)
+        self._check_pool()
 
 
 @dataclass(kw_only=True)

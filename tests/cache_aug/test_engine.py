@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from cache_aug.augment import augment, generate
-from cache_aug.config import CoprocessorConfig, ServeConfig
-from cache_aug.coprocessor import build_latent_module, latent_fingerprint
+from cache_aug.config import ServeConfig
 from cache_aug.document_texts import DocumentTexts
 from cache_aug.engine import (
     CompletionEngine,
@@ -25,17 +24,6 @@ from cache_aug.engine import (
     _held_back,
 )
 from cache_aug.records import encode_record
-from cache_aug.testing import tiny_decoder
-
-
-@pytest.fixture(scope="module", params=[("last_latent", "shift"), ("last_token", "shift"), ("last_token", "keep")],
-                ids=lambda p: "-".join(p))
-def setup(request):
-    torch.manual_seed(0)
-    dec = tiny_decoder("llama")
-    first, rule = request.param
-    module = build_latent_module(dec, CoprocessorConfig(first_ahead_from=first, position_rule=rule), 3).eval()
-    return dec, module, latent_fingerprint(dec, module)
 
 
 class Records:

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from cache_aug.augment import augment
-from cache_aug.config import CoprocessorConfig
-from cache_aug.coprocessor import build_latent_module
 from cache_aug.lru import CacheLRU
-from cache_aug.testing import tiny_decoder
-
-
-@pytest.fixture(scope="module", params=[("last_latent", "shift"), ("last_token", "shift"), ("last_token", "keep")],
-                ids=lambda p: "-".join(p))
-def setup(request):
-    torch.manual_seed(0)
-    dec = tiny_decoder("llama")
-    first, rule = request.param
-    return dec, build_latent_module(dec, CoprocessorConfig(first_ahead_from=first, position_rule=rule), 3).eval()
 
 
 def test_lru_holds_its_bounds(setup):
-    dec, module = setup
+    dec, module, _ = setup
     caches = augment(dec, module, [[5, 6, 7, 8]] * 6)
     size = CacheLRU.nbytes(caches[0])
     lru = CacheLRU(max_entries=4, max_bytes=3 * size, ttl_s=60)

@@ -1,11 +1,11 @@
 """Headroom: what the modules' training budget buys when spent on the decoder itself.
 
-    python -m bench.headroom [--config jobs/configs/sweep_tiny.yaml] [--steps 1000] [--batch-size 16] [--threads 2]
+    python -m bench.headroom [--config jobs/configs/sweep_tiny.yaml] [--set optim.max_steps=1000] [--threads 2]
 
 Cache augmentation keeps the decoder frozen, so everything it gains has to come through the latents.
 This is the reference it is judged against here: a copy of the decoder, unfrozen, trained with the
-sweep's recipe (same training blocks and batch order, AdamW, lr / warmup / cosine to 10%, grad clip 1,
-the same steps and batch size) on its own objective, next-token loss over every token of each block.
+sweep's recipe (same training blocks and batch order, the same optim section: AdamW, schedule, clipping and
+steps, and the sweep's batch size) on its own objective, next-token loss over every token of each block.
 It is then scored exactly as the sweep scores its conditions: ahead-token perplexity at the sweep's
 held-out points (`cache_aug.evaluate`, same windows and points, paired bootstrap), next to the frozen
 decoder. If more training of the decoder itself buys little, the decoder is near what its size and this
@@ -25,12 +25,14 @@ import time
 import torch
 
 from bench.results_io import write_result
+from cache_aug.blocks import iterate_batches
+from cache_aug.config import to_dict
 from cache_aug.decoder import Decoder, load_decoder
 from cache_aug.evaluate import evaluate_documents, read_documents
+from cache_aug.optim import Schedule, adamw, optimizer_step
 from cache_aug.stats import summarise
 from cache_aug.sweep import training_blocks
 from cache_aug.tiny import build_if_embedded
-from cache_aug.training import iterate_batches, lr_factor
 from pipelines.config import load_job_config
 
 
@@ -47,9 +49,8 @@ def paired_report(cfg, rows_frozen: list[dict], rows_tuned: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="jobs/configs/sweep_tiny.yaml")
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=None, help="default: the config's sweep.lr")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. optim.max_steps=1000 or sweep.batch_size=16")
     ap.add_argument("--check-every", type=int, default=250)
     ap.add_argument("--max-documents", type=int, default=0, help="held-out documents scored (0: all, as the sweep)")
     ap.add_argument("--threads", type=int, default=2)
@@ -57,9 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = load_job_config(args.config)
+    cfg = load_job_config(args.config, overrides=args.set)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_documents=args.max_documents))
-    sw, lr = cfg.sweep, args.lr if args.lr is not None else cfg.sweep.lr
+    steps = cfg.optim.max_steps
     build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
     frozen = load_decoder(cfg.model, device=cfg.eval.device)
     train = training_blocks(cfg, frozen, cfg.data.paths)
@@ -70,9 +71,9 @@ def main() -> None:
     model = copy.deepcopy(frozen.model).train().requires_grad_(True)  # tied embeddings stay tied
     tuned = Decoder(model=model, tokenizer=frozen.tokenizer, source=f"{frozen.source} (fine-tuned)")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, sw.warmup_steps))
-    batches = iterate_batches(train, args.batch_size, seed=cfg.coprocessor.seed)
+    opt = adamw(params, cfg.optim)
+    sched = Schedule(opt, cfg.optim)
+    batches = iterate_batches(train, cfg.sweep.batch_size, seed=cfg.coprocessor.seed)
 
     curve: list[dict] = []
 
@@ -92,16 +93,12 @@ def main() -> None:
     final = check(0)
     losses: list[float] = []
     t0 = time.perf_counter()
-    for step in range(args.steps):
+    for step in range(steps):
         batch = next(batches).to(frozen.device)  # (B, T)
         loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, params, cfg.optim.grad_clip, sched)
         losses.append(loss.item())
-        if (step + 1) % args.check_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.check_every == 0 or step + 1 == steps:
             final = check(step + 1)
     train_s = time.perf_counter() - t0
     best = min(curve, key=lambda p: p["ppl_finetuned"])
@@ -110,10 +107,8 @@ def main() -> None:
         "config": args.config,
         "decoder": cfg.model.path,
         "decoder_fingerprint": frozen.fingerprint,
-        "recipe": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": cfg.data.seq_len, "lr": lr,
-                   "warmup_steps": sw.warmup_steps, "schedule": "linear warmup, cosine to 10%", "weight_decay": 0.0,
-                   "grad_clip": 1.0, "objective": "next-token loss over every token",
-                   "batch_order_seed": cfg.coprocessor.seed},
+        "recipe": {"optim": to_dict(cfg.optim), "batch_size": cfg.sweep.batch_size, "seq_len": cfg.data.seq_len,
+                   "objective": "next-token loss over every token", "batch_order_seed": cfg.coprocessor.seed},
         "train_tokens": int(train.numel()),
         "points": final["points"],
         "positions_sha256": final["positions_sha256"]["none"],

@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/results/smollm2-gpu}
-overrides=(--set eval.device=cuda --set sweep.steps=2000 --set sweep.checkpoint_every=500 --set sweep.curve_every=500
+overrides=(--set eval.device=cuda --set optim.max_steps=2000 --set sweep.checkpoint_every=500 --set sweep.curve_every=500
            --set sweep.work_dir=runs/sweep-smollm2-gpu --set "sweep.results_dir=$out" --set eval.max_documents=0)
 if [ -d .gguf ] && ls .gguf/smollm2.part-* >/dev/null 2>&1; then
     mkdir -p runs/gguf

@@ -59,8 +59,8 @@ def _submit(head: dict, job_id: str, argv: list[str]) -> None:
 def train(head: dict, args, work: Path) -> dict:
     """First submission: stopped once its first checkpoint is reported. Second: resumes there, runs on, exports."""
     sets = [f"--set=train.storage_path={work / 'train'}", "--set=train.run_name=smollm2",
-            f"--set=train.max_steps={args.steps}", f"--set=train.checkpoint_every={args.checkpoint_every}",
-            f"--set=train.eval_every={args.checkpoint_every}", f"--set=train.warmup_steps={max(1, args.steps // 10)}"]
+            f"--set=optim.max_steps={args.steps}", f"--set=train.checkpoint_every={args.checkpoint_every}",
+            f"--set=train.eval_every={args.checkpoint_every}", f"--set=optim.warmup_steps={max(1, args.steps // 10)}"]
     argv = ["-m", "jobs.train", "--config", "jobs/configs/smollm2_cpu.yaml", *sets]
     out = {}
     t0 = time.time()

@@ -16,13 +16,13 @@ import time
 import torch
 
 from bench.results_io import write_result
+from cache_aug.blocks import pack_blocks
 from cache_aug.config import CoprocessorConfig, ModelConfig
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.corpus import load_kjv, split_heldout
 from cache_aug.decoder import load_decoder
 from cache_aug.losses import one_pass_loss, reference_loss, sample_points
 from cache_aug.tiny import build_if_embedded
-from cache_aug.training import pack_blocks
 
 
 def step_seconds(fn, decoder, module, ids, points, n_ahead, repeats) -> tuple[float, float]:

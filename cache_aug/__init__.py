@@ -5,7 +5,8 @@ Modules:
 - its models: decoder, gguf_checkpoint, tiny, tiny_spec, tiny_pretrain, corpus;
 - storage: records, checksum, store, fingerprint;
 - serving: engine, lru, document_texts;
-- training and evaluation: training, evaluate, stats, report, sweep, arithmetic;
+- training and evaluation: optim (the one optimiser and schedule), blocks (the one packer), training, evaluate,
+  stats, report, sweep, arithmetic;
 - configs: config, model_config, stage_config, typed_config;
 - helpers: paths, dtypes, documents, testing.
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache_aug.config import OptimConfig, to_dict
 from cache_aug.corpus import Document, write_documents
 from cache_aug.decoder import Decoder
 from cache_aug.stats import interval
@@ -81,7 +82,9 @@ class ArithmeticSpec:
         return TinySpec(vocab_size=258, hidden_size=self.hidden_size,
                         intermediate_size=round(self.hidden_size * 2.6875),
                         num_layers=self.num_layers, num_heads=heads, num_kv_heads=max(1, heads // 2), seq_len=256,
-                        batch_size=16, lr=3e-3, warmup_steps=100, max_steps=self.steps, max_minutes=self.max_minutes,
+                        batch_size=16, optim=OptimConfig(lr=3e-3, warmup_steps=100, max_steps=self.steps,
+                                                         weight_decay=0.1, betas=[0.9, 0.95]),
+                        max_minutes=self.max_minutes,
                         threads=self.threads, seed=self.seed, heldout_every=20, eval_batches=8, log_every=100)
 
 
@@ -286,7 +289,7 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
         "corpus": {"train_documents": len(train_docs), "eval_documents": len(eval_docs), "eval_problems": len(problems),
                    "example": eval_docs[0].text.splitlines()[0]},
         "decoder": {k: pretrain[k] for k in ("params", "steps", "train_seconds", "heldout_ppl", "train_loss")},
-        "modules": {"steps": run_cfg.sweep.steps, "batch_size": run_cfg.sweep.batch_size, "lr": run_cfg.sweep.lr,
+        "modules": {"optim": to_dict(run_cfg.optim), "batch_size": run_cfg.sweep.batch_size,
                     "n_ahead": run_cfg.augmentation.n_ahead,
                     "points_per_sequence": run_cfg.augmentation.points_per_sequence,
                     "first_ahead_from": run_cfg.coprocessor.first_ahead_from,

@@ -4,7 +4,8 @@ The whole configuration is one tree of ``@dataclass(kw_only=True)`` sections roo
 :class:`CacheAugConfig`. The sections live beside this module, by concern:
 
 - :mod:`cache_aug.model_config`: what is augmented and how (model, augmentation, coprocessor, storage, s3);
-- :mod:`cache_aug.stage_config`: what the library reads of each stage (data, train, corpus, serve, eval, sweep);
+- :mod:`cache_aug.stage_config`: what the library reads of each stage (data, optim, train, corpus, serve, eval,
+  sweep); the optimiser section is shared by every training loop (:mod:`cache_aug.optim`);
 - :mod:`cache_aug.typed_config`: the generic machinery (:func:`from_dict`, :func:`to_dict`,
   :func:`load_config`, :func:`dump_config`, :func:`field_docs`, :class:`ConfigError`).
 
@@ -33,6 +34,7 @@ from cache_aug.stage_config import (
     CorpusConfig,
     DataConfig,
     EvalConfig,
+    OptimConfig,
     ServeConfig,
     SweepConfig,
     TrainConfig,
@@ -55,6 +57,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
+    "OptimConfig",
     "S3Config",
     "ServeConfig",
     "ServeSources",
@@ -93,6 +96,9 @@ class CacheAugConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimiser and its learning-rate schedule, for every way the library trains a module."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training run."""

@@ -1,4 +1,5 @@
-"""The library's settings of each stage: training data, training run, corpus job, endpoint, evaluation, sweep.
+"""The library's settings of each stage: training data, optimiser, training run, corpus job, endpoint, evaluation,
+sweep.
 
 Sections of the library's configuration tree (:class:`cache_aug.config.CacheAugConfig`); import them
 from ``cache_aug.config``. They hold what the library itself reads; how a stage is spread over a Ray
@@ -9,11 +10,11 @@ these sections by the jobs' configuration, outside this library. No torch, no ra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from cache_aug.typed_config import at_least, require
 
-__all__ = ["CorpusConfig", "DataConfig", "EvalConfig", "ServeConfig", "SweepConfig", "TrainConfig"]
+__all__ = ["CorpusConfig", "DataConfig", "EvalConfig", "OptimConfig", "ServeConfig", "SweepConfig", "TrainConfig"]
 
 
 @dataclass(kw_only=True)
@@ -46,8 +47,54 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warmup, then cosine decay to ``min_lr_ratio`` of the peak)."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+
+    warmup_steps: int = 50
+    """Optimizer steps of linear warmup: step s (from 0) runs at lr * (s + 1) / warmup_steps."""
+
+    max_steps: int = 1000
+    """Optimizer steps in the whole run (a resumed run continues up to it); the cosine decay ends here."""
+
+    decay: Literal["cosine", "constant"] = "cosine"
+    """After warmup: "cosine" decays to min_lr_ratio * lr at max_steps; "constant" stays at lr."""
+
+    min_lr_ratio: float = 0.1
+    """Where the cosine decay ends, as a fraction of the peak rate."""
+
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (all trainable parameters together)."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay of the matrices (parameters with two or more dimensions); vectors get none."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2)."""
+
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", "must be > 0", self.lr)
+        at_least("warmup_steps", self.warmup_steps, 0)
+        at_least("max_steps", self.max_steps, 1)
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
+        require(self.grad_clip > 0, "grad_clip", "must be > 0", self.grad_clip)
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                "must be two numbers in [0, 1)", self.betas)
+        require(self.eps > 0, "eps", "must be > 0", self.eps)
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    """The training run: its name and storage, batch sizes, schedule, checkpoints and evaluations."""
+    """The training run: its name and storage, batch sizes, checkpoints and evaluations (the optimiser and its
+    schedule are the root ``optim`` section)."""
+
+    moved_keys: ClassVar[dict[str, str]] = {k: f"optim.{k}" for k in ("lr", "warmup_steps", "max_steps", "grad_clip")}
 
     run_name: str = "coprocessor"
     """Run name under ``storage_path``; re-running with the same name resumes from its latest checkpoint."""
@@ -60,18 +107,6 @@ class TrainConfig:
 
     grad_accum_steps: int = 1
     """Micro-steps accumulated per optimizer step."""
-
-    lr: float = 1e-3
-    """Peak learning rate."""
-
-    warmup_steps: int = 50
-    """Linear warmup steps, then cosine decay to max_steps."""
-
-    max_steps: int = 1000
-    """Optimizer steps in the whole run (a resumed run continues up to it)."""
-
-    grad_clip: float = 1.0
-    """Gradient-norm clipping."""
 
     checkpoint_every: int = 100
     """Optimizer steps between checkpoints (one is always written at the end)."""
@@ -91,11 +126,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'",
                 self.run_name)
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "eval_every",
-                     "eval_batches"):
+        for name in ("micro_batch_size", "grad_accum_steps", "checkpoint_every", "eval_every", "eval_batches"):
             at_least(name, getattr(self, name), 1)
-        at_least("warmup_steps", self.warmup_steps, 0)
-        require(self.lr > 0, "lr", "must be > 0", self.lr)
 
 
 @dataclass(kw_only=True)
@@ -288,26 +320,17 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class SweepConfig:
-    """The N_L sweep (`cache-aug sweep`): train pause and coprocessor at each N_L with one budget, evaluate each."""
+    """The N_L sweep (`cache-aug sweep`): train pause and coprocessor at each N_L with one budget (the root
+    ``optim`` section, the same for both), evaluate each."""
+
+    moved_keys: ClassVar[dict[str, str]] = {"steps": "optim.max_steps", "lr": "optim.lr",
+                                            "warmup_steps": "optim.warmup_steps"}
 
     n_latents: list[int] = field(default_factory=lambda: [4, 8, 16])
     """The N_L values swept."""
 
-    trainer: Literal["local", "ray"] = "local"
-    """"local": the library's own loop in this process (one device); "ray": the Ray Train + DeepSpeed
-    job (train.* settings), one run per condition. Both take the same one-pass loss."""
-
-    steps: int = 1000
-    """Optimizer steps per condition (the same budget for pause and coprocessor)."""
-
     batch_size: int = 32
     """Sequences per optimizer step (local trainer; the Ray trainer uses train.micro_batch_size)."""
-
-    lr: float = 1e-3
-    """Peak learning rate (linear warmup, then cosine decay to 10%)."""
-
-    warmup_steps: int = 50
-    """Linear warmup steps."""
 
     checkpoint_every: int = 200
     """Local trainer: steps between checkpoints; a re-run resumes a condition from its latest one."""
@@ -325,8 +348,6 @@ class SweepConfig:
     def __post_init__(self) -> None:
         require(bool(self.n_latents) and all(n >= 1 for n in self.n_latents), "n_latents",
                 "must list N_L values >= 1", self.n_latents)
-        for name in ("steps", "batch_size", "checkpoint_every"):
+        for name in ("batch_size", "checkpoint_every"):
             at_least(name, getattr(self, name), 1)
-        at_least("warmup_steps", self.warmup_steps, 0)
         at_least("curve_every", self.curve_every, 0)
-        require(self.lr > 0, "lr", "must be > 0", self.lr)

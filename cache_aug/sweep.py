@@ -1,6 +1,6 @@
 """The N_L sweep: at each N_L, train pause tokens and a coprocessor with one budget, evaluate all three.
 
-    reports = run_sweep(cfg)     # cfg.sweep: N_L values, steps, batch size, lr, work and results dirs
+    reports = run_sweep(cfg)     # cfg.sweep: N_L values, batch size, work and results dirs; cfg.optim: the budget
 
 For each N_L the two trainable conditions get the same steps, batch size, learning rate and
 seed; then `cache_aug.evaluate` measures none / pause / coprocessor at the same held-out points.
@@ -8,8 +8,8 @@ Outputs, under sweep.results_dir: nl<N_L>.json (the evaluation report plus a "tr
 .md, .png, .positions.json, and sweep.md + gain_vs_nl.png over all N_L.
 
 Resumable: a condition whose module is saved is not trained again; one that was interrupted
-resumes from its latest checkpoint (local trainer) or its Ray Train run (trainer "ray", passed in
-by pipelines/sweep.py, since this library knows no Ray).
+resumes from its latest checkpoint (local trainer) or its Ray Train run (the trainer pipelines/sweep.py
+passes in, since this library knows no Ray). Both trainers take the one optim section.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cache_aug.config import CacheAugConfig
+from cache_aug.config import CacheAugConfig, to_dict
 from cache_aug.decoder import Decoder
 
 TRAINED = ("pause", "coprocessor")
@@ -31,8 +31,8 @@ TrainFn = Callable[[CacheAugConfig, str, Path], Path]  # (config for this run, c
 
 def training_blocks(cfg: CacheAugConfig, decoder: Decoder, paths: list[str]) -> torch.Tensor:
     """(N, data.seq_len) packed blocks of the documents at `paths` (Parquet, text column)."""
+    from cache_aug.blocks import pack_blocks
     from cache_aug.evaluate import read_documents
-    from cache_aug.training import pack_blocks
 
     ev = dataclasses.replace(cfg.eval, paths=paths, max_documents=0, id_column=cfg.eval.id_column,
                              text_column=cfg.data.text_column)
@@ -53,8 +53,9 @@ def condition_config(cfg: CacheAugConfig, condition: str, n_latents: int) -> Cac
 def train_local_condition(cfg: CacheAugConfig, condition: str, run_dir: Path, *, decoder: Decoder,
                           train: torch.Tensor, heldout: torch.Tensor, log: Callable[[str], None] = print) -> Path:
     """Train one condition with the library's loop (resumable); returns the saved module's directory."""
+    from cache_aug.blocks import iterate_batches
     from cache_aug.coprocessor import build_latent_module, save_latent_module
-    from cache_aug.training import evaluate, iterate_batches, train_local
+    from cache_aug.training import evaluate, train_local
 
     sw = cfg.sweep
     module = build_latent_module(decoder, cfg.coprocessor, cfg.augmentation.n_latents)
@@ -62,7 +63,7 @@ def train_local_condition(cfg: CacheAugConfig, condition: str, run_dir: Path, *,
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
 
     def on_step(step: int) -> None:
-        if sw.curve_every and (step % sw.curve_every == 0 or step == sw.steps):
+        if sw.curve_every and (step % sw.curve_every == 0 or step == cfg.optim.max_steps):
             r = evaluate(decoder, module, heldout.to(decoder.device), cfg.augmentation, batch_size=sw.batch_size)
             curve.append({"step": step, "ppl": r.ppl_augmented, "ppl_none": r.ppl_none})
             curve_file.write_text(json.dumps(curve) + "\n")
@@ -72,17 +73,16 @@ def train_local_condition(cfg: CacheAugConfig, condition: str, run_dir: Path, *,
         on_step(0)  # the untrained module: how near a no-op training starts
     batches = iterate_batches(train, sw.batch_size, seed=cfg.coprocessor.seed)
     t0 = time.perf_counter()
-    losses = train_local(decoder, module, batches, cfg.augmentation, steps=sw.steps, lr=sw.lr,
-                         warmup_steps=sw.warmup_steps,
-                         seed=cfg.train.seed, log_every=max(1, sw.steps // 10), log=log, cosine=True,
+    losses = train_local(decoder, module, batches, cfg.augmentation, cfg.optim, seed=cfg.train.seed,
+                         log_every=max(1, cfg.optim.max_steps // 10), log=log,
                          checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=sw.checkpoint_every,
                          on_step=on_step)
     module.eval()
     out = save_latent_module(module, decoder, run_dir / "module")
     (run_dir / "training.json").write_text(json.dumps({
-        "trainer": "local", "steps": sw.steps, "batch_size": sw.batch_size, "seq_len": cfg.data.seq_len,
-        "points_per_sequence": cfg.augmentation.points_per_sequence, "n_ahead": cfg.augmentation.n_ahead, "lr": sw.lr,
-        "warmup_steps": sw.warmup_steps, "schedule": "linear warmup, cosine to 10%", "device": str(decoder.device),
+        "trainer": "local", "optim": to_dict(cfg.optim), "batch_size": sw.batch_size, "seq_len": cfg.data.seq_len,
+        "points_per_sequence": cfg.augmentation.points_per_sequence, "n_ahead": cfg.augmentation.n_ahead,
+        "device": str(decoder.device),
         "dtype": str(decoder.dtype).removeprefix("torch."), "wall_s_last_session": round(time.perf_counter() - t0, 1),
         "final_train_loss_mean_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])), "curve": curve,
     }, indent=1) + "\n")

@@ -25,6 +25,7 @@ import fcntl
 from pathlib import Path
 
 from .paths import cache_home
+from .stage_config import OptimConfig
 from .tiny_pretrain import Log, pretrain_tiny
 from .tiny_spec import TinySpec, spec_hash
 
@@ -52,9 +53,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         num_kv_heads=4,
         seq_len=256,
         batch_size=8,
-        lr=2e-3,
-        warmup_steps=100,
-        max_steps=1300,
+        optim=OptimConfig(lr=2e-3, warmup_steps=100, max_steps=1300, weight_decay=0.1, betas=[0.9, 0.95]),
         max_minutes=60.0,
         threads=0,
         seed=0,
@@ -71,9 +70,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         num_kv_heads=2,
         seq_len=128,
         batch_size=16,
-        lr=5e-3,
-        warmup_steps=20,
-        max_steps=150,
+        optim=OptimConfig(lr=5e-3, warmup_steps=20, max_steps=150, weight_decay=0.1, betas=[0.9, 0.95]),
         max_minutes=10.0,
         threads=1,
         seed=0,

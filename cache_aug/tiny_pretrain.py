@@ -14,12 +14,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from .blocks import iterate_batches, pack_blocks
 from .corpus import Document, load_kjv, split_heldout
+from .optim import adamw, learning_rate, optimizer_step
 from .tiny_spec import _BUILD_VERSION, TinySpec, build_threads, spec_hash
 
 __all__ = ["EOS_TOKEN", "PAD_TOKEN", "pretrain_tiny", "train_tokenizer"]
@@ -78,42 +80,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
 
 
-def _encode_docs(tokenizer, docs: list[Document]) -> torch.Tensor:
-    """Concatenate the token ids of ``docs``, each followed by eos."""
-    eos = tokenizer.eos_token_id
+def _blocks(tokenizer, docs: list[Document], seq_len: int) -> tuple[torch.Tensor, int]:
+    """(N, seq_len) blocks of ``docs`` (the one packer: eos after each), and how many tokens they came from."""
     # The raw backend avoids transformers' "longer than model_max_length" warning.
-    encs = tokenizer.backend_tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
-    flat: list[int] = []
-    for enc in encs:
-        flat.extend(enc.ids)
-        flat.append(eos)
-    return torch.tensor(flat, dtype=torch.long)
-
-
-def _blocks(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    n = tokens.numel() // seq_len
-    return tokens[: n * seq_len].view(n, seq_len)
+    ids = [enc.ids for enc in tokenizer.backend_tokenizer.encode_batch([d.text for d in docs],
+                                                                      add_special_tokens=False)]
+    return pack_blocks(ids, seq_len, tokenizer.eos_token_id), sum(len(i) + 1 for i in ids)
 
 
 # --------------------------------------------------------------------------- training
-
-
-def _lr_at(spec: TinySpec, step: int, progress: float) -> float:
-    """Linear warmup then cosine to 10% of peak; ``progress`` in [0, 1]."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    p = min(1.0, max(0.0, progress))
-    return spec.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * p)))
-
-
-def _batches(blocks: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled epochs of full batches."""
-    n = blocks.shape[0]
-    bs = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n - bs + 1, bs):
-            yield blocks[perm[i : i + bs]]
 
 
 @torch.inference_mode()
@@ -202,18 +177,17 @@ def pretrain_tiny(
             torch.manual_seed(spec.seed)
             t0 = time.time()
             tokenizer = train_tokenizer((d.text for d in train_docs), spec.vocab_size)
-            train_tokens = _encode_docs(tokenizer, train_docs)
-            heldout_tokens = _encode_docs(tokenizer, heldout_docs)
-            train_blocks = _blocks(train_tokens, spec.seq_len)
-            eval_blocks = _blocks(heldout_tokens, spec.seq_len)[: spec.eval_batches * spec.batch_size]
+            train_blocks, train_tokens = _blocks(tokenizer, train_docs, spec.seq_len)
+            eval_blocks, heldout_tokens = _blocks(tokenizer, heldout_docs, spec.seq_len)
+            eval_blocks = eval_blocks[: spec.eval_batches * spec.batch_size]
             if train_blocks.shape[0] == 0 or eval_blocks.shape[0] == 0:
                 raise ValueError(
-                    f"corpus too small for seq_len={spec.seq_len}: {train_tokens.numel()} train / "
-                    f"{heldout_tokens.numel()} held-out tokens"
+                    f"corpus too small for seq_len={spec.seq_len}: {train_tokens} train / "
+                    f"{heldout_tokens} held-out tokens"
                 )
             log(
-                f"[tiny] tokenizer: vocab {len(tokenizer)}; {train_tokens.numel():,} train tokens "
-                f"({train_blocks.shape[0]} blocks), {heldout_tokens.numel():,} held-out tokens; "
+                f"[tiny] tokenizer: vocab {len(tokenizer)}; {train_tokens:,} train tokens "
+                f"({train_blocks.shape[0]} blocks), {heldout_tokens:,} held-out tokens; "
                 f"{time.time() - t0:.1f}s"
             )
 
@@ -243,46 +217,34 @@ def pretrain_tiny(
                 f"vocab {config.vocab_size}); threads={torch.get_num_threads()}"
             )
 
-            decay = [p for p in model.parameters() if p.ndim >= 2]
-            no_decay = [p for p in model.parameters() if p.ndim < 2]
-            opt = torch.optim.AdamW(
-                [
-                    {"params": decay, "weight_decay": spec.weight_decay},
-                    {"params": no_decay, "weight_decay": 0.0},
-                ],
-                lr=spec.lr,
-                betas=(0.9, 0.95),
-                eps=1e-8,
-            )
-            gen = torch.Generator().manual_seed(spec.seed)
-            batches = _batches(train_blocks, spec.batch_size, gen)
+            o = spec.optim
+            params = list(model.parameters())
+            opt = adamw(params, o)
+            batches = iterate_batches(train_blocks, min(spec.batch_size, train_blocks.shape[0]), seed=spec.seed)
             max_s = spec.max_minutes * 60.0
             losses: list[float] = []
             tokens_seen = 0
             step = 0
             t_train = time.time()
             stop_reason = "max_steps"
-            while step < spec.max_steps:
+            while step < o.max_steps:
                 elapsed = time.time() - t_train
                 if elapsed >= max_s:
                     stop_reason = "max_minutes"
                     break
-                progress = max(step / spec.max_steps, elapsed / max_s)
-                lr = _lr_at(spec, step, progress)
+                # the decay follows whichever of steps and time is further along
+                lr = learning_rate(step, o, progress=max(step / o.max_steps, elapsed / max_s))
                 for g in opt.param_groups:
                     g["lr"] = lr
                 x = next(batches)
                 loss = model(input_ids=x, labels=x, use_cache=False).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                optimizer_step(loss, opt, params, o.grad_clip)
                 step += 1
                 tokens_seen += x.numel()
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
                     raise RuntimeError(f"training diverged at step {step} (loss {losses[-1]})")
-                if step == 1 or step % spec.log_every == 0 or step == spec.max_steps:
+                if step == 1 or step % spec.log_every == 0 or step == o.max_steps:
                     el = time.time() - t_train
                     recent = losses[-spec.log_every :]
                     log(
@@ -316,7 +278,7 @@ def pretrain_tiny(
                 "steps": step,
                 "stop_reason": stop_reason,
                 "tokens_seen": tokens_seen,
-                "train_tokens": train_tokens.numel(),
+                "train_tokens": train_tokens,
                 "heldout_tokens_evaluated": n_eval,
                 "train_seconds": round(train_seconds, 2),
                 "wall_seconds": round(time.time() - t_start, 2),

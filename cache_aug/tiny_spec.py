@@ -10,7 +10,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .stage_config import OptimConfig
 
 __all__ = ["TinySpec", "build_threads", "spec_hash"]
 
@@ -38,12 +40,10 @@ class TinySpec:
     """Training block length in tokens."""
     batch_size: int = 16
     """Blocks per optimizer step."""
-    lr: float = 2e-3
-    """Peak AdamW learning rate."""
-    warmup_steps: int = 100
-    """Linear warmup steps."""
-    max_steps: int = 100_000
-    """Step cap; cosine decay runs over ``min(max_steps, max_minutes)``, whichever ends first."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=2e-3, warmup_steps=100, max_steps=100_000, weight_decay=0.1, betas=[0.9, 0.95]))
+    """The project's one optimiser and schedule (:mod:`cache_aug.optim`); ``max_steps`` caps the steps, and the
+    cosine decay follows whichever of steps and ``max_minutes`` is further along."""
     max_minutes: float = 20.0
     """Wall-clock cap on the training loop (minutes); the LR schedule follows it."""
     threads: int = 1
@@ -56,8 +56,6 @@ class TinySpec:
     """Every N-th document (KJV chapter) is held out for evaluation."""
     eval_batches: int = 32
     """At most this many batches of held-out blocks are evaluated."""
-    weight_decay: float = 0.1
-    """AdamW weight decay (matrices only)."""
     log_every: int = 50
     """Print a progress line every this many steps."""
 
@@ -68,8 +66,8 @@ class TinySpec:
             raise ValueError("num_heads must be divisible by num_kv_heads")
         if self.vocab_size < 258:
             raise ValueError("vocab_size must hold the 256 byte symbols + 2 specials (258: no merges, character level)")
-        if self.seq_len < 2 or self.batch_size < 1 or self.max_steps < 1:
-            raise ValueError("seq_len >= 2, batch_size >= 1 and max_steps >= 1 required")
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError("seq_len >= 2 and batch_size >= 1 required")
 
 
 _NOT_IDENTITY = ("log_every",)  # how a build reports, not what it builds

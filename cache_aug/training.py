@@ -9,45 +9,16 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cache_aug.config import AugmentationConfig
+from cache_aug.config import AugmentationConfig, OptimConfig
 from cache_aug.decoder import Decoder
 from cache_aug.losses import AheadLoss, one_pass_loss, plain_ahead_loss, sample_points
-
-
-def pack_blocks(token_ids: Iterable[list[int]], seq_len: int, eos_id: int | None) -> torch.Tensor:
-    """Concatenate documents (EOS between them) and cut into (N, seq_len) blocks; the tail is dropped."""
-    flat: list[int] = []
-    for ids in token_ids:
-        flat.extend(ids)
-        if eos_id is not None:
-            flat.append(eos_id)
-    n = len(flat) // seq_len
-    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-def iterate_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless shuffled (batch_size, T) batches over the blocks, reshuffled every epoch.
-
-    Refuses at once (not at the first batch, and not by spinning forever) blocks that make no batch.
-    """
-    if blocks.shape[0] < batch_size:
-        raise ValueError(f"training data: {blocks.shape[0]} packed blocks of {blocks.shape[-1]} tokens, fewer than one "
-                         f"batch of {batch_size}: add text, or lower the batch size or seq_len")
-
-    def batches() -> Iterator[torch.Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(blocks.shape[0], generator=g)
-            for i in range(0, len(order) - batch_size + 1, batch_size):
-                yield blocks[order[i : i + batch_size]]
-
-    return batches()
+from cache_aug.optim import Schedule, adamw, optimizer_step
 
 
 @dataclass
@@ -104,44 +75,32 @@ def evaluate(decoder: Decoder, module, blocks: torch.Tensor, aug: AugmentationCo
     )
 
 
-def lr_factor(step: int, steps: int, warmup_steps: int, cosine: bool = True) -> float:
-    """Multiplier of the peak rate at `step`: linear warmup, then (with `cosine`) cosine decay to 10% at `steps`."""
-    warm = min(1.0, (step + 1) / max(1, warmup_steps))
-    if not cosine or step < warmup_steps:
-        return warm
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_local(
     decoder: Decoder,
     module,
     batches: Iterator[torch.Tensor],
     aug: AugmentationConfig,
+    optim: OptimConfig,
     *,
-    steps: int,
-    lr: float,
-    warmup_steps: int = 0,
-    grad_clip: float = 1.0,
     seed: int = 0,
     log_every: int = 10,
     log: Callable[[str], None] = print,
-    cosine: bool = False,
     checkpoint_path: str | Path | None = None,
     checkpoint_every: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """AdamW on the module's trainable parameters only; returns the training loss per step.
+    """`optim.max_steps` steps of the project's one optimiser and schedule (:mod:`cache_aug.optim`) on the
+    module's trainable parameters; returns the training loss per step.
 
-    Warmup is linear; with `cosine` the rate then decays to 10% at `steps`. With `checkpoint_path`,
-    the module, optimizer, schedule, point sampler and losses are saved every `checkpoint_every`
-    steps and at the end, and a call that finds the file resumes from it (the batch stream is
-    advanced past the batches already used, so a resumed run sees the same data as an unbroken one).
-    `on_step(step)` runs after each optimizer step (held-out curves).
+    With `checkpoint_path`, the module, optimizer, schedule, point sampler and losses are saved every
+    `checkpoint_every` steps and at the end, and a call that finds the file resumes from it (the batch
+    stream is advanced past the batches already used, so a resumed run sees the same data as an unbroken
+    one). `on_step(step)` runs after each optimizer step (held-out curves).
     """
+    steps = optim.max_steps
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps, cosine))
+    opt = adamw(params, optim)
+    sched = Schedule(opt, optim)
     g = torch.Generator().manual_seed(seed)
     module.train()
     losses: list[float] = []
@@ -169,11 +128,7 @@ def train_local(
         points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix,
                                g).to(decoder.device)
         loss = one_pass_loss(decoder, module, batch, points, aug.n_ahead).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, params, optim.grad_clip, sched)
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "

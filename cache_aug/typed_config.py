@@ -88,6 +88,12 @@ def _type_name(tp: Any) -> str:
     return re.sub(r"\btyping\.", "", str(tp))
 
 
+def _unknown(cls: type, key: object, names: list[str]) -> str:
+    """Why `key` is refused in section `cls`: a key the section's ``moved_keys`` names has moved there."""
+    moved = getattr(cls, "moved_keys", {}).get(key)
+    return f"moved to {moved}" if moved else f"unknown key (known: {', '.join(names)})"
+
+
 def _init_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init]
 
@@ -174,7 +180,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
     names = [f.name for f in fields]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{_join(where, key)}: unknown key (known: {', '.join(names)})")
+            raise ConfigError(f"{_join(where, key)}: {_unknown(cls, key, names)}")
 
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -271,9 +277,7 @@ def _apply_override(data: dict[str, Any], cls: type, text: str) -> None:
             hints = typing.get_type_hints(section)
             names = [f.name for f in _init_fields(section)]
             if part not in names:
-                raise ConfigError(
-                    f"{path}: unknown key in override {text!r} (known: {', '.join(names)})"
-                )
+                raise ConfigError(f"{path}: {_unknown(section, part, names)} (override {text!r})")
             section = _section_type(hints[part])
         if i == len(parts) - 1:
             node[part] = value

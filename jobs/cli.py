@@ -5,13 +5,13 @@ commands (`main = command("train")`), so `ray job submit ... -- python -m jobs.t
 parse the same flags and call the same function.
 
     cache-aug pretrain-tiny                      build (or reuse) the embedded default decoder
-    cache-aug train-local --steps 300            train a coprocessor locally (no Ray) and evaluate it
+    cache-aug train-local --set optim.max_steps=300   train a coprocessor locally (no Ray) and evaluate it
     cache-aug train --config jobs/configs/tiny_cpu.yaml   train on a Ray cluster (Ray Train + DeepSpeed)
     cache-aug augment --config jobs/configs/augment_tiny.yaml   precompute caches for a corpus (Ray Data)
     cache-aug serve --config jobs/configs/serve_tiny.yaml       OpenAI-compatible completions endpoint (Ray Serve)
     cache-aug demo                               the whole system once: train, augment, serve, ask (local Ray)
     cache-aug eval --config jobs/configs/eval_tiny.yaml   none / pause / coprocessor at the same held-out points
-    cache-aug sweep --set sweep.steps=1000       train and evaluate pause and coprocessor at N_L = 4, 8, 16
+    cache-aug sweep --set optim.max_steps=1000       train and evaluate pause and coprocessor at N_L = 4, 8, 16
     cache-aug sweep --ray --config jobs/configs/sweep_tiny.yaml   the same, each condition trained with Ray Train
     cache-aug config                             print the default configuration with every field documented
 """
@@ -47,39 +47,34 @@ def train_local(
     config: str | None = None,
     set: list[str] | None = None,
     data: str | None = None,
-    steps: int = 300,
-    lr: float = 1e-3,
-    batch_size: int = 8,
-    seq_len: int = 256,
     eval_blocks: int = 64,
     output: str = "runs/local-coprocessor",
     threads: int = 0,
 ) -> None:
     """Train a coprocessor (or pause tokens) in this process, report held-out ahead-token loss, save it.
 
-    The distributed job is `jobs/train.py`; this is the same math on one process, for a quick check.
+    The distributed job is `jobs/train.py`; this is the same math on one process, for a quick check, with the
+    same settings: optim.* (steps, rate, schedule), data.seq_len, and train.micro_batch_size x
+    train.grad_accum_steps sequences per step (what one worker of the job steps on).
 
     Args:
         config: YAML config file (the job config tree, pipelines.config.JobConfig); defaults when omitted.
-        set: config overrides as dotted key=value, e.g. augmentation.n_latents=16.
+        set: config overrides as dotted key=value, e.g. optim.max_steps=300 or augmentation.n_latents=16.
         data: plain-text corpus (file with blank-line-separated documents, or a dir of .txt files);
             default: the KJV Bible with the embedded decoder's held-out chapters.
-        steps: optimizer steps.
-        lr: AdamW learning rate.
-        batch_size: sequences per step.
-        seq_len: tokens per training sequence.
         eval_blocks: held-out sequences evaluated before and after training.
         output: directory the trained module is saved to.
         threads: torch CPU threads (0: torch's default).
     """
     import torch
 
+    from cache_aug.blocks import iterate_batches, pack_blocks
     from cache_aug.config import dump_config
     from cache_aug.coprocessor import build_latent_module, save_latent_module
     from cache_aug.corpus import load_kjv, load_text_documents, split_heldout
     from cache_aug.decoder import load_decoder
     from cache_aug.tiny import TINY_SPECS, build_if_embedded
-    from cache_aug.training import evaluate, iterate_batches, pack_blocks
+    from cache_aug.training import evaluate
     from cache_aug.training import train_local as run
     from pipelines.config import load_job_config
 
@@ -92,19 +87,20 @@ def train_local(
     every = TINY_SPECS[cfg.model.path].heldout_every if cfg.model.path in TINY_SPECS else 20
     docs = load_text_documents(data) if data else load_kjv()
     train_docs, heldout_docs = split_heldout(docs, every)
-    tok = decoder.tokenizer
+    tok, seq_len = decoder.tokenizer, cfg.data.seq_len
     train = pack_blocks((tok.encode(d.text) for d in train_docs), seq_len, tok.eos_token_id)
     heldout = pack_blocks((tok.encode(d.text) for d in heldout_docs), seq_len, tok.eos_token_id)[:eval_blocks]
     module = build_latent_module(decoder, cfg.coprocessor, cfg.augmentation.n_latents)
     before = evaluate(decoder, module, heldout, cfg.augmentation)
+    batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     run(decoder, module, iterate_batches(train, batch_size, seed=cfg.coprocessor.seed), cfg.augmentation,
-        steps=steps, lr=lr, warmup_steps=min(50, steps // 10))
+        cfg.optim, seed=cfg.train.seed)
     after = evaluate(decoder, module, heldout, cfg.augmentation)
     path = save_latent_module(module, decoder, output)
     print(f"held-out ahead-token perplexity (N_A={cfg.augmentation.n_ahead}, {after.n_targets} targets):")
     print(f"  none (decoder alone)      {after.ppl_none:8.3f}")
     print(f"  {cfg.coprocessor.mode:<6} at step 0          {before.ppl_augmented:8.3f}")
-    print(f"  {cfg.coprocessor.mode:<6} after {steps:<5} steps   {after.ppl_augmented:8.3f}")
+    print(f"  {cfg.coprocessor.mode:<6} after {cfg.optim.max_steps:<5} steps   {after.ppl_augmented:8.3f}")
     print(f"saved to {path}")
 
 
@@ -233,14 +229,13 @@ def sweep(config: str | None = None, set: list[str] | None = None, threads: int 
     """Train pause tokens and a coprocessor at each N_L of sweep.n_latents with one budget, and evaluate all three.
 
     Resumable: re-running skips trained conditions and resumes interrupted ones. With --ray (the same as
-    `python -m jobs.sweep`, sweep.trainer=ray) each condition is trained by the Ray Train + DeepSpeed job.
+    `python -m jobs.sweep`) each condition is trained by the Ray Train + DeepSpeed job.
 
     Args:
         config: YAML config file; defaults when omitted.
-        set: config overrides as dotted key=value, e.g. sweep.steps=2000 or eval.device=cuda.
+        set: config overrides as dotted key=value, e.g. optim.max_steps=2000 or eval.device=cuda.
         threads: torch CPU threads of this process (0: torch's default).
-        ray: train each condition with Ray Train + DeepSpeed (sets sweep.trainer=ray); default: the library's
-            loop in this process.
+        ray: train each condition with Ray Train + DeepSpeed; default: the library's loop in this process.
         num_cpus: logical CPUs of a local Ray cluster started here (with --ray).
     """
     import torch
@@ -257,8 +252,6 @@ def sweep(config: str | None = None, set: list[str] | None = None, threads: int 
     from pipelines.config import load_job_config
 
     cfg = load_job_config(config, overrides=set or ())
-    if cfg.sweep.trainer != "local":
-        raise SystemExit("sweep.trainer=ray runs through `python -m jobs.sweep` (or `cache-aug sweep --ray`)")
     print(dump_config(cfg))
     build_if_embedded(cfg.model.path)
     reports = run_sweep(cfg)
@@ -276,8 +269,8 @@ def arithmetic(config: str | None = "jobs/configs/arithmetic_tiny.yaml", set: li
     the answers for none / pause / coprocessor. Resumable: trained parts are reused.
 
     Args:
-        config: YAML config (sweep.n_latents, sweep.steps, augmentation.*, coprocessor.*).
-        set: config overrides as dotted key=value, e.g. sweep.steps=400.
+        config: YAML config (sweep.n_latents, optim.*, augmentation.*, coprocessor.*).
+        set: config overrides as dotted key=value, e.g. optim.max_steps=400.
         work_dir: corpus, decoder and modules go here.
         results_dir: reports (JSON, Markdown, plots) go here.
         op: the operation, "*" or "+" (the decoder learns 3-digit "+" perfectly: nothing left to gain).

@@ -74,7 +74,8 @@ class RayTrainConfig(TrainConfig):
     """torch intra-op threads per worker (CPU training); 0 keeps torch's default."""
 
     deepspeed_config: str = "cluster/deepspeed/cpu.json"
-    """DeepSpeed JSON (ZeRO stage, precision, optimizer); batch sizes, lr and schedule are filled in from here."""
+    """DeepSpeed JSON (ZeRO stage, precision, optimizer implementation); batch sizes come from here, AdamW's
+    settings and clipping from the optim section, and the schedule is the library's (cache_aug.optim)."""
 
     zero_stage: int | None = None
     """Override of the JSON's ZeRO stage (0-3)."""

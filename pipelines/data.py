@@ -15,6 +15,7 @@ from collections import Counter
 import numpy as np
 import ray
 
+from cache_aug.blocks import pack_blocks
 from cache_aug.config import DataConfig, S3Config
 from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import usable_text
@@ -83,15 +84,9 @@ class TokenizeAndPack:
                   + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())), flush=True)
         if self.split is not None:
             texts = [t for t in texts if is_heldout(t, self.fraction) == (self.split == "heldout")]
-        eos = self.tokenizer.eos_token_id
-        flat: list[int] = []
-        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
-            flat.extend(ids)
-            if eos is not None:
-                flat.append(eos)
-        n = len(flat) // self.seq_len
-        blocks = np.asarray(flat[: n * self.seq_len], dtype=np.int32).reshape(n, self.seq_len)
-        return {"input_ids": blocks}
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        blocks = pack_blocks(ids, self.seq_len, self.tokenizer.eos_token_id)
+        return {"input_ids": blocks.numpy().astype(np.int32)}
 
 
 def pack_dataset(ds: ray.data.Dataset, tokenizer, seq_len: int, docs_per_batch: int, split: str | None = None,

@@ -50,8 +50,8 @@ def run_demo(storage: str = "runs/demo", steps: int = 120, docs: int = 24, port:
         storage = os.path.abspath(storage)
     run = time.strftime("demo-%Y%m%dT%H%M%S")  # a fresh run each time (the same name would resume the finished one)
     cfg = load_job_config(REPO / "jobs/configs/tiny_cpu.yaml", overrides=[
-        f"train.storage_path={storage}/train", f"train.run_name={run}", f"train.max_steps={steps}",
-        f"train.warmup_steps={min(50, steps // 10)}", f"train.checkpoint_every={steps}",
+        f"train.storage_path={storage}/train", f"train.run_name={run}", f"optim.max_steps={steps}",
+        f"optim.warmup_steps={min(50, steps // 10)}", f"train.checkpoint_every={steps}",
         f"train.eval_every={max(1, steps // 2)}",
         f"corpus.input_paths=[{storage}/corpus/]", f"corpus.output={storage}/caches",
         f"corpus.coprocessor={storage}/train/{run}/export",

@@ -42,6 +42,7 @@ from cache_aug.coprocessor import (
 )
 from cache_aug.decoder import load_decoder
 from cache_aug.losses import one_pass_loss, plain_ahead_loss, sample_points
+from cache_aug.optim import Schedule
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
 from pipelines.data import training_datasets
@@ -53,30 +54,32 @@ FAIL_ONCE_ENV = "CACHE_AUG_FAIL_ONCE"  # "STEP:MARKER_PATH": raise once at STEP 
 
 
 def deepspeed_config(cfg: JobConfig) -> dict:
-    """The JSON from `train.deepspeed_config`, with batch sizes, lr, schedule and clipping filled in."""
-    t = cfg.train
+    """The JSON from `train.deepspeed_config` (ZeRO, precision, optimizer implementation), with the batch sizes,
+    clipping and AdamW's settings filled in from the config. The schedule is the library's one
+    (:class:`cache_aug.optim.Schedule`, passed to DeepSpeed as its client scheduler), so the JSON holds none."""
+    t, o = cfg.train, cfg.optim
     path = Path(t.deepspeed_config)
     if not path.exists():
         raise FileNotFoundError(f"train.deepspeed_config: {path} does not exist (cwd {os.getcwd()})")
     ds = json.loads(path.read_text())
+    for key in ("scheduler", "gradient_clipping", "train_batch_size"):
+        if key in ds:
+            raise ValueError(f"train.deepspeed_config: {path} sets {key!r}, which comes from the job config "
+                             f"(optim.* and train.*): remove it from the JSON")
     ds.update(
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum_steps,
         train_batch_size=t.micro_batch_size * t.grad_accum_steps * t.num_workers,
-        gradient_clipping=t.grad_clip,
+        gradient_clipping=o.grad_clip,
         steps_per_print=10**9,
     )
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    ds["optimizer"].setdefault("params", {})["lr"] = t.lr
-    ds["scheduler"] = {
-        "type": "WarmupCosineLR",
-        "params": {
-            "total_num_steps": t.max_steps,
-            "warmup_num_steps": max(1, t.warmup_steps),
-            "warmup_type": "linear",
-            "cos_min_ratio": 0.1,
-        },
-    }
+    params = ds["optimizer"].setdefault("params", {})
+    for key in ("lr", "betas", "eps", "weight_decay"):
+        if key in params:
+            raise ValueError(f"train.deepspeed_config: {path} sets optimizer.params.{key}, which comes from "
+                             f"optim.{key}: remove it from the JSON")
+    params.update(lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if t.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
     return ds
@@ -176,6 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     module = build_latent_module(decoder, cfg.coprocessor, aug.n_latents)
     trainable = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=module, model_parameters=trainable,
+                                                   lr_scheduler=lambda opt: Schedule(opt, cfg.optim),
                                                    config=loop_config["deepspeed"])
 
     checkpoint = ray.train.get_checkpoint()
@@ -194,7 +198,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     g = torch.Generator().manual_seed(t.seed * 1_000_003 + rank * 7919 + step)
     interval_loss, interval_n, tokens, t0 = 0.0, 0, 0, time.perf_counter()
     micro = 0
-    while step < t.max_steps:
+    while step < cfg.optim.max_steps:
         micro_before = micro
         for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long, drop_last=True):
             ids = batch["input_ids"].to(device)
@@ -211,7 +215,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             step = engine.global_steps
             _maybe_fail(step)
-            last = step >= t.max_steps
+            last = step >= cfg.optim.max_steps
             if step % t.checkpoint_every and step % t.eval_every and not last:
                 continue
             elapsed = time.perf_counter() - t0
@@ -220,7 +224,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "step": step,
                 "loss": loss_sum / max(n_sum, 1),
                 "tokens_per_s": tok_sum / elapsed,
-                "lr": scheduler.get_last_lr()[0] if scheduler else t.lr,
+                "lr": scheduler.get_last_lr()[0],
                 "resumed_from_step": start_step,
             }
             if step % t.eval_every == 0 or last:
@@ -300,9 +304,9 @@ def apply_debug_steps(cfg: JobConfig, steps: int) -> JobConfig:
     """A smoke-run variant: `steps` optimizer steps, evaluated and checkpointed at the end."""
     import dataclasses
 
-    train = dataclasses.replace(cfg.train, max_steps=steps, checkpoint_every=steps, eval_every=steps, eval_batches=1,
-                                warmup_steps=min(cfg.train.warmup_steps, steps))
-    return dataclasses.replace(cfg, train=train)
+    train = dataclasses.replace(cfg.train, checkpoint_every=steps, eval_every=steps, eval_batches=1)
+    optim = dataclasses.replace(cfg.optim, max_steps=steps, warmup_steps=min(cfg.optim.warmup_steps, steps))
+    return dataclasses.replace(cfg, train=train, optim=optim)
 
 
 def train_job(config: str | None, overrides: list[str], debug_steps: int = 0, num_cpus: int | None = None) -> dict:

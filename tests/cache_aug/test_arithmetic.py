@@ -109,7 +109,7 @@ def test_summary_accuracy_and_paired_intervals():
 def test_run_arithmetic_end_to_end_micro(tmp_path):
     spec = ArithmeticSpec(digits=2, problems_per_doc=4, train_docs=400, eval_docs=4, eval_from_problem=2,
                           hidden_size=32, num_layers=1, steps=4, threads=1)
-    overrides = ["sweep.n_latents=[2]", "sweep.steps=2", "sweep.batch_size=4", "sweep.warmup_steps=1",
+    overrides = ["sweep.n_latents=[2]", "optim.max_steps=2", "sweep.batch_size=4", "optim.warmup_steps=1",
                  "sweep.curve_every=1", "augmentation.n_ahead=3",
                  "augmentation.points_per_sequence=2", "eval.bootstrap_samples=50",
                  "coprocessor.first_ahead_from=last_token"]

@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cache_aug.config import AugmentationConfig, CoprocessorConfig
+from cache_aug.blocks import iterate_batches, pack_blocks
+from cache_aug.config import AugmentationConfig, CoprocessorConfig, OptimConfig
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.testing import tiny_decoder
-from cache_aug.training import (
-    evaluate,
-    iterate_batches,
-    lr_factor,
-    pack_blocks,
-    train_local,
-)
+from cache_aug.training import evaluate, train_local
 
 AUG = AugmentationConfig(n_latents=2, n_ahead=3, points_per_sequence=3, min_prefix=2)
 
@@ -30,8 +25,9 @@ def _run(decoder, blocks, checkpoint=None, stop_at=None):
         if step == stop_at:
             raise Interrupted
 
-    losses = train_local(decoder, module, iterate_batches(blocks, 2, seed=0), AUG, steps=6, lr=1e-2, warmup_steps=2,
-                         log_every=0, cosine=True, checkpoint_path=checkpoint, checkpoint_every=2, on_step=on_step)
+    losses = train_local(decoder, module, iterate_batches(blocks, 2, seed=0), AUG,
+                         OptimConfig(lr=1e-2, warmup_steps=2, max_steps=6), log_every=0, checkpoint_path=checkpoint,
+                         checkpoint_every=2, on_step=on_step)
     return module, losses
 
 
@@ -47,14 +43,6 @@ def test_resumed_run_equals_unbroken(tmp_path):
     assert trained
     for name, b in resumed.trainable_state().items():
         torch.testing.assert_close(trained[name], b, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_lr_factor_warmup_then_cosine_to_ten_percent():
-    assert [lr_factor(s, 10, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_factor(4, 10, 4) == pytest.approx(1.0)  # decay starts at the peak
-    assert lr_factor(7, 10, 4) == pytest.approx(0.55)  # halfway down
-    assert lr_factor(10, 10, 4) == pytest.approx(0.1) == lr_factor(50, 10, 4)  # and stays at 10%
-    assert lr_factor(9, 10, 4, cosine=False) == 1.0
 
 
 def test_too_little_text_is_refused_not_looped_over():

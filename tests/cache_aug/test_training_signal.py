@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from cache_aug.config import AugmentationConfig, CoprocessorConfig, ModelConfig
+from cache_aug.blocks import iterate_batches, pack_blocks
+from cache_aug.config import AugmentationConfig, CoprocessorConfig, ModelConfig, OptimConfig
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.corpus import load_kjv, split_heldout
 from cache_aug.decoder import load_decoder
 from cache_aug.tiny import TINY_SPECS
-from cache_aug.training import evaluate, iterate_batches, pack_blocks, train_local
+from cache_aug.training import evaluate, train_local
 
 
 def test_short_training_lowers_heldout_ahead_loss(tiny_default_dir):
@@ -24,8 +25,8 @@ def test_short_training_lowers_heldout_ahead_loss(tiny_default_dir):
     module = build_latent_module(decoder, CoprocessorConfig(mode="full"), aug.n_latents)
 
     before = evaluate(decoder, module, heldout, aug)
-    losses = train_local(decoder, module, iterate_batches(train, 4, seed=0), aug, steps=60, lr=1e-3, warmup_steps=5,
-                         log_every=20)
+    optim = OptimConfig(lr=1e-3, warmup_steps=5, max_steps=60, decay="constant")
+    losses = train_local(decoder, module, iterate_batches(train, 4, seed=0), aug, optim, log_every=20)
     after = evaluate(decoder, module, heldout, aug)
 
     print(f"held-out ahead loss: none {before.loss_none:.4f} | augmented step 0 {before.loss_augmented:.4f} "

@@ -33,7 +33,8 @@ def test_train_local_end_to_end(tiny_default_dir, tmp_path, capsys):
     out_dir = tmp_path / "cop"
     cli.main([
         "train-local", "--set", f"model.path={tiny_default_dir}", "--set", "augmentation.n_latents=2",
-        "--set", "augmentation.points_per_sequence=4", "--steps", "3", "--seq-len", "64", "--batch-size", "2",
+        "--set", "augmentation.points_per_sequence=4", "--set", "optim.max_steps=3", "--set", "data.seq_len=64",
+        "--set", "train.micro_batch_size=2",
         "--eval-blocks", "4", "--output", str(out_dir), "--threads", "1",
     ])
     out = capsys.readouterr().out

@@ -86,7 +86,7 @@ def test_ray_keys_keep_their_paths():
     ("train.zero_stage=4", "train.zero_stage: must be None or 0-3, got 4"),
     ("train.checkpoints_to_keep=0", "train.checkpoints_to_keep: must be >= 1, got 0"),
     ("train.max_failures=-1", "train.max_failures: must be >= 0, got -1"),
-    ("train.max_steps=0", "train.max_steps: must be >= 1, got 0"),  # the library's checks still run
+    ("optim.max_steps=0", "optim.max_steps: must be >= 1, got 0"),  # the library's checks still run
     ("data.docs_per_batch=0", "data.docs_per_batch: must be >= 1, got 0"),
     ("corpus.batch_size=0", "corpus.batch_size: must be >= 1, got 0"),
     ("corpus.num_actors=0", "corpus.num_actors: must be >= 1, got 0"),

@@ -122,6 +122,25 @@ def test_job_config_loads_and_names_existing_files(path, monkeypatch):
     bf16 = ds.get("bf16", {}).get("enabled", False)
     assert bf16 == (cfg.model.dtype == "bfloat16") == cfg.train.use_gpu, (
         "bf16 JSON <=> bfloat16 weights <=> GPU workers")
+    o = cfg.optim  # AdamW's settings and clipping come from the one optim section; the schedule is the library's
+    assert ds["optimizer"]["params"] | {"lr": o.lr} == ds["optimizer"]["params"] | {
+        "lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
+    assert ds["gradient_clipping"] == o.grad_clip and "scheduler" not in ds
+
+
+@pytest.mark.parametrize("key", ["scheduler", "gradient_clipping", "optimizer.params.lr", "optimizer.params.betas"])
+def test_deepspeed_json_may_not_set_what_the_job_config_owns(key, tmp_path, monkeypatch):
+    """Two sources for one setting would let the JSON silently win or lose: the job refuses the JSON, naming it."""
+    raw = json.loads((ROOT / "cluster/deepspeed/cpu.json").read_text())
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = {"type": "WarmupLR"} if leaf == "scheduler" else 0.5
+    (tmp_path / "ds.json").write_text(json.dumps(raw))
+    cfg = load_job_config(None, overrides=[f"train.deepspeed_config={tmp_path / 'ds.json'}"])
+    with pytest.raises(ValueError, match=rf"{re.escape(key)}'?, which comes from .*remove it from the JSON"):
+        deepspeed_config(cfg)
 
 
 @pytest.mark.parametrize("path", [p for p in JOB_CONFIGS if "python -m jobs.augment" in _header(p)],

@@ -379,8 +379,8 @@ def test_training_resumes_from_last_checkpoint_after_sigkill_of_a_worker(tiny_de
         "data.paths": f"[{data}/train/]", "data.eval_paths": f"[{data}/heldout/]", "data.seq_len": 64,
         "data.docs_per_batch": 32,
         "train.run_name": name, "train.storage_path": str(tmp_path / "runs"), "train.num_workers": 2,
-        "train.micro_batch_size": 2, "train.warmup_steps": 1, "train.eval_batches": 1,
-        "train.deepspeed_config": "cluster/deepspeed/cpu.json", "train.zero_stage": 2, "train.max_steps": 60,
+        "train.micro_batch_size": 2, "optim.warmup_steps": 1, "train.eval_batches": 1,
+        "train.deepspeed_config": "cluster/deepspeed/cpu.json", "train.zero_stage": 2, "optim.max_steps": 60,
         "train.checkpoint_every": 20, "train.eval_every": 60, "train.max_failures": 1, "train.checkpoints_to_keep": 10,
     }
     cfg = load_job_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])

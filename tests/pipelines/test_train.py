@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cache_aug.augment import augment
-from cache_aug.config import ModelConfig
+from cache_aug.config import ModelConfig, OptimConfig
 from cache_aug.coprocessor import latent_fingerprint, load_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.decoder import load_decoder
@@ -41,17 +41,21 @@ def corpus_bucket(s3_server):
     return "s3://corpus/kjv"
 
 
+OPTIM = {f.name for f in dataclasses.fields(OptimConfig)}
+
+
 def _cfg(tiny_default_dir, corpus, run_name, storage, **train):
+    """The tiny job config; `train` holds train.* and optim.* settings by name."""
     overrides = {
         "model.path": str(tiny_default_dir),
         "augmentation.n_latents": 2, "augmentation.n_ahead": 4, "augmentation.points_per_sequence": 4,
         "data.paths": f"[{corpus}/train/]", "data.eval_paths": f"[{corpus}/heldout/]",
         "data.seq_len": 64, "data.docs_per_batch": 32,
         "train.run_name": run_name, "train.storage_path": storage, "train.num_workers": 2,
-        "train.micro_batch_size": 2, "train.warmup_steps": 1, "train.eval_batches": 1,
+        "train.micro_batch_size": 2, "optim.warmup_steps": 1, "train.eval_batches": 1,
         "train.deepspeed_config": "cluster/deepspeed/cpu.json",
     }
-    overrides |= {f"train.{k}": v for k, v in train.items()}
+    overrides |= {f"{'optim' if k in OPTIM else 'train'}.{k}": v for k, v in train.items()}
     return load_job_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -66,8 +70,9 @@ def test_end_to_end_s3_checkpoint_resume_and_export(tiny_default_dir, corpus_buc
     assert any(k.endswith("/ckpt/mp_rank_00_model_states.pt") for k in keys), keys
     assert sum("optim_states" in k for k in keys) == 2  # one ZeRO shard per rank
 
-    second = run_training(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5, checkpoint_every=5,
-                                                                             eval_every=5)))
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=5, eval_every=5),
+                                 optim=dataclasses.replace(cfg.optim, max_steps=5))
+    second = run_training(longer)
     assert second.metrics["resumed_from_step"] == 3
     assert second.metrics["step"] == 5
 

@@ -26,7 +26,7 @@ import torch
 from cache_aug.config import EvalConfig
 from cache_aug.decoder import Decoder
 from cache_aug.documents import usable_text
-from cache_aug.losses import one_pass_ce, sample_points
+from cache_aug.losses import conditions_ce, sample_points
 from cache_aug.report import write_report
 from cache_aug.stats import summarise
 
@@ -138,7 +138,7 @@ def evaluate_documents(decoder: Decoder, modules: dict[str, object], docs: Itera
             # (n, B)
             points = torch.stack([window_points(d, k, length, ev, min_prefix) for d, k, _ in chunk]).to(decoder.device)
             # (n, B, A)
-            ce = {name: one_pass_ce(decoder, m, ids, points, ev.max_ahead).float().cpu() for name, m in modules.items()}
+            ce = {name: c.cpu() for name, c in conditions_ce(decoder, modules, ids, points, ev.max_ahead).items()}
             for j, (doc_id, index, _) in enumerate(chunk):
                 rows.append({"doc_id": doc_id, "window": index, "points": points[j].tolist()}
                             | {f"ce_{name}": ce[name][j].tolist() for name in modules})

@@ -16,10 +16,12 @@ The `*_ce` functions return every target's cross-entropy (N, B, N_A), for evalua
 - `reference_loss`: the naive loop, one prefill per point, default causal masks; the
   specification the one-pass version must equal.
 - `module=None` gives the "none" baseline: plain next-token loss at the same targets.
+- `ahead_sums`: held-out evaluation, the module vs none summed over batches (every evaluator's core).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from cache_aug.architecture import with_cache
+from cache_aug.config import AugmentationConfig
 from cache_aug.decoder import Decoder
 from cache_aug.kv import layer_kv, model_cache
 from cache_aug.passes import (
@@ -136,6 +139,37 @@ def plain_ahead_ce(decoder: Decoder, input_ids: torch.Tensor, points: torch.Tens
 def plain_ahead_loss(decoder: Decoder, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int) -> AheadLoss:
     """The 'none' baseline, reduced."""
     return _reduce(plain_ahead_ce(decoder, input_ids, points, n_ahead))
+
+
+def conditions_ce(decoder: Decoder, modules: dict[str, object], input_ids: torch.Tensor, points: torch.Tensor,
+                  n_ahead: int) -> dict[str, torch.Tensor]:
+    """Every target's cross-entropy (N, B, N_A) per condition (name -> module, None: D alone), at the same points."""
+    return {name: one_pass_ce(decoder, m, input_ids, points, n_ahead) for name, m in modules.items()}
+
+
+@torch.no_grad()
+def ahead_sums(decoder: Decoder, module, batches: Iterable[torch.Tensor], aug: AugmentationConfig,
+               generator: torch.Generator) -> tuple[dict[str, float], dict[str, torch.Tensor], int]:
+    """Held-out ahead losses of the module ("augmented", in eval mode meanwhile) and of D alone ("none"), summed.
+
+    Each (N, T) batch gets its points from `generator`; both conditions are measured at them. Returns per condition
+    the summed loss and the (N_A,) per-position sums (each batch's means weighted by its targets), and the number of
+    targets: the sums add over batches and ranks, and divided by that number they are the means.
+    """
+    conditions = {"augmented": module, "none": None}
+    was_training = module.training
+    module.eval()
+    loss, per_position, count = dict.fromkeys(conditions, 0.0), {c: torch.zeros(aug.n_ahead) for c in conditions}, 0
+    for batch in batches:
+        ids = batch.to(decoder.device)
+        points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix,
+                               generator).to(decoder.device)
+        for c, ce in conditions_ce(decoder, conditions, ids, points, aug.n_ahead).items():
+            loss[c] += float(ce.mean()) * ce.numel()
+            per_position[c] += ce.mean(dim=(0, 1)).cpu() * ce.numel()
+        count += ce.numel()
+    module.train(was_training)
+    return loss, per_position, count
 
 
 def reference_loss(decoder: Decoder, module, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int) -> AheadLoss:

@@ -17,7 +17,7 @@ import torch
 
 from cache_aug.config import AugmentationConfig, OptimConfig
 from cache_aug.decoder import Decoder
-from cache_aug.losses import AheadLoss, one_pass_loss, plain_ahead_loss, sample_points
+from cache_aug.losses import ahead_sums, one_pass_loss, sample_points
 from cache_aug.optim import Schedule, adamw, optimizer_step
 
 
@@ -40,39 +40,17 @@ class EvalResult:
         return math.exp(self.loss_none)
 
 
-@torch.no_grad()
 def evaluate(decoder: Decoder, module, blocks: torch.Tensor, aug: AugmentationConfig, *, batch_size: int = 8,
              seed: int = 1234) -> EvalResult:
     """Mean ahead loss over held-out blocks at fixed (seeded) points, augmented vs none."""
     if blocks.shape[0] == 0:
         raise ValueError("held-out data: the held-out text packs into no block of seq_len tokens; "
                          "add held-out text or lower seq_len")
-    was_training = module.training
-    module.eval()
-    g = torch.Generator().manual_seed(seed)
-    tot_a = tot_n = 0.0
-    pos_a = torch.zeros(aug.n_ahead)
-    pos_n = torch.zeros(aug.n_ahead)
-    count = 0
-    for i in range(0, blocks.shape[0], batch_size):
-        batch = blocks[i : i + batch_size].to(decoder.device)
-        points = sample_points(batch.shape[0], batch.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix,
-                               g).to(decoder.device)
-        a: AheadLoss = one_pass_loss(decoder, module, batch, points, aug.n_ahead)
-        n: AheadLoss = plain_ahead_loss(decoder, batch, points, aug.n_ahead)
-        tot_a += float(a.loss) * a.n_targets
-        tot_n += float(n.loss) * n.n_targets
-        pos_a += a.per_position.cpu() * a.n_targets
-        pos_n += n.per_position.cpu() * n.n_targets
-        count += a.n_targets
-    module.train(was_training)
-    return EvalResult(
-        loss_augmented=tot_a / count,
-        loss_none=tot_n / count,
-        per_position_augmented=(pos_a / count).tolist(),
-        per_position_none=(pos_n / count).tolist(),
-        n_targets=count,
-    )
+    loss, per_position, count = ahead_sums(decoder, module, blocks.split(batch_size), aug,
+                                           torch.Generator().manual_seed(seed))
+    return EvalResult(loss_augmented=loss["augmented"] / count, loss_none=loss["none"] / count,
+                      per_position_augmented=(per_position["augmented"] / count).tolist(),
+                      per_position_none=(per_position["none"] / count).tolist(), n_targets=count)
 
 
 def train_local(

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 import ray
@@ -41,7 +42,7 @@ from cache_aug.coprocessor import (
     save_latent_module,
 )
 from cache_aug.decoder import load_decoder
-from cache_aug.losses import one_pass_loss, plain_ahead_loss, sample_points
+from cache_aug.losses import ahead_sums, one_pass_loss, sample_points
 from cache_aug.optim import Schedule
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
@@ -113,29 +114,13 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-@torch.no_grad()
 def _evaluate(decoder, engine, cfg: JobConfig, rank: int, world: int, device) -> dict:
     """Held-out ahead loss with and without augmentation, at the same seeded points, over all ranks."""
-    aug, t = cfg.augmentation, cfg.train
-    shard = ray.train.get_dataset_shard("eval")
-    g = torch.Generator().manual_seed(t.seed + 7)
-    sums = [0.0, 0.0, 0.0]  # augmented loss * n, none loss * n, n
-    engine.eval()
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long)):
-        if i >= t.eval_batches * world:
-            break
-        if i % world != rank:
-            continue
-        ids = batch["input_ids"].to(device)
-        points = sample_points(ids.shape[0], ids.shape[1], aug.points_per_sequence, aug.n_ahead, aug.min_prefix,
-                               g).to(device)
-        a = one_pass_loss(decoder, engine, ids, points, aug.n_ahead)
-        n = plain_ahead_loss(decoder, ids, points, aug.n_ahead)
-        sums[0] += float(a.loss) * a.n_targets
-        sums[1] += float(n.loss) * n.n_targets
-        sums[2] += a.n_targets
-    engine.train()
-    tot_a, tot_n, count = _all_reduce_sum(sums, device)
+    t = cfg.train
+    batches = ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long)
+    mine = (b["input_ids"] for i, b in enumerate(islice(batches, t.eval_batches * world)) if i % world == rank)
+    loss, _, count = ahead_sums(decoder, engine, mine, cfg.augmentation, torch.Generator().manual_seed(t.seed + 7))
+    tot_a, tot_n, count = _all_reduce_sum([loss["augmented"], loss["none"], count], device)
     if count == 0:
         return {}
     return {

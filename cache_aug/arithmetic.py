@@ -68,8 +68,8 @@ class ArithmeticSpec:
     steps: int = 1500
     """Decoder pretraining steps (batch 16 x 256 tokens)."""
     max_minutes: float = 60.0
-    """Wall-clock safety cap on the decoder's pretraining (~6 min on 2 idle cores). The schedule follows
-    whichever of steps and time is further along, so a cap that binds changes the decoder: keep it loose."""
+    """Wall-clock safety cap on the decoder's pretraining (~6 min on 2 idle cores): a build that reaches it
+    stops there, with fewer steps than asked (keep it loose)."""
     threads: int = 2
     """torch threads while pretraining the decoder."""
 

@@ -232,8 +232,9 @@ def pretrain_tiny(
                 if elapsed >= max_s:
                     stop_reason = "max_minutes"
                     break
-                # the decay follows whichever of steps and time is further along
-                lr = learning_rate(step, o, progress=max(step / o.max_steps, elapsed / max_s))
+                # the decay runs over the steps (from step 0, warmup included), never over the clock: a build
+                # slowed down by other work on the machine still builds the same bytes
+                lr = learning_rate(step, o, progress=step / o.max_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 x = next(batches)

@@ -42,10 +42,12 @@ class TinySpec:
     """Blocks per optimizer step."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=2e-3, warmup_steps=100, max_steps=100_000, weight_decay=0.1, betas=[0.9, 0.95]))
-    """The project's one optimiser and schedule (:mod:`cache_aug.optim`); ``max_steps`` caps the steps, and the
-    cosine decay follows whichever of steps and ``max_minutes`` is further along."""
+    """The project's one optimiser and schedule (:mod:`cache_aug.optim`): ``max_steps`` steps, the cosine decay
+    running over them from step 0."""
     max_minutes: float = 20.0
-    """Wall-clock cap on the training loop (minutes); the LR schedule follows it."""
+    """Wall-clock safety cap on the training loop (minutes): a build that reaches it stops there (its
+    pretrain.json says ``stop_reason: max_minutes``). The schedule never follows the clock, so a build slowed
+    by other work on the machine builds the same bytes."""
     threads: int = 1
     """torch intra-op threads used while building; 0: every core (at most 8). Part of the build's identity
     (`spec_hash`, as the resolved count): BLAS libraries may split a weight gradient's reduction over threads, so

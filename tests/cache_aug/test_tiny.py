@@ -168,16 +168,34 @@ def test_presets_and_names(monkeypatch, tmp_path):
         built_tiny_decoder("no-such-model", root=tmp_path)
 
 
-def test_same_recipe_and_thread_count_build_the_same_bytes(kjv, tmp_path):
+def test_same_recipe_and_thread_count_build_the_same_bytes(kjv, tmp_path, monkeypatch):
     """A build is reproducible: the same recipe on the same thread count, twice, gives identical weights (another
-    thread count may not, which is why `spec_hash` includes it)."""
+    thread count may not, which is why `spec_hash` includes it). The second build runs on a machine that is slow at
+    first (its clock runs 200 s a reading for the first 15 readings, inside the cap): the schedule follows the
+    steps, never the clock, so other work on the machine cannot change what is built."""
+    import time as real_time
+
+    from cache_aug import tiny_pretrain
+
     docs = kjv[:200]
     spec = dataclasses.replace(TINY_SPECS["test"], optim=dataclasses.replace(TINY_SPECS["test"].optim, max_steps=30),
-                               threads=2)
+                               threads=2, max_minutes=60.0)
     built = []
     for run in range(2):
-        pretrain_tiny(tmp_path / f"run{run}", spec, docs=docs, log=lambda m: None)
+        if run == 1:
+            readings = [0]
+
+            def lumpy(readings=readings) -> float:
+                readings[0] += 1
+                return 1e6 + min(readings[0], 15) * 200.0 + real_time.perf_counter()
+
+            monkeypatch.setattr(tiny_pretrain, "time", type("Clock", (), {
+                "time": staticmethod(lumpy), "strftime": staticmethod(real_time.strftime),
+                "time_ns": staticmethod(real_time.time_ns)}))
+        info = pretrain_tiny(tmp_path / f"run{run}", spec, docs=docs, log=lambda m: None)
         built.append((tmp_path / f"run{run}" / "model.safetensors").read_bytes())
+        assert info["stop_reason"] == "max_steps" and info["steps"] == 30
+    assert info["train_seconds"] > 0.5 * spec.max_minutes * 60  # the clock ran ahead of the steps
     assert built[0] == built[1]
     assert json.loads((tmp_path / "run0" / "pretrain.json").read_text())["threads"] == 2
 

@@ -92,14 +92,13 @@ class Augmenter:
         from cache_aug.config import from_dict
         from cache_aug.coprocessor import latent_fingerprint, load_latent_module
         from cache_aug.decoder import load_decoder
-        from pipelines.storage import fsspec_options
 
         self.cfg = from_dict(JobConfig, config)
         self.device = "cuda" if self.cfg.corpus.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(self.cfg.corpus.cpus_per_actor)))
-        self.decoder = load_decoder(self.cfg.model, device=self.device, storage_options=fsspec_options(self.cfg.s3))
-        self.module = load_latent_module(coprocessor, self.decoder, fsspec_options(self.cfg.s3))
+        self.decoder = load_decoder(self.cfg.model, device=self.device, s3=self.cfg.s3)
+        self.module = load_latent_module(coprocessor, self.decoder, self.cfg.s3)
         self.fingerprint = latent_fingerprint(self.decoder, self.module)
         if self.fingerprint != fingerprint:  # every record of a run must come from the models the driver checked
             raise RuntimeError(f"corpus.coprocessor / model.path changed during the run: the driver loaded fingerprint "
@@ -173,7 +172,6 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     """Run one incremental pass over the corpus; returns (and writes) the run manifest."""
     from cache_aug.coprocessor import latent_fingerprint, load_latent_module
     from cache_aug.decoder import load_decoder
-    from pipelines.storage import fsspec_options
 
     c = cfg.corpus
     if not c.coprocessor:
@@ -184,8 +182,8 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     out_fs = out_fs or pafs.LocalFileSystem()
 
     coprocessor = portable(c.coprocessor)  # each actor loads it from there: the driver's disk may not be theirs
-    decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver checks the fingerprint once
-    module = load_latent_module(coprocessor, decoder, fsspec_options(cfg.s3))
+    decoder = load_decoder(cfg.model, s3=cfg.s3)  # the driver checks the fingerprint once
+    module = load_latent_module(coprocessor, decoder, cfg.s3)
     if not module.layout.allows_storage(cfg.storage.mode):
         raise ValueError(f"storage.mode: the coprocessor at {c.coprocessor} writes keys and values "
                          "(latent_channel=\"kv\"), not input embeddings: store \"latent_kv\" or \"full\"")

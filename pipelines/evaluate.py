@@ -24,7 +24,7 @@ from cache_aug.corpus import resolve_embedded_path
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
 from pipelines.ray_session import init_ray
-from pipelines.storage import fsspec_options, portable, resolve, upload_dir
+from pipelines.storage import portable, resolve, upload_dir
 
 SKIPPED = -1  # the window index of a row that reports a document left out, not a window
 
@@ -43,9 +43,8 @@ class DocumentEvaluator:
         device = "cuda" if ev.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
-        self.decoder = load_decoder(self.cfg.model, device=device, storage_options=fsspec_options(self.cfg.s3))
-        options = fsspec_options(self.cfg.s3)
-        self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, options).eval()
+        self.decoder = load_decoder(self.cfg.model, device=device, s3=self.cfg.s3)
+        self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, self.cfg.s3).eval()
                                          for name, uri in modules.items()}
         for name, m in self.modules.items():  # the report describes the models the driver loaded: these must be them
             if m is not None and (got := latent_fingerprint(self.decoder, m)) != fingerprints[name]:
@@ -110,8 +109,8 @@ def run_eval_job(cfg: JobConfig) -> dict:
     t0 = time.perf_counter()
     # each actor loads the modules from where they are: the driver's disk may not be theirs
     module_uris = {name: portable(getattr(ev, name)) for name in ("pause", "coprocessor") if getattr(ev, name)}
-    decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver describes what is evaluated
-    modules = {"none": None} | {name: load_latent_module(uri, decoder, fsspec_options(cfg.s3))
+    decoder = load_decoder(cfg.model, s3=cfg.s3)  # the driver describes what is evaluated
+    modules = {"none": None} | {name: load_latent_module(uri, decoder, cfg.s3)
                                 for name, uri in module_uris.items()}
     meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor})
     del decoder, modules

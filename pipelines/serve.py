@@ -68,7 +68,7 @@ def build_engine(cfg: JobConfig) -> CompletionEngine:
     from cache_aug.decoder import load_decoder
     from cache_aug.document_texts import DocumentTexts
     from cache_aug.store import AugmentedCacheReader
-    from pipelines.storage import fsspec_options, resolve
+    from pipelines.storage import resolve
 
     s = cfg.serve
     device = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -76,16 +76,16 @@ def build_engine(cfg: JobConfig) -> CompletionEngine:
         # grouped-query attention inside torch's SDPA instead of repeating K/V per head first: the same
         # numbers, one copy of the cache less per layer and step (CUDA would fall back to its math kernel)
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-    decoder = load_decoder(cfg.model, device=device, storage_options=fsspec_options(cfg.s3))
+    decoder = load_decoder(cfg.model, device=device, s3=cfg.s3)
     module, fingerprint = None, None
     sources = resolve_serve_sources(cfg)  # serve.coprocessor / cache_prefix / documents, corpus.* where unset
     cop = sources.coprocessor
     if cop:
         if s.online:
-            module = load_latent_module(cop, decoder, fsspec_options(cfg.s3))
+            module = load_latent_module(cop, decoder, cfg.s3)
             fingerprint = latent_fingerprint(decoder, module)
         else:
-            fingerprint = saved_fingerprint(cop, decoder, fsspec_options(cfg.s3))
+            fingerprint = saved_fingerprint(cop, decoder, cfg.s3)
     records = None
     prefix = sources.cache_prefix
     if fingerprint and prefix:

@@ -1,7 +1,8 @@
 """Reaching storage: local paths, or `s3://` on AWS or any S3-compatible endpoint.
 
 The same code reaches AWS and a loopback S3 server: the endpoint and region come from the config
-or the standard AWS variables, and the keys from environment variables only.
+or the standard AWS variables, and the keys from environment variables only (`S3Config.storage_options`
+resolves them, for the library's fsspec reads and for the pyarrow filesystem Ray Data uses here).
 """
 
 from __future__ import annotations
@@ -13,41 +14,21 @@ import pyarrow.fs as pafs
 from cache_aug.config import S3Config
 
 
-def _endpoint(cfg: S3Config) -> str | None:
-    return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-def _region(cfg: S3Config) -> str:
-    return cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
 def is_remote(path: str) -> bool:
     return path.startswith("s3://")
 
 
 def s3_filesystem(cfg: S3Config) -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem for the configured endpoint (Ray Data, Ray Train storage)."""
-    kwargs: dict = {"region": _region(cfg)}
-    endpoint = _endpoint(cfg)
-    if endpoint:
+    """A pyarrow S3 filesystem for the configured endpoint (Ray Data, Ray Train storage): the endpoint, region and keys
+    the library's fsspec options resolve (`S3Config.storage_options`)."""
+    opts = cfg.storage_options()
+    kwargs: dict = {"region": opts["client_kwargs"]["region_name"]}
+    if endpoint := opts["client_kwargs"].get("endpoint_url"):
         scheme, _, host = endpoint.rpartition("://")
         kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
-    key, secret = os.environ.get(cfg.access_key_env), os.environ.get(cfg.secret_key_env)
-    if key and secret:
-        kwargs.update(access_key=key, secret_key=secret)
+    if "key" in opts:
+        kwargs.update(access_key=opts["key"], secret_key=opts["secret"])
     return pafs.S3FileSystem(**kwargs)
-
-
-def fsspec_options(cfg: S3Config) -> dict:
-    """storage_options for s3fs / fsspec (checkpoint downloads, small files)."""
-    opts: dict = {"client_kwargs": {"region_name": _region(cfg)}}
-    endpoint = _endpoint(cfg)
-    if endpoint:
-        opts["client_kwargs"]["endpoint_url"] = endpoint
-    key, secret = os.environ.get(cfg.access_key_env), os.environ.get(cfg.secret_key_env)
-    if key and secret:
-        opts.update(key=key, secret=secret)
-    return opts
 
 
 def resolve(path: str, cfg: S3Config) -> tuple[pafs.FileSystem | None, str]:

@@ -26,6 +26,7 @@ import torch
 
 from bench.results_io import write_result
 from cache_aug.decoder import Decoder, load_decoder
+from cache_aug.devices import choose_device
 from cache_aug.evaluate import evaluate_documents, read_documents
 from cache_aug.stats import summarise
 from cache_aug.sweep import training_blocks
@@ -61,7 +62,7 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_documents=args.max_documents))
     sw, lr = cfg.sweep, args.lr if args.lr is not None else cfg.sweep.lr
     build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
-    frozen = load_decoder(cfg.model, device=cfg.eval.device)
+    frozen = load_decoder(cfg.model, device=choose_device(cfg.eval.device))
     train = training_blocks(cfg, frozen, cfg.data.paths)
     docs = read_documents(cfg.eval)
     score = lambda dec: evaluate_documents(dec, {"none": None}, docs, cfg.eval, cfg.augmentation.min_prefix)  # noqa: E731

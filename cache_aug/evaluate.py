@@ -187,6 +187,7 @@ def run_eval(cfg, *, decoder: Decoder | None = None, modules: dict[str, object] 
     """Evaluate in this process and write the report to `output` (default cfg.eval.output), a local directory;
     s3:// inputs are reached as cfg.s3 says."""
     from cache_aug.decoder import load_decoder
+    from cache_aug.devices import choose_device
 
     ev = cfg.eval
     out = output or ev.output
@@ -194,7 +195,7 @@ def run_eval(cfg, *, decoder: Decoder | None = None, modules: dict[str, object] 
         raise ValueError(f"run_eval writes a local directory, not {out!r}: write it there, then copy it")
     t0 = time.perf_counter()
     if decoder is None:
-        decoder = load_decoder(cfg.model, device=ev.device, s3=cfg.s3)
+        decoder = load_decoder(cfg.model, device=choose_device(ev.device), s3=cfg.s3)
     if modules is None:
         modules = load_conditions(decoder, ev, cfg.s3)
     skipped: Counter = Counter()

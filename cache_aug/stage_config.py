@@ -176,7 +176,8 @@ class ServeConfig:
     (then only a request's own "document" text can be augmented online)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the replica runs the models; "auto" takes a GPU when the replica was given one."""
+    """Where the replica runs the models; "auto" takes a GPU when the replica was given one (Ray Serve's
+    ``num_gpus``), else the CPU (``cache_aug.devices.choose_device``)."""
 
     max_tokens: int = 256
     """Largest ``max_tokens`` a request may ask for (larger requests get 400)."""
@@ -259,9 +260,10 @@ class EvalConfig:
     """Seed of the point sampling (per document and window, so any split of the documents over workers
     gives the same points) and of the bootstrap."""
 
-    device: str = "cpu"
-    """torch device of a local evaluation, e.g. "cuda"; the Ray job's actors use the GPU when
-    eval.gpus_per_actor > 0."""
+    device: str = "auto"
+    """Where the models run, in a local evaluation and in the Ray job's actors alike: "auto" takes a GPU when the
+    process was given one (an actor with eval.gpus_per_actor > 0; a local run is given none, so it runs on the
+    CPU), else the CPU; or a torch device name such as "cpu" or "cuda" (``cache_aug.devices.choose_device``)."""
 
     output: str = "runs/eval"
     """Output directory (local or ``s3://``): eval.json, eval.md, positions.json and the PNG plot."""

@@ -87,16 +87,14 @@ class Augmenter:
     """Actor: holds decoder + coprocessor; turns `process` rows into `record` rows."""
 
     def __init__(self, config: dict, coprocessor: str, fingerprint: str):
-        import torch
-
         from cache_aug.config import from_dict
         from cache_aug.coprocessor import latent_fingerprint, load_latent_module
         from cache_aug.decoder import load_decoder
+        from cache_aug.devices import choose_device
 
         self.cfg = from_dict(JobConfig, config)
-        self.device = "cuda" if self.cfg.corpus.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(self.cfg.corpus.cpus_per_actor)))
+        c = self.cfg.corpus
+        self.device = choose_device("auto", gpus=c.gpus_per_actor, cpus=c.cpus_per_actor)  # a GPU when given one
         self.decoder = load_decoder(self.cfg.model, device=self.device, s3=self.cfg.s3)
         self.module = load_latent_module(coprocessor, self.decoder, self.cfg.s3)
         self.fingerprint = latent_fingerprint(self.decoder, self.module)

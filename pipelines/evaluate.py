@@ -33,16 +33,13 @@ class DocumentEvaluator:
     """Actor: holds the decoder and the condition modules; documents in, per-window losses out."""
 
     def __init__(self, config: dict, modules: dict[str, str], fingerprints: dict[str, str]):
-        import torch
-
         from cache_aug.coprocessor import latent_fingerprint, load_latent_module
         from cache_aug.decoder import load_decoder
+        from cache_aug.devices import choose_device
 
         self.cfg = from_dict(JobConfig, config)
         ev = self.cfg.eval
-        device = "cuda" if ev.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
+        device = choose_device(ev.device, gpus=ev.gpus_per_actor, cpus=ev.cpus_per_actor)
         self.decoder = load_decoder(self.cfg.model, device=device, s3=self.cfg.s3)
         self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, self.cfg.s3).eval()
                                          for name, uri in modules.items()}

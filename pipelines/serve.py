@@ -54,10 +54,9 @@ def _next(gen):
         return True, stop.value
 
 
-def build_engine(cfg: JobConfig) -> CompletionEngine:
-    """Load the models, the stored-cache reader and the document lookup a replica serves with."""
+def build_engine(cfg: JobConfig, device) -> CompletionEngine:
+    """Load the models (on `device`), the stored-cache reader and the document lookup a replica serves with."""
     import pyarrow.fs as pafs
-    import torch
 
     from cache_aug.coprocessor import (
         latent_fingerprint,
@@ -71,8 +70,7 @@ def build_engine(cfg: JobConfig) -> CompletionEngine:
     from pipelines.storage import resolve
 
     s = cfg.serve
-    device = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if device == "cpu":
+    if device.type == "cpu":
         # grouped-query attention inside torch's SDPA instead of repeating K/V per head first: the same
         # numbers, one copy of the cache less per layer and step (CUDA would fall back to its math kernel)
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
@@ -110,12 +108,13 @@ class CompletionServer:
 
     def __init__(self, config: dict):
         import ray
-        import torch
+
+        from cache_aug.devices import choose_device
 
         self.cfg = from_dict(JobConfig, config)
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
-        self.engine = build_engine(self.cfg)
+        given = ray.get_runtime_context().get_assigned_resources()  # Ray Serve's num_cpus / num_gpus of the replica
+        self.engine = build_engine(self.cfg, choose_device(self.cfg.serve.device, gpus=given.get("GPU", 0),
+                                                           cpus=given.get("CPU", 1)))
         self.token = os.environ.get(self.cfg.serve.auth_token_env) or None
         self._prepare.set_max_batch_size(self.cfg.serve.batch_size)
         self._prepare.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_s)

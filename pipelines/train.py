@@ -41,6 +41,7 @@ from cache_aug.coprocessor import (
     save_latent_module,
 )
 from cache_aug.decoder import load_decoder
+from cache_aug.devices import choose_device
 from cache_aug.losses import one_pass_loss, plain_ahead_loss, sample_points
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
@@ -164,11 +165,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg: JobConfig = from_dict(JobConfig, loop_config["config"])
     t, aug = cfg.train, cfg.augmentation
-    if t.torch_threads:
-        torch.set_num_threads(t.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    # train.use_gpu is the device setting; which of the node's GPUs is this rank's, Ray Train says
+    device = choose_device(str(ray.train.torch.get_device()) if t.use_gpu else "cpu", cpus=t.torch_threads or None)
     if not t.use_gpu:
         _skip_cpu_shm_build()
 

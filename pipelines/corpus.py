@@ -26,7 +26,6 @@ import pyarrow.fs as pafs
 import ray
 
 from cache_aug.config import to_dict
-from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import DocumentError, prepare_document
 from cache_aug.records import RECORD_SCHEMA
 from cache_aug.store import (
@@ -40,8 +39,8 @@ from cache_aug.store import (
 )
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
-from pipelines.ray_session import init_ray
-from pipelines.storage import portable, resolve
+from pipelines.ray_session import check_driver_models, init_ray
+from pipelines.storage import portable, resolve, resolve_inputs
 
 FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
 
@@ -88,7 +87,7 @@ class Augmenter:
 
     def __init__(self, config: dict, coprocessor: str, fingerprint: str):
         from cache_aug.config import from_dict
-        from cache_aug.coprocessor import latent_fingerprint, load_latent_module
+        from cache_aug.coprocessor import load_latent_module
         from cache_aug.decoder import load_decoder
         from cache_aug.devices import choose_device
 
@@ -97,10 +96,9 @@ class Augmenter:
         self.device = choose_device("auto", gpus=c.gpus_per_actor, cpus=c.cpus_per_actor)  # a GPU when given one
         self.decoder = load_decoder(self.cfg.model, device=self.device, s3=self.cfg.s3)
         self.module = load_latent_module(coprocessor, self.decoder, self.cfg.s3)
-        self.fingerprint = latent_fingerprint(self.decoder, self.module)
-        if self.fingerprint != fingerprint:  # every record of a run must come from the models the driver checked
-            raise RuntimeError(f"corpus.coprocessor / model.path changed during the run: the driver loaded fingerprint "
-                               f"{fingerprint}, this actor {self.fingerprint} from {coprocessor}; run the job again")
+        # every record of a run must come from the models the driver checked
+        self.fingerprint = check_driver_models(self.decoder, self.module, fingerprint, "corpus.coprocessor",
+                                               coprocessor)
         self.done_docs = 0
 
     def _maybe_fail(self, n: int) -> None:
@@ -138,9 +136,7 @@ class Augmenter:
 
 def _input_dataset(cfg: JobConfig) -> tuple[ray.data.Dataset, list[str]]:
     c = cfg.corpus
-    paths = [resolve_embedded_path(p) for p in c.input_paths]
-    fs = resolve(paths[0], cfg.s3)[0]
-    targets = [resolve(p, cfg.s3)[1] for p in paths]
+    fs, targets, paths = resolve_inputs(c.input_paths, cfg.s3, "corpus.input_paths")
     try:
         ds = ray.data.read_parquet(targets, filesystem=fs)
         names = ds.schema().names

@@ -20,11 +20,10 @@ import pyarrow as pa
 import ray
 
 from cache_aug.config import from_dict, to_dict
-from cache_aug.corpus import resolve_embedded_path
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
-from pipelines.ray_session import init_ray
-from pipelines.storage import portable, resolve, upload_dir
+from pipelines.ray_session import check_driver_models, init_ray
+from pipelines.storage import portable, resolve_inputs, upload_dir
 
 SKIPPED = -1  # the window index of a row that reports a document left out, not a window
 
@@ -33,7 +32,7 @@ class DocumentEvaluator:
     """Actor: holds the decoder and the condition modules; documents in, per-window losses out."""
 
     def __init__(self, config: dict, modules: dict[str, str], fingerprints: dict[str, str]):
-        from cache_aug.coprocessor import latent_fingerprint, load_latent_module
+        from cache_aug.coprocessor import load_latent_module
         from cache_aug.decoder import load_decoder
         from cache_aug.devices import choose_device
 
@@ -44,9 +43,8 @@ class DocumentEvaluator:
         self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, self.cfg.s3).eval()
                                          for name, uri in modules.items()}
         for name, m in self.modules.items():  # the report describes the models the driver loaded: these must be them
-            if m is not None and (got := latent_fingerprint(self.decoder, m)) != fingerprints[name]:
-                raise RuntimeError(f"eval.{name} / model.path changed during the run: the driver loaded fingerprint "
-                                   f"{fingerprints[name]}, this actor {got} from {modules[name]}; run the job again")
+            if m is not None:
+                check_driver_models(self.decoder, m, fingerprints[name], f"eval.{name}", modules[name])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from cache_aug.evaluate import document_rows, evaluate_documents
@@ -69,9 +67,8 @@ def _read_documents(cfg: JobConfig) -> tuple[ray.data.Dataset, Counter]:
     from cache_aug.evaluate import check_unique_ids, document_rows
 
     ev = cfg.eval
-    paths = [resolve_embedded_path(p) for p in ev.paths]
-    fs = resolve(paths[0], cfg.s3)[0]
-    ds = ray.data.read_parquet([resolve(p, cfg.s3)[1] for p in paths], filesystem=fs)
+    fs, targets, paths = resolve_inputs(ev.paths, cfg.s3, "eval.paths")
+    ds = ray.data.read_parquet(targets, filesystem=fs)
     schema = ds.schema()
     names = schema.names if schema is not None else []
     if ev.text_column not in names:
@@ -80,8 +77,7 @@ def _read_documents(cfg: JobConfig) -> tuple[ray.data.Dataset, Counter]:
     ds = ds.select_columns(columns)
 
     def tables(cols: list[str]) -> list[pa.Table]:  # these columns of every input file, read on the driver
-        return [pads.dataset(t, filesystem=f, format="parquet").to_table(columns=cols)
-                for f, t in (resolve(p, cfg.s3) for p in paths)]
+        return [pads.dataset(t, filesystem=fs, format="parquet").to_table(columns=cols) for t in targets]
 
     if ev.id_column in names:  # the id column only: a duplicate would count twice, whichever actor sees it
         check_unique_ids([i for t in tables([ev.id_column]) for i in t.column(0).to_pylist()], ev.id_column)

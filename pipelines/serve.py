@@ -63,11 +63,10 @@ def build_engine(cfg: JobConfig, device) -> CompletionEngine:
         load_latent_module,
         saved_fingerprint,
     )
-    from cache_aug.corpus import resolve_embedded_path
     from cache_aug.decoder import load_decoder
     from cache_aug.document_texts import DocumentTexts
     from cache_aug.store import AugmentedCacheReader
-    from pipelines.storage import resolve
+    from pipelines.storage import resolve, resolve_inputs
 
     s = cfg.serve
     if device.type == "cpu":
@@ -92,9 +91,8 @@ def build_engine(cfg: JobConfig, device) -> CompletionEngine:
     doc_paths = sources.documents
     documents = None
     if doc_paths:
-        paths = [resolve_embedded_path(p) for p in doc_paths]
-        fs = resolve(paths[0], cfg.s3)[0]
-        documents = DocumentTexts([resolve(p, cfg.s3)[1] for p in paths], filesystem=fs,
+        fs, targets, _ = resolve_inputs(doc_paths, cfg.s3, "serve.documents")
+        documents = DocumentTexts(targets, filesystem=fs,
                                   id_column=cfg.corpus.id_column, text_column=cfg.corpus.text_column)
     return CompletionEngine(decoder, module, fingerprint or "", s, records=records, documents=documents,
                             max_document_tokens=min(s.max_document_tokens, cfg.corpus.max_tokens),

@@ -12,6 +12,7 @@ import os
 import pyarrow.fs as pafs
 
 from cache_aug.config import S3Config
+from cache_aug.corpus import resolve_embedded_path
 
 
 def is_remote(path: str) -> bool:
@@ -31,11 +32,23 @@ def s3_filesystem(cfg: S3Config) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def _target(path: str) -> str:
+    return path.removeprefix("s3://") if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def resolve(path: str, cfg: S3Config) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path for it): `s3://b/k` -> (S3FileSystem, "b/k"); a local path -> (None, abs path)."""
-    if is_remote(path):
-        return s3_filesystem(cfg), path.removeprefix("s3://")
-    return None, os.path.abspath(os.path.expanduser(path))
+    return (s3_filesystem(cfg) if is_remote(path) else None), _target(path)
+
+
+def resolve_inputs(paths: list[str], cfg: S3Config, setting: str) -> tuple[pafs.FileSystem | None, list[str],
+                                                                           list[str]]:
+    """Input files as one filesystem reads them: (filesystem, each path for it, the paths with embedded names such as
+    "embedded:kjv/heldout" made their local files). Refuses a mix of local and s3:// paths, naming `setting`."""
+    named = [resolve_embedded_path(p) for p in paths]
+    if len({is_remote(p) for p in named}) > 1:
+        raise ValueError(f"{setting}: the paths mix local and s3:// locations: {named}")
+    return resolve(named[0], cfg)[0], [_target(p) for p in named], named
 
 
 def upload_dir(local_dir: str, dest: str, cfg: S3Config) -> str:

@@ -28,6 +28,7 @@ from bench.results_io import write_result
 from cache_aug.blocks import iterate_batches
 from cache_aug.config import to_dict
 from cache_aug.decoder import Decoder, load_decoder
+from cache_aug.devices import choose_device
 from cache_aug.evaluate import evaluate_documents, read_documents
 from cache_aug.optim import Schedule, adamw, optimizer_step
 from cache_aug.stats import summarise
@@ -62,7 +63,7 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_documents=args.max_documents))
     steps = cfg.optim.max_steps
     build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
-    frozen = load_decoder(cfg.model, device=cfg.eval.device)
+    frozen = load_decoder(cfg.model, device=choose_device(cfg.eval.device))
     train = training_blocks(cfg, frozen, cfg.data.paths)
     docs = read_documents(cfg.eval)
     score = lambda dec: evaluate_documents(dec, {"none": None}, docs, cfg.eval, cfg.augmentation.min_prefix)  # noqa: E731

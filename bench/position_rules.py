@@ -21,6 +21,7 @@ import torch
 from bench.results_io import write_result
 from cache_aug.coprocessor import build_latent_module
 from cache_aug.decoder import load_decoder
+from cache_aug.devices import choose_device
 from cache_aug.masks import POSITION_RULES
 from cache_aug.sweep import condition_config, training_blocks
 from cache_aug.tiny import build_if_embedded
@@ -41,7 +42,7 @@ def main() -> None:
 
     cfg = load_job_config(args.config)
     build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
-    decoder = load_decoder(cfg.model, device=cfg.eval.device)
+    decoder = load_decoder(cfg.model, device=choose_device(cfg.eval.device))
     held = training_blocks(cfg, decoder, cfg.data.eval_paths)[: args.check_blocks].to(decoder.device)
     ppl, none = {}, None
     t0 = time.perf_counter()

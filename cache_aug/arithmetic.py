@@ -243,6 +243,7 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
     """
     from cache_aug.coprocessor import load_latent_module
     from cache_aug.decoder import load_decoder
+    from cache_aug.devices import choose_device
     from cache_aug.sweep import run_sweep
 
     work, results = Path(work_dir), Path(results_dir)
@@ -264,7 +265,7 @@ def run_arithmetic(cfg, spec: ArithmeticSpec, *, work_dir: str | Path, results_d
     )
     reports = run_sweep(run_cfg, log=log)
 
-    decoder = load_decoder(run_cfg.model, device=run_cfg.eval.device)
+    decoder = load_decoder(run_cfg.model, device=choose_device(run_cfg.eval.device))
     problems = eval_problems(eval_docs, spec.eval_from_problem)
     by_nl = []
     for n_latents in run_cfg.sweep.n_latents:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cache_aug.architecture import check_architecture, with_cache
-from cache_aug.config import CoprocessorConfig
+from cache_aug.config import CoprocessorConfig, S3Config
 from cache_aug.decoder import Decoder, fetch_checkpoint
 from cache_aug.fingerprint import FingerprintMismatch, augmentation_fingerprint
 from cache_aug.kv import layer_kv
@@ -274,16 +274,16 @@ def save_latent_module(module: LatentModule, decoder: Decoder, directory: str | 
     return directory
 
 
-def module_dir(path: str | Path, storage_options: dict | None = None) -> Path:
-    """The local directory of a saved module: `path` itself, or for a remote one (s3://) the node's cached
-    copy (`decoder.fetch_checkpoint`: fetched once per node, fetched again when the files change)."""
-    return fetch_checkpoint(str(path), storage_options=storage_options) if "://" in str(path) else Path(path)
+def module_dir(path: str | Path, s3: S3Config | None = None) -> Path:
+    """The local directory of a saved module: `path` itself, or for a remote one (s3://, reached as `s3` says) the
+    node's cached copy (`decoder.fetch_checkpoint`: fetched once per node, fetched again when the files change)."""
+    return fetch_checkpoint(str(path), s3=s3) if "://" in str(path) else Path(path)
 
 
-def load_latent_module(directory: str | Path, decoder: Decoder, storage_options: dict | None = None) -> LatentModule:
+def load_latent_module(directory: str | Path, decoder: Decoder, s3: S3Config | None = None) -> LatentModule:
     """Load a saved module (local or s3://) for `decoder`; refuses one trained against other decoder weights."""
     check_architecture(decoder.model)
-    directory = module_dir(directory, storage_options)
+    directory = module_dir(directory, s3)
     meta_path = directory / "latents.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{directory}: no latents.json (not a saved coprocessor)")
@@ -324,9 +324,9 @@ def load_latent_module(directory: str | Path, decoder: Decoder, storage_options:
     return module
 
 
-def saved_fingerprint(directory: str | Path, decoder: Decoder, storage_options: dict | None = None) -> str:
+def saved_fingerprint(directory: str | Path, decoder: Decoder, s3: S3Config | None = None) -> str:
     """The fingerprint recorded for a saved module, without loading its weights (for checking stored caches)."""
-    meta_path = module_dir(directory, storage_options) / "latents.json"
+    meta_path = module_dir(directory, s3) / "latents.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{directory}: no latents.json (not a saved coprocessor)")
     meta = json.loads(meta_path.read_text())

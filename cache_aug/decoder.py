@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from cache_aug.config import ModelConfig
+from cache_aug.config import ModelConfig, S3Config
 from cache_aug.dtypes import torch_dtype
 from cache_aug.fingerprint import decoder_fingerprint
 from cache_aug.kv import CacheSpec
-from cache_aug.paths import cache_home, materialise
+from cache_aug.paths import cache_home, materialise, url_to_fs
 
 
 @dataclass
@@ -62,16 +62,14 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, storage_options: dict | None = None) -> Path:
+def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, s3: S3Config | None = None) -> Path:
     """Download an `s3://` (or any fsspec) checkpoint dir once; later calls reuse the local copy.
 
     The local copy is keyed by the URI and the remote files' ETags/sizes, so a changed
     checkpoint at the same URI is fetched again. Credentials and endpoint come from the
-    standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or `storage_options`.
+    config's `s3` section (`S3Config`), or without one the standard AWS variables (AWS_ENDPOINT_URL, ...).
     """
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, root = url_to_fs(uri, s3)
     listing = fs.find(root, detail=True)
     if not listing:
         raise FileNotFoundError(f"no checkpoint files under {uri}")
@@ -91,7 +89,7 @@ def fetch_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None, stora
     return materialise(base / key, fill, uri)
 
 
-def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options: dict | None = None,
+def resolve_checkpoint(path: str, cache_dir: str | None = None, s3: S3Config | None = None,
                        gguf_file: str | None = None, dtype: str = "float32") -> Path:
     """Local HF checkpoint dir for a model given as a local path or remote URI (a checkpoint dir, or the dir
     holding `gguf_file`), a named real model (`gguf_checkpoint.NAMED_MODELS`), or an embedded default name: only
@@ -103,7 +101,7 @@ def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options:
         return convert_gguf(named_model_file(path), dtype)
     if is_embedded_name(path):  # only a finished build: loading never trains (`cache-aug pretrain-tiny` builds)
         return built_tiny_decoder(path)
-    local = fetch_checkpoint(path, cache_dir, storage_options) if "://" in path else Path(path).expanduser()
+    local = fetch_checkpoint(path, cache_dir, s3) if "://" in path else Path(path).expanduser()
     if gguf_file:
         return convert_gguf(local / gguf_file, dtype)
     if not (local / "config.json").exists():
@@ -112,12 +110,12 @@ def resolve_checkpoint(path: str, cache_dir: str | None = None, storage_options:
     return local
 
 
-def load_decoder(cfg: ModelConfig, *, device: str | torch.device = "cpu",
-                 storage_options: dict | None = None) -> Decoder:
-    """Load any HF causal LM + tokenizer (or a GGUF file, converted once) as the frozen decoder."""
+def load_decoder(cfg: ModelConfig, *, device: str | torch.device = "cpu", s3: S3Config | None = None) -> Decoder:
+    """Load any HF causal LM + tokenizer (or a GGUF file, converted once) as the frozen decoder; an ``s3://`` path is
+    reached as `s3` says."""
     from cache_aug.gguf_checkpoint import gguf_source
 
-    local = resolve_checkpoint(cfg.path, cfg.revision_cache_dir, storage_options, cfg.gguf_file, cfg.dtype)
+    local = resolve_checkpoint(cfg.path, cfg.revision_cache_dir, s3, cfg.gguf_file, cfg.dtype)
     kwargs = {"dtype": torch_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation

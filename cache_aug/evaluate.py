@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from cache_aug.config import EvalConfig
+from cache_aug.config import EvalConfig, S3Config
 from cache_aug.decoder import Decoder
 from cache_aug.documents import usable_text
 from cache_aug.losses import conditions_ce, sample_points
@@ -38,21 +38,22 @@ CONDITIONS = ("none", "pause", "coprocessor")
 # --------------------------------------------------------------------------- #
 
 
-def read_documents(ev: EvalConfig, storage_options: dict | None = None,
+def read_documents(ev: EvalConfig, s3: S3Config | None = None,
                    skipped: Counter | None = None) -> list[tuple[str, str]]:
-    """(doc_id, text) of every held-out document, in id order (at most ev.max_documents).
+    """(doc_id, text) of every held-out document, in id order (at most ev.max_documents); s3:// ones reached as
+    `s3` says.
 
     Rows without usable text are counted in `skipped` by reason; duplicated ids are refused.
     """
-    import fsspec
     import pyarrow.parquet as pq
 
     from cache_aug.corpus import resolve_embedded_path
+    from cache_aug.paths import url_to_fs
 
     docs: list[tuple[str, str]] = []
     ids: list = []
     for path in map(resolve_embedded_path, ev.paths):
-        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        fs, root = url_to_fs(path, s3)
         columns = pq.read_table(root, filesystem=fs).to_pydict()
         ids += columns.get(ev.id_column) or []
         docs.extend(document_rows(columns, ev, skipped))
@@ -169,7 +170,7 @@ def module_meta(decoder: Decoder, modules: dict[str, object], paths: dict[str, s
     }
 
 
-def load_conditions(decoder: Decoder, ev: EvalConfig, storage_options: dict | None = None) -> dict[str, object]:
+def load_conditions(decoder: Decoder, ev: EvalConfig, s3: S3Config | None = None) -> dict[str, object]:
     """condition -> module: always "none", then "pause" / "coprocessor" where a path is configured."""
     from cache_aug.coprocessor import load_latent_module
 
@@ -177,14 +178,16 @@ def load_conditions(decoder: Decoder, ev: EvalConfig, storage_options: dict | No
     for name in ("pause", "coprocessor"):
         path = getattr(ev, name)
         if path:
-            modules[name] = load_latent_module(path, decoder, storage_options).eval()
+            modules[name] = load_latent_module(path, decoder, s3).eval()
     return modules
 
 
 def run_eval(cfg, *, decoder: Decoder | None = None, modules: dict[str, object] | None = None,
-             storage_options: dict | None = None, name: str = "eval", output: str | None = None) -> dict:
-    """Evaluate in this process and write the report to `output` (default cfg.eval.output), a local directory."""
+             name: str = "eval", output: str | None = None) -> dict:
+    """Evaluate in this process and write the report to `output` (default cfg.eval.output), a local directory;
+    s3:// inputs are reached as cfg.s3 says."""
     from cache_aug.decoder import load_decoder
+    from cache_aug.devices import choose_device
 
     ev = cfg.eval
     out = output or ev.output
@@ -192,11 +195,11 @@ def run_eval(cfg, *, decoder: Decoder | None = None, modules: dict[str, object] 
         raise ValueError(f"run_eval writes a local directory, not {out!r}: write it there, then copy it")
     t0 = time.perf_counter()
     if decoder is None:
-        decoder = load_decoder(cfg.model, device=ev.device, storage_options=storage_options)
+        decoder = load_decoder(cfg.model, device=choose_device(ev.device), s3=cfg.s3)
     if modules is None:
-        modules = load_conditions(decoder, ev, storage_options)
+        modules = load_conditions(decoder, ev, cfg.s3)
     skipped: Counter = Counter()
-    docs = read_documents(ev, storage_options, skipped)
+    docs = read_documents(ev, cfg.s3, skipped)
     rows = evaluate_documents(decoder, modules, docs, ev, cfg.augmentation.min_prefix)
     meta = module_meta(decoder, modules,
                        {"pause": ev.pause, "coprocessor": ev.coprocessor}) | {"skipped_documents": dict(skipped)}

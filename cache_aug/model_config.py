@@ -166,7 +166,7 @@ class S3Config:
     """
 
     endpoint_url: str | None = None
-    """S3 endpoint, e.g. "http://127.0.0.1:8333"; None uses AWS_ENDPOINT_URL if set, else AWS."""
+    """S3 endpoint, e.g. "http://127.0.0.1:8333"; None uses AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL if set, else AWS."""
 
     region: str | None = None
     """Region; None uses AWS_REGION / AWS_DEFAULT_REGION, else "us-east-1"."""
@@ -176,3 +176,14 @@ class S3Config:
 
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
     """Name of the environment variable holding the secret access key."""
+
+    def storage_options(self) -> dict:
+        """fsspec / s3fs ``storage_options`` reaching this endpoint, resolved from the environment now (never stored):
+        the endpoint is ``endpoint_url``, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (none: AWS); the region
+        ``region``, else AWS_REGION, else AWS_DEFAULT_REGION, else "us-east-1"; the keys only when both are set."""
+        env = os.environ.get
+        client = {"region_name": self.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION") or "us-east-1"}
+        if endpoint := self.endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"):
+            client["endpoint_url"] = endpoint
+        key, secret = env(self.access_key_env), env(self.secret_key_env)
+        return {"client_kwargs": client} | ({"key": key, "secret": secret} if key and secret else {})

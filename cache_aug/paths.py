@@ -1,5 +1,5 @@
 """Where the project keeps what it builds or fetches (embedded decoders and corpora, converted GGUF files, downloaded
-checkpoints), and how a cached directory is written once."""
+checkpoints), how a cached directory is written once, and how a remote path is opened."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from cache_aug.model_config import S3Config
 
 
 def cache_home() -> Path:
@@ -32,3 +34,10 @@ def materialise(out: Path, fill, note: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def url_to_fs(uri: str, s3: S3Config | None = None):
+    """fsspec's (filesystem, path) for `uri`; an ``s3://`` one reached as `s3` says (None: fsspec's own defaults)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri, **(s3.storage_options() if s3 is not None and uri.startswith("s3://") else {}))

@@ -180,10 +180,9 @@ class ServeConfig:
 
     Where it reads from (``coprocessor``, ``cache_prefix``, ``documents``) defaults to what the corpus job
     wrote and read; :func:`cache_aug.config.resolve_serve_sources` is the one place that applies those
-    defaults, and the shipped serve configs write all three out."""
-
-    model_name: str = "cache-aug"
-    """Model name the endpoint lists at /v1/models and accepts in a request's "model" field."""
+    defaults, and the shipped serve configs write all three out. What only the HTTP endpoint reads (the
+    model name, the body size limit, the bearer token, how long a request waits for a batch) is added by
+    the jobs' configuration."""
 
     cache_prefix: str | None = None
     """Output prefix of the corpus job to read cache records from (local or ``s3://``). None (the default)
@@ -209,7 +208,8 @@ class ServeConfig:
     (then only a request's own "document" text can be augmented online)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the replica runs the models; "auto" takes a GPU when the replica was given one."""
+    """Where the replica runs the models; "auto" takes a GPU when the replica was given one (Ray Serve's
+    ``num_gpus``), else the CPU (``cache_aug.devices.choose_device``)."""
 
     max_tokens: int = 256
     """Largest ``max_tokens`` a request may ask for (larger requests get 400)."""
@@ -223,9 +223,6 @@ class ServeConfig:
     max_document_tokens: int = 4096
     """Longest document text a request may send for online augmentation (longer ones get 400)."""
 
-    max_request_bytes: int = 1 << 20
-    """Largest request body in bytes (larger requests get 413)."""
-
     cache_entries: int = 64
     """Restored caches held in the replica's LRU (by document id)."""
 
@@ -238,21 +235,13 @@ class ServeConfig:
     batch_size: int = 8
     """Most documents augmented (or prefilled) together in one forward pass when requests arrive together."""
 
-    batch_wait_s: float = 0.005
-    """How long a request waits for others to share its augmentation batch."""
-
-    auth_token_env: str = "CACHE_AUG_API_TOKEN"
-    """Environment variable holding the bearer token that requests must send; unset or empty: no auth."""
-
     def __post_init__(self) -> None:
-        require(bool(self.model_name), "model_name", "must be non-empty", self.model_name)
-        for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_document_tokens",
-                     "max_request_bytes", "cache_entries", "cache_bytes", "batch_size"):
+        for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_document_tokens", "cache_entries",
+                     "cache_bytes", "batch_size"):
             at_least(name, getattr(self, name), 1)
         require(self.default_max_tokens <= self.max_tokens, "default_max_tokens", "must be <= max_tokens",
                 self.default_max_tokens)
         require(self.cache_ttl_s >= 0, "cache_ttl_s", "must be >= 0", self.cache_ttl_s)
-        require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0", self.batch_wait_s)
 
 
 @dataclass(kw_only=True)
@@ -303,9 +292,10 @@ class EvalConfig:
     """Seed of the point sampling (per document and window, so any split of the documents over workers
     gives the same points) and of the bootstrap."""
 
-    device: str = "cpu"
-    """torch device of a local evaluation, e.g. "cuda"; the Ray job's actors use the GPU when
-    eval.gpus_per_actor > 0."""
+    device: str = "auto"
+    """Where the models run, in a local evaluation and in the Ray job's actors alike: "auto" takes a GPU when the
+    process was given one (an actor with eval.gpus_per_actor > 0; a local run is given none, so it runs on the
+    CPU), else the CPU; or a torch device name such as "cpu" or "cuda" (``cache_aug.devices.choose_device``)."""
 
     output: str = "runs/eval"
     """Output directory (local or ``s3://``): eval.json, eval.md, positions.json and the PNG plot."""

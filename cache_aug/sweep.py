@@ -110,11 +110,12 @@ def run_sweep(cfg: CacheAugConfig, *, train_fn: TrainFn | None = None,
     """Train and evaluate every N_L of cfg.sweep; returns the reports (also written to results_dir)."""
     from cache_aug.coprocessor import load_latent_module
     from cache_aug.decoder import load_decoder
+    from cache_aug.devices import choose_device
     from cache_aug.evaluate import run_eval
     from cache_aug.report import plot_gain_vs_latents
 
     sw = cfg.sweep
-    decoder = load_decoder(cfg.model, device=cfg.eval.device)
+    decoder = load_decoder(cfg.model, device=choose_device(cfg.eval.device))
     results, work = Path(sw.results_dir), Path(sw.work_dir)
     results.mkdir(parents=True, exist_ok=True)
     train_blocks = heldout_blocks = None

@@ -131,7 +131,21 @@ class RayCorpusConfig(ActorPool, CorpusConfig):
 
 @dataclass(kw_only=True)
 class RayServeConfig(ServeConfig):
-    """The HTTP endpoint on Ray Serve: completions decoded against stored augmented caches, with fallback."""
+    """The HTTP endpoint on Ray Serve: completions decoded against stored augmented caches, with fallback.
+
+    Adds what only the HTTP side reads (pipelines/protocol.py, pipelines/serve.py), never the engine."""
+
+    model_name: str = "cache-aug"
+    """Model name the endpoint lists at /v1/models and accepts in a request's "model" field."""
+
+    max_request_bytes: int = 1 << 20
+    """Largest request body in bytes (larger requests get 413)."""
+
+    auth_token_env: str = "CACHE_AUG_API_TOKEN"
+    """Environment variable holding the bearer token that requests must send; unset or empty: no auth."""
+
+    batch_wait_s: float = 0.005
+    """How long a request waits for others to share its augmentation batch (Ray Serve's batch wait)."""
 
     max_ongoing_requests: int = 8
     """Requests a replica works on at once (Ray Serve's ``max_ongoing_requests``)."""
@@ -141,8 +155,10 @@ class RayServeConfig(ServeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_ongoing_requests", "max_queued_requests"):
+        require(bool(self.model_name), "model_name", "must be non-empty", self.model_name)
+        for name in ("max_request_bytes", "max_ongoing_requests", "max_queued_requests"):
             at_least(name, getattr(self, name), 1)
+        require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0", self.batch_wait_s)
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,6 @@ import pyarrow.fs as pafs
 import ray
 
 from cache_aug.config import to_dict
-from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import DocumentError, prepare_document
 from cache_aug.records import RECORD_SCHEMA
 from cache_aug.store import (
@@ -40,8 +39,8 @@ from cache_aug.store import (
 )
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
-from pipelines.ray_session import init_ray
-from pipelines.storage import portable, resolve
+from pipelines.ray_session import check_driver_models, init_ray
+from pipelines.storage import portable, resolve, resolve_inputs
 
 FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
 
@@ -87,23 +86,19 @@ class Augmenter:
     """Actor: holds decoder + coprocessor; turns `process` rows into `record` rows."""
 
     def __init__(self, config: dict, coprocessor: str, fingerprint: str):
-        import torch
-
         from cache_aug.config import from_dict
-        from cache_aug.coprocessor import latent_fingerprint, load_latent_module
+        from cache_aug.coprocessor import load_latent_module
         from cache_aug.decoder import load_decoder
-        from pipelines.storage import fsspec_options
+        from cache_aug.devices import choose_device
 
         self.cfg = from_dict(JobConfig, config)
-        self.device = "cuda" if self.cfg.corpus.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(self.cfg.corpus.cpus_per_actor)))
-        self.decoder = load_decoder(self.cfg.model, device=self.device, storage_options=fsspec_options(self.cfg.s3))
-        self.module = load_latent_module(coprocessor, self.decoder, fsspec_options(self.cfg.s3))
-        self.fingerprint = latent_fingerprint(self.decoder, self.module)
-        if self.fingerprint != fingerprint:  # every record of a run must come from the models the driver checked
-            raise RuntimeError(f"corpus.coprocessor / model.path changed during the run: the driver loaded fingerprint "
-                               f"{fingerprint}, this actor {self.fingerprint} from {coprocessor}; run the job again")
+        c = self.cfg.corpus
+        self.device = choose_device("auto", gpus=c.gpus_per_actor, cpus=c.cpus_per_actor)  # a GPU when given one
+        self.decoder = load_decoder(self.cfg.model, device=self.device, s3=self.cfg.s3)
+        self.module = load_latent_module(coprocessor, self.decoder, self.cfg.s3)
+        # every record of a run must come from the models the driver checked
+        self.fingerprint = check_driver_models(self.decoder, self.module, fingerprint, "corpus.coprocessor",
+                                               coprocessor)
         self.done_docs = 0
 
     def _maybe_fail(self, n: int) -> None:
@@ -141,9 +136,7 @@ class Augmenter:
 
 def _input_dataset(cfg: JobConfig) -> tuple[ray.data.Dataset, list[str]]:
     c = cfg.corpus
-    paths = [resolve_embedded_path(p) for p in c.input_paths]
-    fs = resolve(paths[0], cfg.s3)[0]
-    targets = [resolve(p, cfg.s3)[1] for p in paths]
+    fs, targets, paths = resolve_inputs(c.input_paths, cfg.s3, "corpus.input_paths")
     try:
         ds = ray.data.read_parquet(targets, filesystem=fs)
         names = ds.schema().names
@@ -173,7 +166,6 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     """Run one incremental pass over the corpus; returns (and writes) the run manifest."""
     from cache_aug.coprocessor import latent_fingerprint, load_latent_module
     from cache_aug.decoder import load_decoder
-    from pipelines.storage import fsspec_options
 
     c = cfg.corpus
     if not c.coprocessor:
@@ -184,8 +176,8 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     out_fs = out_fs or pafs.LocalFileSystem()
 
     coprocessor = portable(c.coprocessor)  # each actor loads it from there: the driver's disk may not be theirs
-    decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver checks the fingerprint once
-    module = load_latent_module(coprocessor, decoder, fsspec_options(cfg.s3))
+    decoder = load_decoder(cfg.model, s3=cfg.s3)  # the driver checks the fingerprint once
+    module = load_latent_module(coprocessor, decoder, cfg.s3)
     if not module.layout.allows_storage(cfg.storage.mode):
         raise ValueError(f"storage.mode: the coprocessor at {c.coprocessor} writes keys and values "
                          "(latent_channel=\"kv\"), not input embeddings: store \"latent_kv\" or \"full\"")

@@ -17,19 +17,13 @@ import ray
 
 from cache_aug.blocks import pack_blocks
 from cache_aug.config import DataConfig, S3Config
-from cache_aug.corpus import resolve_embedded_path
 from cache_aug.documents import usable_text
-from pipelines.storage import resolve
+from pipelines.storage import resolve_inputs
 
 
 def read_documents(paths: list[str], fmt: str, text_column: str, s3: S3Config) -> ray.data.Dataset:
     """Read shards (Parquet, JSONL, or plain text lines; local or s3://) into a dataset with a `text` column."""
-    paths = [resolve_embedded_path(p) for p in paths]
-    filesystems = {type(resolve(p, s3)[0]) for p in paths}
-    if len(filesystems) > 1:
-        raise ValueError(f"data paths mix local and s3:// locations: {paths}")
-    fs = resolve(paths[0], s3)[0]
-    targets = [resolve(p, s3)[1] for p in paths]
+    fs, targets, paths = resolve_inputs(paths, s3, "data paths")
     if fmt == "parquet":
         ds = ray.data.read_parquet(targets, filesystem=fs)
     elif fmt == "jsonl":

@@ -20,11 +20,10 @@ import pyarrow as pa
 import ray
 
 from cache_aug.config import from_dict, to_dict
-from cache_aug.corpus import resolve_embedded_path
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
-from pipelines.ray_session import init_ray
-from pipelines.storage import fsspec_options, portable, resolve, upload_dir
+from pipelines.ray_session import check_driver_models, init_ray
+from pipelines.storage import portable, resolve_inputs, upload_dir
 
 SKIPPED = -1  # the window index of a row that reports a document left out, not a window
 
@@ -33,24 +32,19 @@ class DocumentEvaluator:
     """Actor: holds the decoder and the condition modules; documents in, per-window losses out."""
 
     def __init__(self, config: dict, modules: dict[str, str], fingerprints: dict[str, str]):
-        import torch
-
-        from cache_aug.coprocessor import latent_fingerprint, load_latent_module
+        from cache_aug.coprocessor import load_latent_module
         from cache_aug.decoder import load_decoder
+        from cache_aug.devices import choose_device
 
         self.cfg = from_dict(JobConfig, config)
         ev = self.cfg.eval
-        device = "cuda" if ev.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
-        self.decoder = load_decoder(self.cfg.model, device=device, storage_options=fsspec_options(self.cfg.s3))
-        options = fsspec_options(self.cfg.s3)
-        self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, options).eval()
+        device = choose_device(ev.device, gpus=ev.gpus_per_actor, cpus=ev.cpus_per_actor)
+        self.decoder = load_decoder(self.cfg.model, device=device, s3=self.cfg.s3)
+        self.modules = {"none": None} | {name: load_latent_module(uri, self.decoder, self.cfg.s3).eval()
                                          for name, uri in modules.items()}
         for name, m in self.modules.items():  # the report describes the models the driver loaded: these must be them
-            if m is not None and (got := latent_fingerprint(self.decoder, m)) != fingerprints[name]:
-                raise RuntimeError(f"eval.{name} / model.path changed during the run: the driver loaded fingerprint "
-                                   f"{fingerprints[name]}, this actor {got} from {modules[name]}; run the job again")
+            if m is not None:
+                check_driver_models(self.decoder, m, fingerprints[name], f"eval.{name}", modules[name])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from cache_aug.evaluate import document_rows, evaluate_documents
@@ -73,9 +67,8 @@ def _read_documents(cfg: JobConfig) -> tuple[ray.data.Dataset, Counter]:
     from cache_aug.evaluate import check_unique_ids, document_rows
 
     ev = cfg.eval
-    paths = [resolve_embedded_path(p) for p in ev.paths]
-    fs = resolve(paths[0], cfg.s3)[0]
-    ds = ray.data.read_parquet([resolve(p, cfg.s3)[1] for p in paths], filesystem=fs)
+    fs, targets, paths = resolve_inputs(ev.paths, cfg.s3, "eval.paths")
+    ds = ray.data.read_parquet(targets, filesystem=fs)
     schema = ds.schema()
     names = schema.names if schema is not None else []
     if ev.text_column not in names:
@@ -84,8 +77,7 @@ def _read_documents(cfg: JobConfig) -> tuple[ray.data.Dataset, Counter]:
     ds = ds.select_columns(columns)
 
     def tables(cols: list[str]) -> list[pa.Table]:  # these columns of every input file, read on the driver
-        return [pads.dataset(t, filesystem=f, format="parquet").to_table(columns=cols)
-                for f, t in (resolve(p, cfg.s3) for p in paths)]
+        return [pads.dataset(t, filesystem=fs, format="parquet").to_table(columns=cols) for t in targets]
 
     if ev.id_column in names:  # the id column only: a duplicate would count twice, whichever actor sees it
         check_unique_ids([i for t in tables([ev.id_column]) for i in t.column(0).to_pylist()], ev.id_column)
@@ -110,8 +102,8 @@ def run_eval_job(cfg: JobConfig) -> dict:
     t0 = time.perf_counter()
     # each actor loads the modules from where they are: the driver's disk may not be theirs
     module_uris = {name: portable(getattr(ev, name)) for name in ("pause", "coprocessor") if getattr(ev, name)}
-    decoder = load_decoder(cfg.model, storage_options=fsspec_options(cfg.s3))  # the driver describes what is evaluated
-    modules = {"none": None} | {name: load_latent_module(uri, decoder, fsspec_options(cfg.s3))
+    decoder = load_decoder(cfg.model, s3=cfg.s3)  # the driver describes what is evaluated
+    modules = {"none": None} | {name: load_latent_module(uri, decoder, cfg.s3)
                                 for name, uri in module_uris.items()}
     meta = module_meta(decoder, modules, {"pause": ev.pause, "coprocessor": ev.coprocessor})
     del decoder, modules

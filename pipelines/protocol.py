@@ -17,7 +17,6 @@ import json
 import re
 from collections.abc import AsyncIterator
 
-from cache_aug.config import ServeConfig
 from cache_aug.engine import (
     CompletionRequest,
     DocumentNotFound,
@@ -25,6 +24,7 @@ from cache_aug.engine import (
     Plan,
     RequestRefused,
 )
+from pipelines.config import RayServeConfig
 
 DOC_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9 _.,:;@+=#()\[\]-]{0,255}")
 
@@ -132,7 +132,7 @@ def valid_document_id(doc_id: object) -> str:
     return doc_id
 
 
-def parse_request(data: object, tokenizer, cfg: ServeConfig) -> CompletionRequest:
+def parse_request(data: object, tokenizer, cfg: RayServeConfig) -> CompletionRequest:
     """Check a decoded JSON body against the OpenAI completions API and the configured limits."""
     if not isinstance(data, dict):
         raise _bad(f"the request body must be a JSON object, got {type(data).__name__}")

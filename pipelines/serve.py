@@ -54,38 +54,35 @@ def _next(gen):
         return True, stop.value
 
 
-def build_engine(cfg: JobConfig) -> CompletionEngine:
-    """Load the models, the stored-cache reader and the document lookup a replica serves with."""
+def build_engine(cfg: JobConfig, device) -> CompletionEngine:
+    """Load the models (on `device`), the stored-cache reader and the document lookup a replica serves with."""
     import pyarrow.fs as pafs
-    import torch
 
     from cache_aug.coprocessor import (
         latent_fingerprint,
         load_latent_module,
         saved_fingerprint,
     )
-    from cache_aug.corpus import resolve_embedded_path
     from cache_aug.decoder import load_decoder
     from cache_aug.document_texts import DocumentTexts
     from cache_aug.store import AugmentedCacheReader
-    from pipelines.storage import fsspec_options, resolve
+    from pipelines.storage import resolve, resolve_inputs
 
     s = cfg.serve
-    device = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if device == "cpu":
+    if device.type == "cpu":
         # grouped-query attention inside torch's SDPA instead of repeating K/V per head first: the same
         # numbers, one copy of the cache less per layer and step (CUDA would fall back to its math kernel)
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-    decoder = load_decoder(cfg.model, device=device, storage_options=fsspec_options(cfg.s3))
+    decoder = load_decoder(cfg.model, device=device, s3=cfg.s3)
     module, fingerprint = None, None
     sources = resolve_serve_sources(cfg)  # serve.coprocessor / cache_prefix / documents, corpus.* where unset
     cop = sources.coprocessor
     if cop:
         if s.online:
-            module = load_latent_module(cop, decoder, fsspec_options(cfg.s3))
+            module = load_latent_module(cop, decoder, cfg.s3)
             fingerprint = latent_fingerprint(decoder, module)
         else:
-            fingerprint = saved_fingerprint(cop, decoder, fsspec_options(cfg.s3))
+            fingerprint = saved_fingerprint(cop, decoder, cfg.s3)
     records = None
     prefix = sources.cache_prefix
     if fingerprint and prefix:
@@ -94,9 +91,8 @@ def build_engine(cfg: JobConfig) -> CompletionEngine:
     doc_paths = sources.documents
     documents = None
     if doc_paths:
-        paths = [resolve_embedded_path(p) for p in doc_paths]
-        fs = resolve(paths[0], cfg.s3)[0]
-        documents = DocumentTexts([resolve(p, cfg.s3)[1] for p in paths], filesystem=fs,
+        fs, targets, _ = resolve_inputs(doc_paths, cfg.s3, "serve.documents")
+        documents = DocumentTexts(targets, filesystem=fs,
                                   id_column=cfg.corpus.id_column, text_column=cfg.corpus.text_column)
     return CompletionEngine(decoder, module, fingerprint or "", s, records=records, documents=documents,
                             max_document_tokens=min(s.max_document_tokens, cfg.corpus.max_tokens),
@@ -110,12 +106,13 @@ class CompletionServer:
 
     def __init__(self, config: dict):
         import ray
-        import torch
+
+        from cache_aug.devices import choose_device
 
         self.cfg = from_dict(JobConfig, config)
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
-        self.engine = build_engine(self.cfg)
+        given = ray.get_runtime_context().get_assigned_resources()  # Ray Serve's num_cpus / num_gpus of the replica
+        self.engine = build_engine(self.cfg, choose_device(self.cfg.serve.device, gpus=given.get("GPU", 0),
+                                                           cpus=given.get("CPU", 1)))
         self.token = os.environ.get(self.cfg.serve.auth_token_env) or None
         self._prepare.set_max_batch_size(self.cfg.serve.batch_size)
         self._prepare.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_s)

@@ -1,7 +1,8 @@
 """Reaching storage: local paths, or `s3://` on AWS or any S3-compatible endpoint.
 
 The same code reaches AWS and a loopback S3 server: the endpoint and region come from the config
-or the standard AWS variables, and the keys from environment variables only.
+or the standard AWS variables, and the keys from environment variables only (`S3Config.storage_options`
+resolves them, for the library's fsspec reads and for the pyarrow filesystem Ray Data uses here).
 """
 
 from __future__ import annotations
@@ -11,14 +12,7 @@ import os
 import pyarrow.fs as pafs
 
 from cache_aug.config import S3Config
-
-
-def _endpoint(cfg: S3Config) -> str | None:
-    return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-def _region(cfg: S3Config) -> str:
-    return cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+from cache_aug.corpus import resolve_embedded_path
 
 
 def is_remote(path: str) -> bool:
@@ -26,35 +20,35 @@ def is_remote(path: str) -> bool:
 
 
 def s3_filesystem(cfg: S3Config) -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem for the configured endpoint (Ray Data, Ray Train storage)."""
-    kwargs: dict = {"region": _region(cfg)}
-    endpoint = _endpoint(cfg)
-    if endpoint:
+    """A pyarrow S3 filesystem for the configured endpoint (Ray Data, Ray Train storage): the endpoint, region and keys
+    the library's fsspec options resolve (`S3Config.storage_options`)."""
+    opts = cfg.storage_options()
+    kwargs: dict = {"region": opts["client_kwargs"]["region_name"]}
+    if endpoint := opts["client_kwargs"].get("endpoint_url"):
         scheme, _, host = endpoint.rpartition("://")
         kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
-    key, secret = os.environ.get(cfg.access_key_env), os.environ.get(cfg.secret_key_env)
-    if key and secret:
-        kwargs.update(access_key=key, secret_key=secret)
+    if "key" in opts:
+        kwargs.update(access_key=opts["key"], secret_key=opts["secret"])
     return pafs.S3FileSystem(**kwargs)
 
 
-def fsspec_options(cfg: S3Config) -> dict:
-    """storage_options for s3fs / fsspec (checkpoint downloads, small files)."""
-    opts: dict = {"client_kwargs": {"region_name": _region(cfg)}}
-    endpoint = _endpoint(cfg)
-    if endpoint:
-        opts["client_kwargs"]["endpoint_url"] = endpoint
-    key, secret = os.environ.get(cfg.access_key_env), os.environ.get(cfg.secret_key_env)
-    if key and secret:
-        opts.update(key=key, secret=secret)
-    return opts
+def _target(path: str) -> str:
+    return path.removeprefix("s3://") if is_remote(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def resolve(path: str, cfg: S3Config) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path for it): `s3://b/k` -> (S3FileSystem, "b/k"); a local path -> (None, abs path)."""
-    if is_remote(path):
-        return s3_filesystem(cfg), path.removeprefix("s3://")
-    return None, os.path.abspath(os.path.expanduser(path))
+    return (s3_filesystem(cfg) if is_remote(path) else None), _target(path)
+
+
+def resolve_inputs(paths: list[str], cfg: S3Config, setting: str) -> tuple[pafs.FileSystem | None, list[str],
+                                                                           list[str]]:
+    """Input files as one filesystem reads them: (filesystem, each path for it, the paths with embedded names such as
+    "embedded:kjv/heldout" made their local files). Refuses a mix of local and s3:// paths, naming `setting`."""
+    named = [resolve_embedded_path(p) for p in paths]
+    if len({is_remote(p) for p in named}) > 1:
+        raise ValueError(f"{setting}: the paths mix local and s3:// locations: {named}")
+    return resolve(named[0], cfg)[0], [_target(p) for p in named], named
 
 
 def upload_dir(local_dir: str, dest: str, cfg: S3Config) -> str:

@@ -42,13 +42,14 @@ from cache_aug.coprocessor import (
     save_latent_module,
 )
 from cache_aug.decoder import load_decoder
+from cache_aug.devices import choose_device
 from cache_aug.losses import ahead_sums, one_pass_loss, sample_points
 from cache_aug.optim import Schedule
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
 from pipelines.data import training_datasets
 from pipelines.ray_session import init_ray
-from pipelines.storage import fsspec_options, resolve, upload_dir
+from pipelines.storage import resolve, upload_dir
 
 CKPT_TAG = "ckpt"
 FAIL_ONCE_ENV = "CACHE_AUG_FAIL_ONCE"  # "STEP:MARKER_PATH": raise once at STEP (fault-injection tests)
@@ -152,15 +153,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg: JobConfig = from_dict(JobConfig, loop_config["config"])
     t, aug = cfg.train, cfg.augmentation
-    if t.torch_threads:
-        torch.set_num_threads(t.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    # train.use_gpu is the device setting; which of the node's GPUs is this rank's, Ray Train says
+    device = choose_device(str(ray.train.torch.get_device()) if t.use_gpu else "cpu", cpus=t.torch_threads or None)
     if not t.use_gpu:
         _skip_cpu_shm_build()
 
-    decoder = load_decoder(cfg.model, device=device, storage_options=fsspec_options(cfg.s3))
+    decoder = load_decoder(cfg.model, device=device, s3=cfg.s3)
     module = build_latent_module(decoder, cfg.coprocessor, aug.n_latents)
     trainable = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=module, model_parameters=trainable,
@@ -258,7 +258,7 @@ def build_trainer(cfg: JobConfig, *, datasets: dict | None = None, tokenizer=Non
 
             from cache_aug.decoder import resolve_checkpoint
 
-            local = resolve_checkpoint(cfg.model.path, cfg.model.revision_cache_dir, fsspec_options(cfg.s3))
+            local = resolve_checkpoint(cfg.model.path, cfg.model.revision_cache_dir, cfg.s3)
             tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=cfg.model.trust_remote_code)
         datasets = training_datasets(cfg.data, cfg.s3, tokenizer)
     fs, storage = resolve(t.storage_path, cfg.s3)

@@ -46,8 +46,8 @@ def engine(setup, records=None, texts=None, **cfg):
 def req(**fields) -> CompletionRequest:
     """A checked request with the protocol's defaults for the fields a body leaves out (temperature 1, max_tokens
     16)."""
-    cfg = ServeConfig()
-    return CompletionRequest(**({"model": cfg.model_name, "prompt_ids": [], "max_tokens": cfg.default_max_tokens,
+    cfg = ServeConfig()  # the model name is the endpoint's default (serve.model_name); the engine never reads it
+    return CompletionRequest(**({"model": "cache-aug", "prompt_ids": [], "max_tokens": cfg.default_max_tokens,
                                  "temperature": 1.0} | fields))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cache_aug.augment import augment
-from cache_aug.config import CoprocessorConfig, ModelConfig
+from cache_aug.config import CoprocessorConfig, ModelConfig, S3Config
 from cache_aug.coprocessor import (
     build_latent_module,
     latent_fingerprint,
@@ -177,16 +177,39 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def moto_s3():
-    """A real S3 server on loopback (moto's), reached through s3fs with an endpoint override."""
+    """A real S3 server on loopback (moto's), reached through s3fs as an `s3` section names it (keys in the
+    environment variables it names)."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    opts = {"key": "testing", "secret": "testing",
-            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
-    yield opts
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOTO_TEST_KEY", "testing")
+        mp.setenv("MOTO_TEST_SECRET", "testing")
+        yield S3Config(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", access_key_env="MOTO_TEST_KEY",
+                       secret_key_env="MOTO_TEST_SECRET")
     server.stop()
+
+
+def test_s3_section_gives_fsspec_options_from_config_then_environment(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "K", "S"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = S3Config(access_key_env="K", secret_key_env="S")
+    assert cfg.storage_options() == {"client_kwargs": {"region_name": "us-east-1"}}  # AWS, no keys: s3fs finds its own
+    monkeypatch.setenv("K", "key")
+    assert "key" not in cfg.storage_options()  # keys only as a pair
+    monkeypatch.setenv("S", "secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://general:1")
+    assert cfg.storage_options() == {"key": "key", "secret": "secret",
+                                     "client_kwargs": {"region_name": "eu-west-1", "endpoint_url": "http://general:1"}}
+    monkeypatch.setenv("AWS_REGION", "eu-north-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:2")
+    assert cfg.storage_options()["client_kwargs"] == {"region_name": "eu-north-1", "endpoint_url": "http://s3-only:2"}
+    written = S3Config(endpoint_url="http://written:3", region="ap-south-1", access_key_env="K", secret_key_env="S")
+    assert written.storage_options()["client_kwargs"] == {"region_name": "ap-south-1", "endpoint_url": "http://written:3"}
+    assert "K" not in written.storage_options().values()  # the keys come from the variables, never their names
 
 
 def test_load_decoder_from_s3(moto_s3, tmp_path):
@@ -194,15 +217,15 @@ def test_load_decoder_from_s3(moto_s3, tmp_path):
     import s3fs
 
     boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
-                 **moto_s3["client_kwargs"]).create_bucket(Bucket="models")
-    fs = s3fs.S3FileSystem(**moto_s3)
+                 **moto_s3.storage_options()["client_kwargs"]).create_bucket(Bucket="models")
+    fs = s3fs.S3FileSystem(**moto_s3.storage_options())
     src = tiny_decoder("llama")
     local = _save_checkpoint(src, tmp_path / "ckpt")
     fs.put(str(local) + "/", "models/tiny/", recursive=True)
 
     cache_dir = tmp_path / "cache"
     cfg = ModelConfig(path="s3://models/tiny", revision_cache_dir=str(cache_dir))
-    loaded = load_decoder(cfg, storage_options=moto_s3)
+    loaded = load_decoder(cfg, s3=moto_s3)
     assert loaded.fingerprint == src.fingerprint
     first = fetch_checkpoint("s3://models/tiny", cache_dir, moto_s3)
     assert fetch_checkpoint("s3://models/tiny", cache_dir, moto_s3) == first  # reused, not fetched again

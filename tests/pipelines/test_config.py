@@ -28,14 +28,16 @@ from pipelines.config import (
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The Ray settings, by section, with their defaults: what the library's sections no longer carry.
+# The jobs' settings (Ray, and the HTTP side of serve), by section, with their defaults: what the library's
+# sections no longer carry.
 RAY_FIELDS = {
     "data": {"docs_per_batch": 256, "preserve_order": True},
     "train": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.5, "torch_threads": 1,
               "deepspeed_config": "cluster/deepspeed/cpu.json", "zero_stage": None, "max_failures": 2,
               "checkpoints_to_keep": 2},
     "corpus": {"batch_size": 64, "num_actors": 1, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0},
-    "serve": {"max_ongoing_requests": 8, "max_queued_requests": 64},
+    "serve": {"model_name": "cache-aug", "max_request_bytes": 1 << 20, "auth_token_env": "CACHE_AUG_API_TOKEN",
+              "batch_wait_s": 0.005, "max_ongoing_requests": 8, "max_queued_requests": 64},
     "eval": {"num_actors": 1, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0, "docs_per_batch": 8},
 }
 RAY_SECTIONS = {"data": RayDataConfig, "train": RayTrainConfig, "corpus": RayCorpusConfig, "serve": RayServeConfig,
@@ -92,6 +94,9 @@ def test_ray_keys_keep_their_paths():
     ("corpus.num_actors=0", "corpus.num_actors: must be >= 1, got 0"),
     ("corpus.cpus_per_actor=0", "corpus.cpus_per_actor: must be > 0, got 0.0"),
     ("corpus.gpus_per_actor=-1", "corpus.gpus_per_actor: must be >= 0, got -1.0"),
+    ("serve.model_name=''", "serve.model_name: must be non-empty, got ''"),
+    ("serve.max_request_bytes=0", "serve.max_request_bytes: must be >= 1, got 0"),
+    ("serve.batch_wait_s=-1", "serve.batch_wait_s: must be >= 0, got -1.0"),
     ("serve.max_ongoing_requests=0", "serve.max_ongoing_requests: must be >= 1, got 0"),
     ("serve.max_queued_requests=0", "serve.max_queued_requests: must be >= 1, got 0"),
     ("eval.num_actors=0", "eval.num_actors: must be >= 1, got 0"),

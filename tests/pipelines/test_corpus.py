@@ -20,7 +20,7 @@ from cache_aug.records import restore
 from cache_aug.store import AugmentedCacheReader, read_kind
 from pipelines.config import load_job_config
 from pipelines.corpus import FAIL_AFTER_ENV, Augmenter, run_corpus_job
-from pipelines.storage import fsspec_options, s3_filesystem
+from pipelines.storage import s3_filesystem
 from tests.pipelines.shared import upload_fresh_coprocessor
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -92,7 +92,7 @@ def test_incremental_runs_with_exact_accounting(setup):
 
     # a stored record continues decoding like augmenting in-process
     decoder = setup["decoder"]
-    module = load_latent_module(cfg.corpus.coprocessor, decoder, fsspec_options(cfg.s3))
+    module = load_latent_module(cfg.corpus.coprocessor, decoder, cfg.s3)
     reader = AugmentedCacheReader(fs, "caches/kjv", cfg.corpus.index_buckets)
     doc_id, text = good[17]
     record = reader.get(doc_id)
@@ -144,7 +144,7 @@ def test_actor_refuses_models_other_than_the_drivers(setup):
     with pytest.raises(RuntimeError, match="changed during the run.*fingerprint deadbeef"):
         Augmenter(to_dict(cfg), "s3://models/cop", fingerprint="deadbeef")
     fingerprint = latent_fingerprint(setup["decoder"],
-                                     load_latent_module("s3://models/cop", setup["decoder"], fsspec_options(cfg.s3)))
+                                     load_latent_module("s3://models/cop", setup["decoder"], cfg.s3))
     assert Augmenter(to_dict(cfg), "s3://models/cop", fingerprint=fingerprint).fingerprint == fingerprint
 
 

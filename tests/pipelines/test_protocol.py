@@ -17,6 +17,7 @@ from cache_aug.engine import (
     RequestRefused,
 )
 from cache_aug.testing import byte_tokenizer, tiny_decoder
+from pipelines.config import RayServeConfig
 from pipelines.protocol import (
     RequestError,
     error_body,
@@ -33,7 +34,7 @@ def tok():
 
 
 def req(tok, body, **cfg):
-    return parse_request(body, tok, ServeConfig(**({"max_tokens": 64} | cfg)))
+    return parse_request(body, tok, RayServeConfig(**({"max_tokens": 64} | cfg)))
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -1,13 +1,18 @@
-"""Jobs joining Ray log Ray Data's progress a line at a time where stdout is no terminal."""
+"""Jobs joining Ray log Ray Data's progress a line at a time where stdout is no terminal; actors refuse models other
+than their driver's."""
 
 from __future__ import annotations
 
 import io
 import sys
 
+import pytest
 import ray
 
-from pipelines.ray_session import line_progress
+from cache_aug.config import CoprocessorConfig
+from cache_aug.coprocessor import build_latent_module, latent_fingerprint
+from cache_aug.testing import tiny_decoder
+from pipelines.ray_session import check_driver_models, line_progress
 
 
 def test_no_terminal_means_line_progress_in_workers_too(monkeypatch):
@@ -28,3 +33,14 @@ def test_a_terminal_keeps_the_bars(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Terminal())
     line_progress()
     assert ctx.use_ray_tqdm is True
+
+
+def test_an_actor_refuses_models_other_than_its_drivers():
+    decoder = tiny_decoder("llama")
+    module = build_latent_module(decoder, CoprocessorConfig(mode="pause"), 2)
+    fp = latent_fingerprint(decoder, module)
+    assert check_driver_models(decoder, module, fp, "eval.pause", "runs/pause") == fp
+    with pytest.raises(RuntimeError) as e:
+        check_driver_models(decoder, module, "deadbeef", "eval.pause", "s3://m/pause")
+    assert str(e.value) == (f"eval.pause / model.path changed during the run: the driver loaded fingerprint deadbeef, "
+                            f"this actor {fp} from s3://m/pause; run the job again")

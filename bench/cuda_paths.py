@@ -69,13 +69,13 @@ def serving_check(dec, module, fp, rec, work: Path) -> dict:
     """Serve the stored record `rec` through the engine and compare with the offline decode of the same record."""
     import pyarrow.fs as pafs
 
-    from cache_aug.config import ServeConfig
     from cache_aug.engine import CompletionEngine
     from cache_aug.records import restore
     from cache_aug.store import AugmentedCacheReader
+    from pipelines.config import RayServeConfig
     from pipelines.protocol import parse_request
 
-    cfg, n_buckets = ServeConfig(), 8
+    cfg, n_buckets = RayServeConfig(), 8  # the request is parsed as the endpoint parses it (its HTTP settings too)
     root = work / rec.mode
     store_records(root, [rec], n_buckets)
     reader = AugmentedCacheReader(pafs.LocalFileSystem(), str(root), n_buckets)

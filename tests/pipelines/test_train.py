@@ -16,6 +16,7 @@ from cache_aug.config import ModelConfig, OptimConfig
 from cache_aug.coprocessor import latent_fingerprint, load_latent_module
 from cache_aug.corpus import ensure_embedded_corpus
 from cache_aug.decoder import load_decoder
+from cache_aug.optim import learning_rate
 from pipelines.config import load_job_config
 from pipelines.storage import download_dir
 from pipelines.train import FAIL_ONCE_ENV, run_training
@@ -75,6 +76,9 @@ def test_end_to_end_s3_checkpoint_resume_and_export(tiny_default_dir, corpus_buc
     second = run_training(longer)
     assert second.metrics["resumed_from_step"] == 3
     assert second.metrics["step"] == 5
+    # the library's schedule came back from DeepSpeed's checkpoint: step 5's rate, not a restarted warmup's
+    assert first.metrics["lr"] == learning_rate(3, cfg.optim)
+    assert second.metrics["lr"] == learning_rate(5, longer.optim) != learning_rate(2, longer.optim)
 
     local = download_dir(f"s3://runs/train/{name}/export", str(tmp_path / "export"), cfg.s3)
     decoder = load_decoder(ModelConfig(path=str(tiny_default_dir)))

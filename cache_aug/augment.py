@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.generation.logits_process import TopPLogitsWarper
 
 from cache_aug.decoder import Decoder
 from cache_aug.kv import KV, model_cache
@@ -44,6 +43,7 @@ from cache_aug.passes import (
     logits_at,
     prefill,
 )
+from cache_aug.sampling import Sampler, SamplingParams
 
 
 @dataclass
@@ -193,19 +193,21 @@ def decode_steps(
     top_p: float = 1.0,
     stop_token_ids: Sequence[int] | None = None,
     seed: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Continue after the cache and a prompt; yields (token id, the logits it was chosen from).
+    """Continue after the cache and a prompt, one sequence alone; yields (token id, the logits it was chosen from).
 
-    Greedy when temperature == 0. Stops after `max_new_tokens`, or after emitting a stop token
-    (default: the model's EOS ids), which is yielded.
+    Greedy when temperature == 0 (`cache_aug.sampling.Sampler` chooses). Stops after `max_new_tokens`, or
+    after emitting a stop token (default: the model's EOS ids), which is yielded. This is the reference that
+    the serving loop's batched decoding (`cache_aug.batching`) is tested against.
     """
     model = decoder.model
     if stop_token_ids is None:
-        eos = model.generation_config.eos_token_id
-        stop_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        stop_token_ids = model_stop_ids(model)
     stops = set(stop_token_ids)
-    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    top_p_warp = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+    sampler = Sampler(SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty))
 
     cache = aug.to_model_cache(model.config)
     pos = aug.next_position
@@ -219,18 +221,17 @@ def decode_steps(
             logits = logits_at(decoder, last, input_ids=step, cache=cache, position_ids=positions,
                                use_cache=True)[0, -1]
             pos += step.shape[1]
-        if temperature <= 0:
-            token = int(logits.argmax())
-        else:
-            scores = (logits.float() / temperature)[None]  # (1, V)
-            if top_p_warp is not None:
-                scores = top_p_warp(None, scores)
-            probs = torch.softmax(scores, dim=-1).cpu()
-            token = int(torch.multinomial(probs[0], 1, generator=gen))
+        token = sampler.choose(logits)
         yield token, logits
         if token in stops:
             return
         pending = [token]
+
+
+def model_stop_ids(model) -> list[int]:
+    """The model's end-of-text token ids (its generation config's EOS), [] when it names none."""
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def generate(decoder: Decoder, aug: AugmentedCache, prompt_ids: Sequence[int] = (), **kwargs) -> list[int]:

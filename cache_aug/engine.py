@@ -1,8 +1,10 @@
 """The serving engine: OpenAI-style completions decoded against a document's augmented cache, with fallback.
 
     plan = engine.plan(req)                       # a stored cache (LRU, then storage), or what to compute
-    cache = engine.prepare([plan])[0]             # batched: online augmentation or plain prefill
-    for delta, token in engine.stream(plan, cache, req): ...   # text deltas; the finish reason is its return value
+    cache = engine.prepare([plan])[0]             # batched: online augmentation or plain prefill (None: no document)
+    seqs = engine.sequences(plan, cache, req, sink)   # one per choice (prompts x n); sink(ChoiceEvent) hears each
+    loop.submit(seqs)                             # the replica's cache_aug.batching.DecodeLoop decodes them
+    out = engine.complete(req)                    # or all of it in this thread, alone (offline use, tests)
 
 `req` is a checked `CompletionRequest` (the Serve app's protocol, pipelines/protocol.py, makes it from
 a request body). A request the engine cannot answer raises a `RequestRefused` naming the request
@@ -21,16 +23,18 @@ text. Anything else falls back; a request never fails because a cache is missing
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cache_aug.augment import AugmentedCache, augment, decode_steps
+from cache_aug.augment import AugmentedCache, augment, model_stop_ids
+from cache_aug.batching import Sequence, TokenEvent, run_alone
 from cache_aug.config import ServeConfig
 from cache_aug.decoder import Decoder
 from cache_aug.document_texts import DocumentTexts
 from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.lru import CacheLRU
 from cache_aug.records import CacheRecordError, restore
+from cache_aug.sampling import SamplingParams
 
 SOURCES = ("stored", "online", "none")
 
@@ -60,19 +64,47 @@ class DocumentTooLong(RequestRefused):
 
 @dataclass
 class CompletionRequest:
-    """A checked completions request (pipelines/protocol.py makes one from a /v1/completions body)."""
+    """A checked completions (or chat) request: pipelines/protocol.py makes one from a request body."""
 
     model: str
-    prompt_ids: list[int]  # the prompt, tokenized without special tokens (it follows the document)
+    prompts: list[list[int]]  # one or more prompts, tokenized without special tokens (each follows the document)
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
-    seed: int | None = None
+    seed: int | None = None  # choice j of a prompt samples with seed + j
     document_id: str | None = None
     document: str | None = None  # the document's text, optional: used when no stored cache fits
+    n: int = 1  # choices per prompt, all decoded after the same cache
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    echo: bool = False  # the answer text starts with the prompt's (the HTTP layer adds it)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The first prompt."""
+        return self.prompts[0]
+
+    def sampling(self, choice: int, stop_token_ids: list[int]) -> SamplingParams:
+        """The sampling settings of choice `choice` (0..n-1) of a prompt."""
+        seed = None if self.seed is None else (self.seed + choice) % 2**63
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logprobs=self.logprobs, stop_token_ids=tuple(stop_token_ids))
+
+
+@dataclass
+class ChoiceEvent:
+    """What one choice of a request produced: a token and the text it released, or (finish_reason set) its end."""
+
+    index: int  # prompt * n + choice
+    text: str = ""  # text released by this event (held back while it may still be part of a stop string)
+    token: TokenEvent | None = None  # the generated token; None on the last event
+    finish_reason: str | None = None  # on the last event: stop | length | cancelled | error
+    error: BaseException | None = None
 
 
 @dataclass
@@ -81,9 +113,9 @@ class Plan:
 
     source: str  # stored | online | none
     reason: str | None  # why it is not "stored", when it is not
-    prompt_ids: list[int]  # fed after the cache
+    prompt_ids: list[int]  # fed after the cache (the request's first prompt; `sequences` feeds each)
     cache: AugmentedCache | None = None  # ready (stored), or None: `compute_ids` must be prefilled/augmented
-    compute_ids: list[int] | None = None
+    compute_ids: list[int] | None = None  # the document to augment or prefill; None with no cache: no document
     document_tokens: int = 0
 
 
@@ -105,7 +137,7 @@ class CompletionEngine:
     def plan(self, req: CompletionRequest) -> Plan:
         """Find the request's cache (LRU, then storage), or decide what to compute instead."""
         if req.document_id is None:  # no document: plain decoding of the prompt
-            return Plan("none", "no document_id", [], compute_ids=req.prompt_ids)
+            return Plan("none", "no document_id", req.prompt_ids)
         want = None if req.document is None else hashlib.sha256(req.document.encode("utf-8")).hexdigest()
         reason = self._stored(req.document_id, want)
         if isinstance(reason, AugmentedCache):
@@ -120,8 +152,7 @@ class CompletionEngine:
             if not req.prompt_ids:
                 raise DocumentNotFound(f"document {req.document_id!r}: {reason} and its text is unknown, and the "
                                        "prompt is empty: nothing to continue")
-            return Plan("none", f"{reason}; document text unknown, decoded the prompt alone", [],
-                        compute_ids=req.prompt_ids)
+            return Plan("none", f"{reason}; document text unknown, decoded the prompt alone", req.prompt_ids)
         ids = self.decoder.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) > self.max_document_tokens:
             if not self.truncate:
@@ -163,11 +194,13 @@ class CompletionEngine:
 
     # -- computing what the plans need, several documents per forward pass ------------------------------ #
 
-    def prepare(self, plans: list[Plan]) -> list[AugmentedCache]:
-        """Caches for the plans: stored ones as they are, the others augmented or prefilled in batches."""
+    def prepare(self, plans: list[Plan]) -> list[AugmentedCache | None]:
+        """Caches for the plans: stored ones as they are, the documents of the others augmented or prefilled in
+        batches; None for a plan without a document (its prompt alone is decoded)."""
         out: list[AugmentedCache | None] = [p.cache for p in plans]
         for online in (True, False):
-            todo = [i for i, p in enumerate(plans) if p.cache is None and (p.source == "online") == online]
+            todo = [i for i, p in enumerate(plans)
+                    if p.cache is None and p.compute_ids is not None and (p.source == "online") == online]
             todo.sort(key=lambda i: len(plans[i].compute_ids))  # neighbours in length: little padding
             for start in range(0, len(todo), self.cfg.batch_size):
                 chunk = todo[start : start + self.cfg.batch_size]
@@ -178,65 +211,100 @@ class CompletionEngine:
 
     # -- decoding --------------------------------------------------------------------------------------- #
 
-    def stream(self, plan: Plan, cache: AugmentedCache, req: CompletionRequest) -> Iterator[tuple[str, int]]:
-        """Decode after `cache` and the prompt: yields (text delta, token id); the result is in `.finish`.
-
-        Text is released only once it cannot turn out to be part of a stop string, or an incomplete
-        character. The generator's return value is the finish reason ("stop" or "length").
-        """
+    def sequences(self, plan: Plan, cache: AugmentedCache | None, req: CompletionRequest,
+                  sink: Callable[[ChoiceEvent], None]) -> list[Sequence]:
+        """The request's sequences, one per choice (its prompts times n, sharing `cache`), for a
+        `cache_aug.batching.DecodeLoop` or `run_alone`. `sink` hears every choice's events, on the decoding thread."""
         self.counts[plan.source] += 1
-        tok = self.decoder.tokenizer
-        context = (plan.prompt_ids or cache.input_ids.tolist())[-4:]  # so leading spaces detokenize as in context
-        head = tok.decode(context, skip_special_tokens=True)
-        stops = set(self.stop_token_ids())
-        tokens: list[int] = []
-        text, sent, finish, cut = "", 0, "length", -1
-        for token, _ in decode_steps(self.decoder, cache, plan.prompt_ids, max_new_tokens=req.max_tokens,
-                                     temperature=req.temperature,
-                                     top_p=req.top_p, seed=req.seed, stop_token_ids=sorted(stops)):
-            if token in stops:  # end of text: not part of the answer
-                finish = "stop"
-                yield "", token
-                break
-            tokens.append(token)
-            text = _detok(tok, context, head, tokens)
-            cut = min((text.find(s) for s in req.stop if s in text), default=-1)
-            if cut >= 0:  # a stop string: the answer ends before it
-                finish = "stop"
-                yield text[sent:cut], token
-                break
-            ready = len(text) - _held_back(text, req.stop)
-            if text.endswith("\ufffd"):  # an incomplete character: wait for its other bytes
-                ready = min(ready, len(text.rstrip("\ufffd")))
-            yield (text[sent:ready] if ready > sent else ""), token
-            sent = max(sent, ready)
-        if cut < 0 and len(text) > sent:
-            yield text[sent:], -1  # what was held back, at the end
-        return finish
+        stops = self.stop_token_ids()
+        out = []
+        for p, prompt in enumerate(req.prompts):
+            for j in range(req.n):
+                text = TextStream(self.decoder.tokenizer, prompt or ([] if cache is None else cache.input_ids.tolist()),
+                                  req.stop)
+                out.append(Sequence(cache, prompt, req.sampling(j, stops), *_callbacks(p * req.n + j, text,
+                                                                                     set(stops), sink)))
+        return out
 
     def stop_token_ids(self) -> list[int]:
-        eos = self.decoder.model.generation_config.eos_token_id
-        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return model_stop_ids(self.decoder.model)
 
     def complete(self, req: CompletionRequest) -> dict:
-        """Plan, prepare and decode one request in this thread (no batching): the response's parts."""
+        """Plan, prepare and decode one request in this thread, alone: {"plan", "choices": [{"text", "token_ids",
+        "finish_reason", "tokens": [TokenEvent]}]}, and the first choice's text, token_ids and finish_reason."""
         plan = self.plan(req)
         cache = self.prepare([plan])[0]
-        return self.run(plan, cache, req)
+        events: list[ChoiceEvent] = []
+        run_alone(self.decoder, self.sequences(plan, cache, req, events.append))
+        choices = collect(events, len(req.prompts) * req.n)
+        return {"plan": plan, "choices": choices} | {k: choices[0][k] for k in ("text", "token_ids", "finish_reason")}
 
-    def run(self, plan: Plan, cache: AugmentedCache, req: CompletionRequest) -> dict:
-        pieces, ids = [], []
-        gen = self.stream(plan, cache, req)
-        while True:
-            try:
-                delta, token = next(gen)
-            except StopIteration as stop:
-                finish = stop.value
-                break
-            pieces.append(delta)
-            if token >= 0:
-                ids.append(token)
-        return {"text": "".join(pieces), "token_ids": ids, "finish_reason": finish}
+
+def collect(events: list[ChoiceEvent], n: int) -> list[dict]:
+    """The choices that `events` make up: text, token ids, finish reason, and the TokenEvents (logprobs)."""
+    out = [{"text": "", "token_ids": [], "tokens": [], "finish_reason": None, "error": None} for _ in range(n)]
+    for e in events:
+        c = out[e.index]
+        c["text"] += e.text
+        if e.token is not None:
+            c["token_ids"].append(e.token.token)
+            c["tokens"].append(e.token)
+        if e.finish_reason is not None:
+            c["finish_reason"], c["error"] = e.finish_reason, e.error
+    return out
+
+
+def _callbacks(index: int, text: TextStream, stops: set[int], sink: Callable[[ChoiceEvent], None]):
+    """A choice's on_token and on_finish: tokens through its TextStream, events to the sink."""
+
+    def on_token(event: TokenEvent) -> bool:
+        if event.token in stops:  # end of text: not part of the answer
+            sink(ChoiceEvent(index, "", event))
+            return False
+        delta, cut = text.feed(event.token)
+        sink(ChoiceEvent(index, delta, event))
+        return cut
+
+    def on_finish(reason: str, error: BaseException | None) -> None:
+        sink(ChoiceEvent(index, text.flush(), None, reason, error))
+
+    return on_token, on_finish
+
+
+class TextStream:
+    """A choice's text as its tokens arrive: released only once it cannot turn out to be part of a stop string,
+    or an incomplete character. `feed` gives the text a token releases and whether a stop string ended the answer
+    (the answer ends before it); `flush` what was held back, at the end."""
+
+    def __init__(self, tokenizer, context: list[int], stops: list[str]):
+        self.tok, self.stops = tokenizer, stops
+        self.context = context[-4:]  # so leading spaces detokenize as in context
+        self.head = tokenizer.decode(self.context, skip_special_tokens=True)
+        self.tokens: list[int] = []
+        self.text, self.sent, self.cut = "", 0, False
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        if self.cut:
+            return "", True
+        self.tokens.append(token)
+        self.text = _detok(self.tok, self.context, self.head, self.tokens)
+        at = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        if at >= 0:
+            self.cut = True
+            delta, self.sent = self.text[self.sent : at], at
+            return delta, True
+        ready = len(self.text) - _held_back(self.text, self.stops)
+        if self.text.endswith("\ufffd"):  # an incomplete character: wait for its other bytes
+            ready = min(ready, len(self.text.rstrip("\ufffd")))
+        delta = self.text[self.sent : ready] if ready > self.sent else ""
+        self.sent = max(self.sent, ready)
+        return delta, False
+
+    def flush(self) -> str:
+        if self.cut or len(self.text) <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        return delta
 
 
 def _detok(tok, context: list[int], head: str, tokens: list[int]) -> str:

@@ -235,9 +235,20 @@ class ServeConfig:
     batch_size: int = 8
     """Most documents augmented (or prefilled) together in one forward pass when requests arrive together."""
 
+    batching: bool = True
+    """Continuous batching (``cache_aug.batching.DecodeLoop``): one decode loop per replica runs every running
+    sequence in one forward per step. False decodes each request in its own thread, alone (the sequential engine,
+    kept for comparison)."""
+
+    max_running_sequences: int = 32
+    """Sequences decoded together in one step (a request's choices each count); more wait for a free slot."""
+
+    max_batched_tokens: int = 4096
+    """Tokens fed to the decoder in one step: one per running sequence, plus the prompts of those joining."""
+
     def __post_init__(self) -> None:
         for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_document_tokens", "cache_entries",
-                     "cache_bytes", "batch_size"):
+                     "cache_bytes", "batch_size", "max_running_sequences", "max_batched_tokens"):
             at_least(name, getattr(self, name), 1)
         require(self.default_max_tokens <= self.max_tokens, "default_max_tokens", "must be <= max_tokens",
                 self.default_max_tokens)

@@ -147,16 +147,24 @@ class RayServeConfig(ServeConfig):
     batch_wait_s: float = 0.005
     """How long a request waits for others to share its augmentation batch (Ray Serve's batch wait)."""
 
-    max_ongoing_requests: int = 8
-    """Requests a replica works on at once (Ray Serve's ``max_ongoing_requests``)."""
+    max_ongoing_requests: int = 32
+    """Requests a replica works on at once (Ray Serve's ``max_ongoing_requests``): with batching, those decode
+    together (up to ``max_running_sequences``), so keep it at least that."""
 
-    max_queued_requests: int = 64
+    max_queued_requests: int = 128
     """Requests waiting for a replica beyond those; more are refused with 503 instead of queueing without bound."""
+
+    max_choices: int = 16
+    """Most choices one request may ask for: its prompts times ``n``."""
+
+    chat_template: str | None = None
+    """Jinja chat template for /v1/chat/completions; None: the tokenizer's own (a model without one answers chat
+    requests with 400)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(bool(self.model_name), "model_name", "must be non-empty", self.model_name)
-        for name in ("max_request_bytes", "max_ongoing_requests", "max_queued_requests"):
+        for name in ("max_request_bytes", "max_ongoing_requests", "max_queued_requests", "max_choices"):
             at_least(name, getattr(self, name), 1)
         require(self.batch_wait_s >= 0, "batch_wait_s", "must be >= 0", self.batch_wait_s)
 

@@ -3,14 +3,23 @@
     serve run cluster/serve/serve_tiny.yaml         # or `serve deploy`, or the RayService manifest
     cache-aug serve --config jobs/configs/serve_tiny.yaml
 
-    POST /v1/completions   {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed",
-                            "document_id", "document"}   (the openai client sends the last two via extra_body)
+    POST /v1/completions        {"model", "prompt" (a string, token ids, or a list of either), "max_tokens",
+                                 "temperature", "top_p", "stop", "stream", "stream_options", "seed", "n", "logprobs",
+                                 "echo", "presence_penalty", "frequency_penalty", "document_id", "document"}
+    POST /v1/chat/completions   {"messages", ... the same, "logprobs": bool, "top_logprobs", "max_completion_tokens"}
     GET  /v1/models, GET /healthz
 
-Each response carries a `cache_aug` block saying how it was produced: `stored` (the corpus job's
-record for the document), `online` (augmented now: the record was missing or refused) or `none`
-(plain decoding). Requests that need a document augmented or prefilled are batched together
-(`@serve.batch`); decoding runs off the event loop so streams and health checks stay responsive.
+`document_id` and `document` are this endpoint's own fields: the openai client sends them via
+`extra_body`, for chat as for completions. The document's augmented cache comes first; the prompt (for chat,
+the messages formatted by the model's chat template, the assistant's turn opened) follows it. Each response
+carries a `cache_aug` block saying how it was produced: `stored` (the corpus job's record for the
+document), `online` (augmented now: the record was missing or refused) or `none` (plain decoding).
+
+Requests that need a document augmented or prefilled are batched together (`@serve.batch`), off the event
+loop. Decoding is continuous batching (`cache_aug.batching.DecodeLoop`, one thread per replica): every
+running sequence of the replica advances in one forward per step, requests join between steps and leave when
+they finish, and a client that disconnects frees its slot at the next step. `serve.batching: false` decodes
+each request in its own thread instead (the sequential engine, kept for comparison).
 """
 
 
@@ -26,14 +35,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from cache_aug.batching import BatchLimits, DecodeLoop, run_alone
 from cache_aug.config import from_dict, resolve_serve_sources, to_dict
-from cache_aug.engine import CompletionEngine, CompletionRequest, Plan, RequestRefused
+from cache_aug.engine import ChoiceEvent, CompletionEngine, CompletionRequest, Plan, RequestRefused
 from pipelines.config import JobConfig, load_job_config
 from pipelines.protocol import (
     RequestError,
+    chat_logprobs,
+    completion_logprobs,
     error_body,
     http_error,
     json_body,
+    parse_chat,
     parse_request,
     read_body,
     response_meta,
@@ -46,12 +59,12 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
-def _next(gen):
-    """next() that can cross a thread boundary (StopIteration cannot)."""
+def _alone(decoder, seqs) -> None:
+    """The sequential engine: one request's sequences decoded in this thread (their sinks hear any error)."""
     try:
-        return False, next(gen)
-    except StopIteration as stop:
-        return True, stop.value
+        run_alone(decoder, seqs)
+    except Exception:  # noqa: BLE001,S110 - already delivered to the sequences as an "error" finish
+        pass
 
 
 def build_engine(cfg: JobConfig, device) -> CompletionEngine:
@@ -116,6 +129,9 @@ class CompletionServer:
         self.token = os.environ.get(self.cfg.serve.auth_token_env) or None
         self._prepare.set_max_batch_size(self.cfg.serve.batch_size)
         self._prepare.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_s)
+        s = self.cfg.serve
+        self.loop = (DecodeLoop(self.engine.decoder, BatchLimits(s.max_running_sequences, s.max_batched_tokens))
+                     if s.batching else None)
         self.started = int(time.time())
 
     def _denied(self, request: Request) -> JSONResponse | None:
@@ -131,7 +147,8 @@ class CompletionServer:
         e = self.engine
         return {"status": "ok", "model": self.cfg.serve.model_name, "fingerprint": e.fingerprint,
                 "coprocessor": e.module is not None, "served": dict(e.counts),
-                "lru": {"entries": len(e.lru), "bytes": e.lru.bytes, "hits": e.lru.hits, "misses": e.lru.misses}}
+                "lru": {"entries": len(e.lru), "bytes": e.lru.bytes, "hits": e.lru.hits, "misses": e.lru.misses},
+                "decoding": self.loop.stats() if self.loop is not None else {"batching": False}}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -147,62 +164,148 @@ class CompletionServer:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        return await self._answer(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._answer(request, chat=True)
+
+    async def _answer(self, request: Request, chat: bool):
         if (denied := self._denied(request)) is not None:
             return denied
+        tok = self.engine.decoder.tokenizer
         try:
             body = await read_body(request.headers.get("content-length"), request.stream(),
                                    self.cfg.serve.max_request_bytes)
-            req = parse_request(json_body(body), self.engine.decoder.tokenizer, self.cfg.serve)
+            req = (parse_chat if chat else parse_request)(json_body(body), tok, self.cfg.serve)
             plan = await asyncio.to_thread(self.engine.plan, req)
         except (RequestError, RequestRefused) as refused:  # the engine's refusals get their status from the protocol
             e = http_error(refused)
             return _error(e.status, e.message, e.param, e.code)
-        cache = plan.cache if plan.cache is not None else await self._prepare(plan)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        cache = plan.cache if plan.cache is not None or plan.compute_ids is None else await self._prepare(plan)
+        answer = _Answer(req, plan, chat, tok)
+        events: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        seqs = self.engine.sequences(plan, cache, req, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        if self.loop is not None:
+            self.loop.submit(seqs)
+        else:
+            answer.worker = asyncio.create_task(asyncio.to_thread(_alone, self.engine.decoder, seqs))
         if req.stream:
-            return StreamingResponse(self._events(plan, cache, req, cid, created), media_type="text/event-stream")
-        out = await asyncio.to_thread(self.engine.run, plan, cache, req)
-        return {
-            "id": cid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"text": out["text"], "index": 0, "logprobs": None, "finish_reason": out["finish_reason"]}],
-            "usage": self._usage(req, len(out["token_ids"])),
-            "cache_aug": response_meta(plan, req) | {"token_ids": out["token_ids"]},
-        }
-
-    @staticmethod
-    def _usage(req: CompletionRequest, n: int) -> dict:
-        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n, "total_tokens": len(req.prompt_ids) + n}
-
-    async def _events(self, plan: Plan, cache, req: CompletionRequest, cid: str, created: int):
-        """Server-sent events in the format the openai client reads, ending with `data: [DONE]`."""
-
-        def event(payload: dict) -> str:
-            return f"data: {json.dumps(payload)}\n\n"
-
-        def chunk(text: str, finish: str | None, **extra) -> str:
-            return event({"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                          "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]} | extra)
-
-        gen = self.engine.stream(plan, cache, req)
-        n = 0
-        yield chunk("", None, cache_aug=response_meta(plan, req))
+            return StreamingResponse(answer.events(events, seqs), media_type="text/event-stream")
         try:
-            while True:
-                done, value = await asyncio.to_thread(_next, gen)
-                if done:
-                    yield chunk("", value)
-                    break
-                delta, token = value
-                n += token >= 0
-                if delta:
-                    yield chunk(delta, None)
-        except Exception as e:  # the status line is already sent: report in-band  # noqa: BLE001
-            yield event(error_body(500, f"{type(e).__name__}: {e}"))
-            return
-        if req.include_usage:
-            yield event({"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [],
-                         "usage": self._usage(req, n)})
-        yield "data: [DONE]\n\n"
+            while answer.open:
+                answer.add(await events.get())
+        finally:  # a client that went away (the handler is cancelled): its sequences leave at the next step
+            for seq in seqs:
+                seq.cancel()
+        if answer.error is not None:
+            return _error(500, f"{type(answer.error).__name__}: {answer.error}")
+        return answer.body()
+
+
+class _Answer:
+    """One request's choices as their events arrive, in the OpenAI completions or chat format."""
+
+    def __init__(self, req: CompletionRequest, plan: Plan, chat: bool, tokenizer):
+        self.req, self.plan, self.chat, self.tok = req, plan, chat, tokenizer
+        self.n = len(req.prompts) * req.n
+        self.text = ["" for _ in range(self.n)]
+        self.tokens: list[list] = [[] for _ in range(self.n)]
+        self.finish: list[str | None] = [None] * self.n
+        self.error: BaseException | None = None
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.worker = None  # the sequential engine's thread, held so it is not collected
+        # echo: the answer starts with the prompt's text
+        self.prefix = [tokenizer.decode(req.prompts[i // req.n], skip_special_tokens=True) if req.echo else ""
+                       for i in range(self.n)]
+
+    @property
+    def open(self) -> bool:
+        return any(f is None for f in self.finish)
+
+    def add(self, e: ChoiceEvent) -> None:
+        self.text[e.index] += e.text
+        if e.token is not None:
+            self.tokens[e.index].append(e.token)
+        if e.finish_reason is not None:
+            self.finish[e.index] = e.finish_reason
+            if e.error is not None and self.error is None:
+                self.error = e.error
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.req.prompts)
+        done = sum(len(t) for t in self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    def _logprobs(self, tokens: list, offset: int = 0):
+        if self.req.logprobs is None:
+            return None
+        return chat_logprobs(tokens, self.tok) if self.chat else completion_logprobs(tokens, self.tok, offset)
+
+    def _meta(self) -> dict:
+        return response_meta(self.plan, self.req)
+
+    def body(self) -> dict:
+        ids = [[t.token for t in ts] for ts in self.tokens]
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": self.text[i]},
+                        "logprobs": self._logprobs(self.tokens[i]), "finish_reason": self.finish[i]}
+                       for i in range(self.n)]
+        else:
+            choices = [{"index": i, "text": self.prefix[i] + self.text[i],
+                        "logprobs": self._logprobs(self.tokens[i], len(self.prefix[i])),
+                        "finish_reason": self.finish[i]} for i in range(self.n)]
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.req.model, "choices": choices, "usage": self.usage(),
+                "cache_aug": self._meta() | {"token_ids": ids[0], "choice_token_ids": ids}}
+
+    def _chunk(self, index: int, text: str | None, finish: str | None, tokens: list | None = None,
+               **extra) -> str:
+        if self.chat:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if tokens:
+                choice["logprobs"] = self._logprobs(tokens)
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if tokens:
+                choice["logprobs"] = self._logprobs(tokens)
+        return self._event({"choices": [choice]} | extra)
+
+    def _event(self, payload: dict) -> str:
+        head = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.req.model}
+        return f"data: {json.dumps(head | payload)}\n\n"
+
+    async def events(self, events: asyncio.Queue, seqs):
+        """Server-sent events in the format the openai client reads, ending with `data: [DONE]`."""
+        try:
+            for i in range(self.n):  # each choice opens with its role (chat) or echoed prompt; the first says how
+                first = {"cache_aug": self._meta()} if i == 0 else {}
+                if self.chat:
+                    choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}
+                    yield self._event({"choices": [choice]} | first)
+                else:
+                    yield self._chunk(i, self.prefix[i], None, **first)
+            while self.open:
+                e = await events.get()
+                self.add(e)
+                if e.error is not None:  # the status line is already sent: report in-band
+                    yield self._event(error_body(500, f"{type(e.error).__name__}: {e.error}"))
+                    return
+                if e.text or e.token is not None and self.req.logprobs is not None:
+                    yield self._chunk(e.index, e.text, None, [e.token] if e.token is not None else None)
+                if e.finish_reason is not None:
+                    yield self._chunk(e.index, None if self.chat else "", e.finish_reason)
+            if self.req.include_usage:
+                yield self._event({"choices": [], "usage": self.usage()})
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away, or the answer is complete: either way its sequences are done
+            for seq in seqs:
+                seq.cancel()
 
 
 def _config_source(config):

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cache_aug.augment import augment, generate
+from cache_aug.augment import augment, decode_steps, generate
+from cache_aug.batching import run_alone
 from cache_aug.config import ServeConfig
 from cache_aug.document_texts import DocumentTexts
 from cache_aug.engine import (
@@ -22,6 +23,7 @@ from cache_aug.engine import (
     DocumentNotFound,
     DocumentTooLong,
     _held_back,
+    collect,
 )
 from cache_aug.records import encode_record
 
@@ -47,8 +49,16 @@ def req(**fields) -> CompletionRequest:
     """A checked request with the protocol's defaults for the fields a body leaves out (temperature 1, max_tokens
     16)."""
     cfg = ServeConfig()  # the model name is the endpoint's default (serve.model_name); the engine never reads it
-    return CompletionRequest(**({"model": "cache-aug", "prompt_ids": [], "max_tokens": cfg.default_max_tokens,
+    fields = {"prompts": [fields.pop("prompt_ids", [])]} | fields
+    return CompletionRequest(**({"model": "cache-aug", "max_tokens": cfg.default_max_tokens,
                                  "temperature": 1.0} | fields))
+
+
+def run(eng, plan, cache, r) -> dict:
+    """Decode a planned request alone: its first choice (text, token_ids, finish_reason) and every event."""
+    events = []
+    run_alone(eng.decoder, eng.sequences(plan, cache, r, events.append))
+    return collect(events, len(r.prompts) * r.n)[0] | {"events": events}
 
 
 def test_seed_range_ends_decode(setup):
@@ -70,7 +80,8 @@ def test_document_lookup_failures_fall_back(setup, tmp_path):
     eng = CompletionEngine(dec, module, fp, ServeConfig(max_tokens=64),
                            documents=DocumentTexts([str(tmp_path / "broken.parquet")]))
     plan = eng.plan(req(prompt_ids=[5, 6], document_id="7"))  # unreadable store: a reason, not a failure
-    assert plan.source == "none" and plan.compute_ids == [5, 6] and "document store unreadable" in plan.reason
+    assert plan.source == "none" and plan.compute_ids is None and plan.prompt_ids == [5, 6]  # the prompt alone
+    assert "document store unreadable" in plan.reason
     with pytest.raises(DocumentNotFound) as e:  # and nothing to continue without the text: the usual refusal
         eng.plan(req(prompt_ids=[], document_id="7"))
     assert e.value.param == "document_id" and "document store unreadable" in e.value.message
@@ -113,7 +124,7 @@ def test_sources_and_equivalence(setup):
 
     plan = eng.plan(req(**body, document_id="d0"))
     assert plan.source == "stored" and plan.reason is None
-    out = eng.run(plan, eng.prepare([plan])[0], req(**body, document_id="d0"))
+    out = run(eng, plan, eng.prepare([plan])[0], req(**body, document_id="d0"))
     assert out["token_ids"] == generate(dec, augs["d0"], prompt, max_new_tokens=6)
     eng.plan(req(**body, document_id="d0"))
     assert store.reads == 1 and eng.lru.hits == 1  # the second request is served from the LRU
@@ -121,14 +132,14 @@ def test_sources_and_equivalence(setup):
     plan = eng.plan(req(**body, document_id="d1"))  # forged record: refused, text known -> online
     assert plan.source == "online" and "fingerprint" in plan.reason
     ids = dec.tokenizer.encode("some text", add_special_tokens=False)
-    out = eng.run(plan, eng.prepare([plan])[0], req(**body, document_id="d1"))
+    out = run(eng, plan, eng.prepare([plan])[0], req(**body, document_id="d1"))
     assert out["token_ids"] == generate(dec, augment(dec, module, [ids])[0], prompt, max_new_tokens=6)
 
     plans = [eng.plan(req(**body, document_id=d)) for d in ("d2", "zz")]
     assert [p.source for p in plans] == ["online", "none"] and "unknown" in plans[1].reason
     batched = eng.prepare(plans)  # online and plain in one call: each equals its own one-document result
     plain = augment(dec, None, [prompt])[0]
-    assert eng.run(plans[1], batched[1], req(**body))["token_ids"] == generate(dec, plain, [], max_new_tokens=6)
+    assert run(eng, plans[1], batched[1], req(**body))["token_ids"] == generate(dec, plain, [], max_new_tokens=6)
 
     with pytest.raises(DocumentNotFound) as e:  # unknown document and nothing else to continue
         eng.plan(req(prompt_ids=[], document_id="zz"))
@@ -156,7 +167,7 @@ def test_stop_strings_and_streaming_equal_the_whole_answer(setup):
     assert whole["finish_reason"] in ("length", "stop") and whole["text"]
     text = whole["text"]
     plan = eng.plan(req(**base))
-    deltas = [d for d, _ in eng.stream(plan, eng.prepare([plan])[0], req(**base))]
+    deltas = [e.text for e in run(eng, plan, eng.prepare([plan])[0], req(**base))["events"]]
     assert "".join(deltas) == text
     # the stop string: two characters from the second half of the answer, not blank, on either side of the end
     # of a token's text (so the stream must hold the first back until the next token), first found there (so the
@@ -170,7 +181,7 @@ def test_stop_strings_and_streaming_equal_the_whole_answer(setup):
     assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.find(stop)] and cut["text"]
     # streamed deltas join to the same text, and none of them leaks part of the stop string
     plan = eng.plan(req(**base, stop=[stop]))
-    deltas = [d for d, _ in eng.stream(plan, eng.prepare([plan])[0], req(**base, stop=[stop]))]
+    deltas = [e.text for e in run(eng, plan, eng.prepare([plan])[0], req(**base, stop=[stop]))["events"]]
     assert "".join(deltas) == cut["text"]
     assert dec is eng.decoder
 
@@ -179,3 +190,32 @@ def test_held_back_tail():
     assert _held_back("abc\n", ["\n\n"]) == 1
     assert _held_back("abc", ["\n\n"]) == 0
     assert _held_back("xEN", ["END", "ENOUGH"]) == 2
+
+
+def test_choices_prompts_penalties_and_logprobs_equal_offline(setup):
+    """n choices of two prompts share one cache; each equals offline decoding with seed + j and the penalties,
+    and its logprobs are the model's own distribution at each step."""
+    dec, module, _ = setup
+    eng = engine(setup, texts={"d": "some text"})
+    prompts = [[5, 6], [7]]
+    r = req(prompts=prompts, n=3, temperature=1.0, seed=11, max_tokens=5, presence_penalty=0.4,
+            frequency_penalty=0.2, document_id="d", logprobs=2)
+    out = eng.complete(r)
+    assert out["plan"].source == "online" and len(out["choices"]) == 6
+    aug = augment(dec, module, [dec.tokenizer.encode("some text", add_special_tokens=False)])[0]
+    answers = []
+    for i, prompt in enumerate(prompts):
+        for j in range(3):
+            steps = list(decode_steps(dec, aug, prompt, max_new_tokens=5, temperature=1.0, seed=11 + j,
+                                      presence_penalty=0.4, frequency_penalty=0.2))
+            choice = out["choices"][i * 3 + j]
+            assert choice["token_ids"] == [t for t, _ in steps], (i, j)
+            for event, (token, logits) in zip(choice["tokens"], steps, strict=True):
+                logp = torch.log_softmax(logits.float(), -1)
+                assert event.logprob == pytest.approx(float(logp[token]), abs=1e-5)
+                assert [t for t, _ in event.top] == torch.topk(logp, 2).indices.tolist()
+            answers.append(tuple(choice["token_ids"]))
+    assert len(set(answers)) > 2  # the seeds differ per choice
+    # the penalties reach the sampler: greedy with a repetition cost is another answer than without
+    greedy = dict(prompt_ids=[5, 6], max_tokens=12, temperature=0.0, document_id="d")
+    assert eng.complete(req(**greedy, frequency_penalty=2.0))["token_ids"] != eng.complete(req(**greedy))["token_ids"]

@@ -49,7 +49,18 @@ def req(tok, body, **cfg):
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"prompt": "x", "bogus": 1}, 400, "bogus"),
-    ({"prompt": "x", "n": 3}, 400, "n"),
+    ({"prompt": "x", "n": 17}, 400, "n"),  # past max_choices (16)
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": ["x"] * 9, "n": 2}, 400, "n"),  # 18 choices
+    ({"prompt": ["x"] * 17}, 400, "prompt"),
+    ({"prompt": ["x", ""]}, 400, "prompt[1]"),
+    ({"prompt": ["x", 5]}, 400, "prompt"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, 400, "echo"),
+    ({"prompt": "x", "echo": 1}, 400, "echo"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": "1"}, 400, "frequency_penalty"),
+    ({"prompt": "x", "best_of": 2}, 400, "best_of"),
     ({"prompt": "x", "model": "other"}, 404, "model"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": [1, 10**9]}, 400, "prompt"),
@@ -117,11 +128,11 @@ def test_good_request_fields(tok):
 def test_a_body_becomes_the_request_the_engine_takes(tok):
     # the engine's tests build their requests directly, with these defaults for what a body leaves out
     assert req(tok, {"prompt": [5, 6], "document_id": "7"}) == CompletionRequest(
-        model="cache-aug", prompt_ids=[5, 6], max_tokens=16, temperature=1.0, top_p=1.0, stop=[], stream=False,
+        model="cache-aug", prompts=[[5, 6]], max_tokens=16, temperature=1.0, top_p=1.0, stop=[], stream=False,
         include_usage=False, seed=None, document_id="7", document=None)
     assert req(tok, {"prompt": "ab", "max_tokens": 6, "temperature": 0, "stop": ["x", "y"], "document_id": "d",
                      "document": "text"}) == CompletionRequest(
-        model="cache-aug", prompt_ids=tok.encode("ab", add_special_tokens=False), max_tokens=6, temperature=0.0,
+        model="cache-aug", prompts=[tok.encode("ab", add_special_tokens=False)], max_tokens=6, temperature=0.0,
         stop=["x", "y"], document_id="d", document="text")
 
 
@@ -157,7 +168,7 @@ def test_engine_refusals_get_their_http_status():
     refusals = {}
     for doc_id, prompt in [("zz", []), ("long", [5])]:
         with pytest.raises(RequestRefused) as e:
-            eng.plan(CompletionRequest(model="cache-aug", prompt_ids=prompt, max_tokens=4, document_id=doc_id))
+            eng.plan(CompletionRequest(model="cache-aug", prompts=[prompt], max_tokens=4, document_id=doc_id))
         refusals[doc_id] = e.value
     assert isinstance(refusals["zz"], DocumentNotFound) and isinstance(refusals["long"], DocumentTooLong)
     e = http_error(refusals["zz"])

@@ -314,7 +314,7 @@ class DecodeLoop:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=5)
 
     def _take(self) -> list[Sequence]:
         """Waiting sequences that fit this step: free slots, and the token budget (a prompt longer than the

@@ -112,98 +112,6 @@ def build_engine(cfg: JobConfig, device) -> CompletionEngine:
                             truncate=cfg.corpus.truncate)
 
 
-@serve.deployment(name="CompletionServer")
-@serve.ingress(api)
-class CompletionServer:
-    """One replica: decoder (+ coprocessor), cache reader with its LRU, and the HTTP routes."""
-
-    def __init__(self, config: dict):
-        import ray
-
-        from cache_aug.devices import choose_device
-
-        self.cfg = from_dict(JobConfig, config)
-        given = ray.get_runtime_context().get_assigned_resources()  # Ray Serve's num_cpus / num_gpus of the replica
-        self.engine = build_engine(self.cfg, choose_device(self.cfg.serve.device, gpus=given.get("GPU", 0),
-                                                           cpus=given.get("CPU", 1)))
-        self.token = os.environ.get(self.cfg.serve.auth_token_env) or None
-        self._prepare.set_max_batch_size(self.cfg.serve.batch_size)
-        self._prepare.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_s)
-        s = self.cfg.serve
-        self.loop = (DecodeLoop(self.engine.decoder, BatchLimits(s.max_running_sequences, s.max_batched_tokens))
-                     if s.batching else None)
-        self.started = int(time.time())
-
-    def _denied(self, request: Request) -> JSONResponse | None:
-        if self.token is None:
-            return None
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-            return _error(401, "missing or wrong bearer token", code="invalid_api_key")
-        return None
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
-        e = self.engine
-        return {"status": "ok", "model": self.cfg.serve.model_name, "fingerprint": e.fingerprint,
-                "coprocessor": e.module is not None, "served": dict(e.counts),
-                "lru": {"entries": len(e.lru), "bytes": e.lru.bytes, "hits": e.lru.hits, "misses": e.lru.misses},
-                "decoding": self.loop.stats() if self.loop is not None else {"batching": False}}
-
-    @api.get("/v1/models")
-    async def models(self, request: Request):
-        if (denied := self._denied(request)) is not None:
-            return denied
-        return {"object": "list", "data": [{"id": self.cfg.serve.model_name, "object": "model", "created": self.started,
-                                            "owned_by": "cache-aug"}]}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _prepare(self, plans: list[Plan]) -> list:
-        """Augment (or prefill) the documents of requests that arrived together, in shared forward passes."""
-        return await asyncio.to_thread(self.engine.prepare, plans)
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request):
-        return await self._answer(request, chat=False)
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        return await self._answer(request, chat=True)
-
-    async def _answer(self, request: Request, chat: bool):
-        if (denied := self._denied(request)) is not None:
-            return denied
-        tok = self.engine.decoder.tokenizer
-        try:
-            body = await read_body(request.headers.get("content-length"), request.stream(),
-                                   self.cfg.serve.max_request_bytes)
-            req = (parse_chat if chat else parse_request)(json_body(body), tok, self.cfg.serve)
-            plan = await asyncio.to_thread(self.engine.plan, req)
-        except (RequestError, RequestRefused) as refused:  # the engine's refusals get their status from the protocol
-            e = http_error(refused)
-            return _error(e.status, e.message, e.param, e.code)
-        cache = plan.cache if plan.cache is not None or plan.compute_ids is None else await self._prepare(plan)
-        answer = _Answer(req, plan, chat, tok)
-        events: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        seqs = self.engine.sequences(plan, cache, req, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        if self.loop is not None:
-            self.loop.submit(seqs)
-        else:
-            answer.worker = asyncio.create_task(asyncio.to_thread(_alone, self.engine.decoder, seqs))
-        if req.stream:
-            return StreamingResponse(answer.events(events, seqs), media_type="text/event-stream")
-        try:
-            while answer.open:
-                answer.add(await events.get())
-        finally:  # a client that went away (the handler is cancelled): its sequences leave at the next step
-            for seq in seqs:
-                seq.cancel()
-        if answer.error is not None:
-            return _error(500, f"{type(answer.error).__name__}: {answer.error}")
-        return answer.body()
-
-
 class _Answer:
     """One request's choices as their events arrive, in the OpenAI completions or chat format."""
 
@@ -308,6 +216,102 @@ class _Answer:
                 seq.cancel()
 
 
+@serve.deployment(name="CompletionServer")
+@serve.ingress(api)
+class CompletionServer:
+    """One replica: decoder (+ coprocessor), cache reader with its LRU, and the HTTP routes."""
+
+    def __init__(self, config: dict):
+        import ray
+
+        from cache_aug.devices import choose_device
+
+        self.cfg = from_dict(JobConfig, config)
+        given = ray.get_runtime_context().get_assigned_resources()  # Ray Serve's num_cpus / num_gpus of the replica
+        self.engine = build_engine(self.cfg, choose_device(self.cfg.serve.device, gpus=given.get("GPU", 0),
+                                                           cpus=given.get("CPU", 1)))
+        self.token = os.environ.get(self.cfg.serve.auth_token_env) or None
+        self._prepare.set_max_batch_size(self.cfg.serve.batch_size)
+        self._prepare.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_s)
+        s = self.cfg.serve
+        self.loop = (DecodeLoop(self.engine.decoder, BatchLimits(s.max_running_sequences, s.max_batched_tokens))
+                     if s.batching else None)
+        self.started = int(time.time())
+
+    def __del__(self):  # Ray Serve's replica shutdown: the decode loop's thread ends with it
+        if getattr(self, "loop", None) is not None:
+            self.loop.close()
+
+    def _denied(self, request: Request) -> JSONResponse | None:
+        if self.token is None:
+            return None
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+            return _error(401, "missing or wrong bearer token", code="invalid_api_key")
+        return None
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        e = self.engine
+        return {"status": "ok", "model": self.cfg.serve.model_name, "fingerprint": e.fingerprint,
+                "coprocessor": e.module is not None, "served": dict(e.counts),
+                "lru": {"entries": len(e.lru), "bytes": e.lru.bytes, "hits": e.lru.hits, "misses": e.lru.misses},
+                "decoding": self.loop.stats() if self.loop is not None else {"batching": False}}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return {"object": "list", "data": [{"id": self.cfg.serve.model_name, "object": "model", "created": self.started,
+                                            "owned_by": "cache-aug"}]}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _prepare(self, plans: list[Plan]) -> list:
+        """Augment (or prefill) the documents of requests that arrived together, in shared forward passes."""
+        return await asyncio.to_thread(self.engine.prepare, plans)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._answer(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._answer(request, chat=True)
+
+    async def _answer(self, request: Request, chat: bool):
+        if (denied := self._denied(request)) is not None:
+            return denied
+        tok = self.engine.decoder.tokenizer
+        try:
+            body = await read_body(request.headers.get("content-length"), request.stream(),
+                                   self.cfg.serve.max_request_bytes)
+            req = (parse_chat if chat else parse_request)(json_body(body), tok, self.cfg.serve)
+            plan = await asyncio.to_thread(self.engine.plan, req)
+        except (RequestError, RequestRefused) as refused:  # the engine's refusals get their status from the protocol
+            e = http_error(refused)
+            return _error(e.status, e.message, e.param, e.code)
+        cache = plan.cache if plan.cache is not None or plan.compute_ids is None else await self._prepare(plan)
+        answer = _Answer(req, plan, chat, tok)
+        events: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        seqs = self.engine.sequences(plan, cache, req, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        if self.loop is not None:
+            self.loop.submit(seqs)
+        else:
+            answer.worker = asyncio.create_task(asyncio.to_thread(_alone, self.engine.decoder, seqs))
+        if req.stream:
+            return StreamingResponse(answer.events(events, seqs), media_type="text/event-stream")
+        try:
+            while answer.open:
+                answer.add(await events.get())
+        finally:  # a client that went away (the handler is cancelled): its sequences leave at the next step
+            for seq in seqs:
+                seq.cancel()
+        if answer.error is not None:
+            return _error(500, f"{type(answer.error).__name__}: {answer.error}")
+        return answer.body()
+
+
 def _config_source(config):
     """A config path as given, else relative to the repository root (the builder may run in another directory)."""
     from pathlib import Path
@@ -329,7 +333,8 @@ def build_app(args: dict) -> serve.Application:
     cfg = load_job_config(_config_source(args.get("config")), overrides=list(args.get("overrides") or []))
     s = cfg.serve
     return CompletionServer.options(max_ongoing_requests=s.max_ongoing_requests,
-                                    max_queued_requests=s.max_queued_requests).bind(to_dict(cfg))
+                                    max_queued_requests=s.max_queued_requests,
+                                    graceful_shutdown_timeout_s=5).bind(to_dict(cfg))
 
 
 def serve_job(config: str | None, overrides: list[str], host: str = "127.0.0.1", port: int = 8000,
@@ -340,6 +345,20 @@ def serve_job(config: str | None, overrides: list[str], host: str = "127.0.0.1",
 
     # here, before any replica loads it: loading never builds
     build_if_embedded(load_job_config(_config_source(config), overrides=list(overrides)).model.path)
+    import signal
+    import threading
+
+    import ray
+
     init_ray(num_cpus)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app({"config": config, "overrides": overrides}), name="cache-aug", route_prefix="/", blocking=True)
+    serve.run(build_app({"config": config, "overrides": overrides}), name="cache-aug", route_prefix="/")
+    print(f"serving on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (or a SIGTERM) stops the app and this driver's Ray promptly
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    print("stopping", flush=True)
+    serve.shutdown()
+    ray.shutdown()

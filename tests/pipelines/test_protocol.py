@@ -23,6 +23,7 @@ from pipelines.protocol import (
     error_body,
     http_error,
     json_body,
+    parse_chat,
     parse_request,
     read_body,
 )
@@ -191,3 +192,39 @@ def test_error_bodies_are_openai_style():
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}
     for status, kind in kinds.items():
         assert error_body(status, "m") == {"error": {"message": "m", "type": kind, "param": None, "code": None}}
+
+
+CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+
+
+def test_chat_messages_become_the_templated_prompt(tok):
+    cfg = RayServeConfig(max_tokens=64, chat_template=CHAT)
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]}]
+    r = parse_chat({"messages": msgs, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 3, "n": 2,
+                    "document_id": "d"}, tok, cfg)
+    assert r.prompt_ids == tok.encode("<system>Be brief.\n<user>Hi!\n<assistant>", add_special_tokens=False)
+    assert (r.max_tokens, r.logprobs, r.n, r.document_id) == (5, 3, 2, "d")
+    assert parse_chat({"messages": msgs[:1]}, tok, cfg).logprobs is None
+    for body, param in [({"messages": []}, "messages"),
+                        ({"messages": [{"role": "king", "content": "x"}]}, "messages[0]"),
+                        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+                        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+                        ({"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": msgs, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"messages": msgs, "prompt": "x"}, "prompt"),
+                        ({"messages": msgs, "max_completion_tokens": 65}, "max_completion_tokens")]:
+        with pytest.raises(RequestError) as e:
+            parse_chat(body, tok, cfg)
+        assert (e.value.status, e.value.param) == (400, param), e.value.message
+    with pytest.raises(RequestError, match="no chat template") as e:  # the byte tokenizer has none of its own
+        parse_chat({"messages": msgs}, tok, RayServeConfig())
+    assert e.value.param == "messages"
+
+
+def test_lists_of_prompts_n_and_sampling_fields(tok):
+    r = req(tok, {"prompt": ["ab", [5, 6]], "n": 3, "logprobs": 0, "presence_penalty": -1.5, "frequency_penalty": 2,
+                  "echo": False})
+    assert r.prompts == [tok.encode("ab", add_special_tokens=False), [5, 6]]
+    assert (r.n, r.logprobs, r.presence_penalty, r.frequency_penalty) == (3, 0, -1.5, 2.0)
+    assert req(tok, {"prompt": "x", "echo": True}).echo

@@ -11,7 +11,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from cache_aug.augment import augment, generate
+from cache_aug.augment import augment, decode_steps, generate
 from cache_aug.config import to_dict
 from cache_aug.coprocessor import latent_fingerprint
 from cache_aug.corpus import ensure_embedded_corpus
@@ -194,7 +194,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
         "slash id": (json.dumps(good | {"document_id": "a/b"}), 400),
         "control char id": (json.dumps(good | {"document_id": "a\nb"}), 400),
         "unknown model": (json.dumps(good | {"model": "gpt-4"}), 404),
-        "n > 1": (json.dumps(good | {"n": 2}), 400),
+        "n over the limit": (json.dumps(good | {"n": 17}), 400),
+        "echo with logprobs": (json.dumps(good | {"echo": True, "logprobs": 1}), 400),
     }
     for name, (body, status) in cases.items():
         r = post(body)
@@ -216,3 +217,112 @@ def test_bearer_token_auth(served):
     assert r.status_code == 401
     assert ask(oai(url, key="s3cret-token"), doc_id).model_extra["cache_aug"]["source"] == "stored"
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # health checks need no token
+
+
+CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def _agrees(got: list[int], steps: list, tol: float = 1e-4) -> bool:
+    """`got` equals the offline tokens up to the first near tie of the offline logits (batched rounding may pick
+    either there), and is not longer."""
+    import torch
+
+    for t, (token, logits) in enumerate(steps):
+        if t >= len(got):
+            return False
+        top = torch.topk(logits.float(), 2).values
+        if float(top[0] - top[1]) <= tol * max(1.0, float(logits.abs().max())):
+            return True
+        if got[t] != token:
+            return False
+    return len(got) == len(steps)
+
+
+def test_openai_surface_and_concurrent_requests_equal_offline(served):
+    """Chat, n, logprobs, lists of prompts, penalties and echo through the official client, each against offline
+    decoding; then 12 concurrent requests (stored, online and plain, greedy and seeded) decoded in shared steps,
+    each equal to its offline answer alone."""
+    import concurrent.futures
+
+    import torch
+
+    url = deploy(served, "latent_kv", f"serve.chat_template={json.dumps(CHAT)}")
+    client, dec, module, tok = oai(url), served["decoder"], served["module"], served["decoder"].tokenizer
+    doc_id = list(served["stored"])[1]
+    record = AugmentedCacheReader(served["fs"], "serve-caches/latent_kv", BUCKETS).get(doc_id)
+    cache = restore(record, dec, served["fp"])
+    steps = lambda ids, n=8, **kw: list(decode_steps(dec, cache, ids, max_new_tokens=n, **kw))  # noqa: E731
+
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who spoke?"}]
+    chat_ids = tok.encode(tok.apply_chat_template(messages, chat_template=CHAT, tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)
+    r = client.chat.completions.create(model="cache-aug", messages=messages, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=2, extra_body={"document_id": doc_id})
+    meta = r.model_extra["cache_aug"]
+    want = steps(chat_ids)
+    assert meta["source"] == "stored" and _agrees(meta["token_ids"], want), meta
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == tok.decode(
+        [t for t in meta["token_ids"] if t != tok.eos_token_id], skip_special_tokens=True)
+    lp = r.choices[0].logprobs.content
+    for entry, (token, logits) in zip(lp, want, strict=False):
+        assert entry.logprob == pytest.approx(float(torch.log_softmax(logits.float(), -1)[token]), abs=1e-4)
+        assert len(entry.top_logprobs) == 2
+    chunks = list(client.chat.completions.create(model="cache-aug", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"document_id": doc_id}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+    prompts = [" And the LORD said", " In the beginning"]
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    r = client.completions.create(model="cache-aug", prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=5,
+                                  presence_penalty=0.5, frequency_penalty=0.3, extra_body={"document_id": doc_id})
+    got = r.model_extra["cache_aug"]["choice_token_ids"]
+    assert len(r.choices) == 4 and [c.index for c in r.choices] == [0, 1, 2, 3]
+    for i in range(2):
+        for j in range(2):
+            want = steps(ids[i], 6, temperature=1.0, seed=5 + j, presence_penalty=0.5, frequency_penalty=0.3)
+            assert _agrees(got[i * 2 + j], want), (i, j)
+    assert r.usage.prompt_tokens == sum(map(len, ids))
+
+    r = client.completions.create(model="cache-aug", prompt=prompts[0], max_tokens=4, temperature=0, echo=True,
+                                  extra_body={"document_id": doc_id})
+    assert r.choices[0].text.startswith(prompts[0]) and len(r.choices[0].text) > len(prompts[0])
+    r = client.completions.create(model="cache-aug", prompt=prompts[0], max_tokens=4, temperature=0, logprobs=2,
+                                  extra_body={"document_id": doc_id})
+    assert len(r.choices[0].logprobs.token_logprobs) == len(r.model_extra["cache_aug"]["token_ids"])
+    assert all(len(t) == 2 for t in r.choices[0].logprobs.top_logprobs)
+
+    # concurrent requests share decoding steps; each answer is its own, alone
+    late_id, late_text = next(iter(served["late"].items()))
+    online = augment(dec, module, [tok.encode(late_text, add_special_tokens=False)])[0]
+    stored_ids = list(served["stored"])[:3]
+    stored = {d: restore(AugmentedCacheReader(served["fs"], "serve-caches/latent_kv", BUCKETS).get(d), dec,
+                         served["fp"]) for d in stored_ids}
+    jobs = []
+    for k in range(12):
+        kind = ("stored", "online", "none")[k % 3]
+        doc = stored_ids[k % 3] if kind == "stored" else late_id if kind == "online" else None
+        prompt = prompts[k % 2] + " " * (k // 6)
+        sampling = {"temperature": 0.0} if k % 2 else {"temperature": 0.9, "seed": k}
+        jobs.append((kind, doc, prompt, sampling))
+    before = requests.get(f"{url}/healthz", timeout=30).json()["decoding"]
+
+    def run(job):
+        kind, doc, prompt, sampling = job
+        return client.completions.create(model="cache-aug", prompt=prompt, max_tokens=10,
+                                         extra_body={"document_id": doc} if doc else {}, **sampling)
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(run, jobs))
+    for (kind, doc, prompt, sampling), r in zip(jobs, answers, strict=True):
+        meta = r.model_extra["cache_aug"]
+        assert meta["source"] == kind, meta
+        p_ids = tok.encode(prompt, add_special_tokens=False)
+        base, feed = ((stored[doc], p_ids) if kind == "stored" else (online, p_ids) if kind == "online"
+                      else (augment(dec, None, [p_ids])[0], []))
+        want = list(decode_steps(dec, base, feed, max_new_tokens=10, **sampling))
+        assert _agrees(meta["token_ids"], want), (kind, prompt, sampling)
+    after = requests.get(f"{url}/healthz", timeout=30).json()["decoding"]
+    tokens, forwards = after["tokens"] - before["tokens"], after["steps"] - before["steps"]
+    assert tokens >= 12 * 2 and forwards < tokens  # steps were shared: fewer forwards than tokens

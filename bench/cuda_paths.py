@@ -81,8 +81,8 @@ def serving_check(dec, module, fp, rec, work: Path) -> dict:
     reader = AugmentedCacheReader(pafs.LocalFileSystem(), str(root), n_buckets)
     eng = CompletionEngine(dec, module, fp, cfg, records=reader)
     req = parse_request(serving_request(rec.doc_id), dec.tokenizer, cfg)
-    plan = eng.plan(req)
-    served = eng.run(plan, eng.prepare([plan])[0], req)["token_ids"]
+    out = eng.complete(req)  # planned, prepared and decoded by the engine, alone
+    plan, served = out["plan"], out["token_ids"]
     offline = offline_decode(dec, restore(rec, dec, fp), eng.stop_token_ids())
     return {"source": plan.source, "reason": plan.reason, "served": served, "offline": offline,
             "equal": plan.source == "stored" and served == offline}

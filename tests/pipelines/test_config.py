@@ -37,7 +37,8 @@ RAY_FIELDS = {
               "checkpoints_to_keep": 2},
     "corpus": {"batch_size": 64, "num_actors": 1, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0},
     "serve": {"model_name": "cache-aug", "max_request_bytes": 1 << 20, "auth_token_env": "CACHE_AUG_API_TOKEN",
-              "batch_wait_s": 0.005, "max_ongoing_requests": 8, "max_queued_requests": 64},
+              "batch_wait_s": 0.005, "max_ongoing_requests": 32, "max_queued_requests": 128, "max_choices": 16,
+              "chat_template": None},
     "eval": {"num_actors": 1, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0, "docs_per_batch": 8},
 }
 RAY_SECTIONS = {"data": RayDataConfig, "train": RayTrainConfig, "corpus": RayCorpusConfig, "serve": RayServeConfig,

@@ -38,7 +38,7 @@ from ray import serve
 from cache_aug.batching import BatchLimits, DecodeLoop, run_alone
 from cache_aug.config import from_dict, resolve_serve_sources, to_dict
 from cache_aug.engine import ChoiceEvent, CompletionEngine, CompletionRequest, Plan, RequestRefused
-from pipelines.config import JobConfig, load_job_config
+from pipelines.config import JobConfig, RayServeConfig, load_job_config
 from pipelines.protocol import (
     RequestError,
     chat_logprobs,
@@ -216,7 +216,9 @@ class _Answer:
                 seq.cancel()
 
 
-@serve.deployment(name="CompletionServer")
+# the endpoint's default limits also where the deployment is bound directly (build_app passes the configured ones)
+@serve.deployment(name="CompletionServer", max_ongoing_requests=RayServeConfig.max_ongoing_requests,
+                  max_queued_requests=RayServeConfig.max_queued_requests)
 @serve.ingress(api)
 class CompletionServer:
     """One replica: decoder (+ coprocessor), cache reader with its LRU, and the HTTP routes."""

@@ -1,0 +1,313 @@
+"""Serve batching: the replica's two decoding engines side by side, in one run, at rising client counts.
+
+    python -m bench.serve_batching [--docs 8] [--doc-tokens 200] [--max-tokens 16] [--seconds 15] [--levels 1,4,16,64]
+
+Local Ray (2 CPUs), the embedded tiny-kjv decoder and a fresh coprocessor; the corpus job writes latent_kv
+caches for --docs KJV chapters (cut to --doc-tokens) to a local directory, and each document's answer is
+decoded offline first (greedy, temperature 0). Then, for each engine - `serve.batching: false` (the
+sequential engine: each request decoded alone in its own thread) and `serve.batching: true` (continuous
+batching: one decode loop per replica, every running sequence advances in one forward per step) - one
+replica (1 CPU, 1 torch thread) is deployed with the same settings (max_ongoing_requests and
+max_running_sequences 64, an LRU that holds every document, a TTL longer than the run: the comparison is
+decoding, not storage reads), warmed up (each document once, plain and streamed, checked), and loaded at
+each --levels client count for --seconds: every client loops over streamed requests for stored documents
+(rotating over them), each on its own requests.Session.
+
+Per engine and level: requests/s and completion tokens/s (of correct answers; tokens counted from the
+offline answer), p50/p99 latency, p50 time to first token (the first chunk whose text is non-empty),
+wrong answers (streamed text != offline text), errors by kind (non-200 status, broken or truncated
+streams, client exceptions), and for the batched engine the mean sequences per decode step (from
+/healthz). A "goals" block is computed from the same run: batched/sequential requests/s at 16 clients
+(goal >= 5), batched/sequential p50 time to first token at 1 client (goal <= 1.2), and no wrong answer.
+Writes bench/results/serve_batching.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ENGINES = (("sequential", False), ("batched", True))
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def complete(session: requests.Session, url: str, body: dict) -> tuple[int | str, str | None, list[int] | None, str]:
+    """(status, source, token_ids, text) of one plain (not streamed) completion."""
+    with session.post(f"{url}/v1/completions", json=body | {"stream": False}, timeout=120) as r:
+        if r.status_code != 200:
+            return r.status_code, None, None, ""
+        out = r.json()
+        return 200, out["cache_aug"]["source"], out["cache_aug"]["token_ids"], out["choices"][0]["text"]
+
+
+def stream(session: requests.Session, url: str, body: dict) -> tuple[int | str, str | None, str, float | None,
+                                                                        str | None]:
+    """(status, source, text, seconds to the first chunk with non-empty text, transfer-encoding) of one
+    streamed completion."""
+    t0 = time.perf_counter()
+    with session.post(f"{url}/v1/completions", json=body | {"stream": True}, stream=True, timeout=120) as r:
+        if r.status_code != 200:
+            return r.status_code, None, "", None, None
+        encoding = r.headers.get("transfer-encoding")
+        source, text, ttft, done = None, [], None, False
+        # chunk_size=None: each HTTP chunk as it arrives (the response is chunked; the warm-up checks that)
+        for line in r.iter_lines(chunk_size=None):
+            if not line.startswith(b"data: "):
+                continue
+            if line == b"data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return "stream_error", source, "", ttft, encoding
+            source = source or chunk.get("cache_aug", {}).get("source")
+            piece = chunk["choices"][0]["text"] if chunk.get("choices") else ""
+            if piece and ttft is None:
+                ttft = time.perf_counter() - t0
+            text.append(piece or "")
+        return (200 if done else "truncated_stream"), source, "".join(text), ttft, encoding
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=8, help="documents with a stored cache")
+    ap.add_argument("--doc-tokens", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=15.0, help="load per engine and client count")
+    ap.add_argument("--levels", default="1,4,16,64", help="client counts, comma-separated")
+    ap.add_argument("--max-ongoing", type=int, default=64,
+                    help="serve.max_ongoing_requests and serve.max_running_sequences, both engines")
+    ap.add_argument("--n-latents", type=int, default=8)
+    ap.add_argument("--port", type=int, default=8131)
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    run_t0 = time.perf_counter()
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    import ray
+    from ray import serve
+
+    from cache_aug.augment import generate
+    from cache_aug.config import to_dict
+    from cache_aug.coprocessor import build_latent_module, latent_fingerprint, save_latent_module
+    from cache_aug.corpus import ensure_embedded_corpus
+    from cache_aug.decoder import load_decoder
+    from cache_aug.records import restore
+    from cache_aug.store import AugmentedCacheReader
+    from cache_aug.tiny import build_if_embedded
+    from pipelines.config import load_job_config
+    from pipelines.corpus import run_corpus_job
+    from pipelines.serve import CompletionServer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-batching-"))
+    base = [f"augmentation.n_latents={args.n_latents}", f"corpus.max_tokens={args.doc_tokens}", "corpus.truncate=true",
+            f"corpus.input_paths=[{work / 'in'}]", f"corpus.coprocessor={work / 'cop'}", "storage.dtype=bfloat16",
+            "storage.mode=latent_kv", f"corpus.output={work / 'caches'}"]
+    cfg = load_job_config(None, overrides=base)
+    build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
+    decoder = load_decoder(cfg.model)
+    tok = decoder.tokenizer
+    module = build_latent_module(decoder, cfg.coprocessor, args.n_latents).eval()
+    save_latent_module(module, decoder, work / "cop")
+
+    rows = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").to_pylist()
+    rows = sorted(rows, key=lambda r: -len(r["text"]))[: args.docs]
+    texts = {r["doc_id"]: tok.decode(tok.encode(r["text"], add_special_tokens=False)[: args.doc_tokens]) for r in rows}
+    ids = list(texts)
+    (work / "in").mkdir()
+    pq.write_table(pa.table({"doc_id": ids, "text": [texts[i] for i in ids]}), work / "in" / "part-0.parquet")
+
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    assert run_corpus_job(cfg)["counts"]["written"] == len(ids)
+
+    prompt = " And the LORD said"
+    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    fp = latent_fingerprint(decoder, module)
+    reader = AugmentedCacheReader(pafs.LocalFileSystem(), str(work / "caches"), cfg.corpus.index_buckets)
+    want = {d: generate(decoder, restore(reader.get(d), decoder, fp), prompt_ids, max_new_tokens=args.max_tokens)
+            for d in ids}
+    want_text = {d: tok.decode([t for t in v if t != tok.eos_token_id], skip_special_tokens=True)
+                 for d, v in want.items()}
+    setup_s = time.perf_counter() - run_t0
+
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    url = f"http://127.0.0.1:{args.port}"
+    serve_settings = [f"serve.max_tokens={args.max_tokens}", f"serve.max_prompt_tokens={len(prompt_ids) + 8}",
+                      f"serve.cache_entries={max(64, len(ids))}", "serve.cache_ttl_s=86400",
+                      f"serve.max_ongoing_requests={args.max_ongoing}",
+                      f"serve.max_running_sequences={args.max_ongoing}"]
+
+    def body(doc: str) -> dict:
+        return {"model": "cache-aug", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
+                "document_id": doc}
+
+    def health() -> dict:
+        return requests.get(f"{url}/healthz", timeout=60).json()
+
+    def run_level(clients: int) -> dict:
+        lats: list[float] = []
+        ttfts: list[float] = []
+        tokens = [0]
+        errors: dict[str, int] = {}
+        wrong: list[str] = []
+        not_stored = [0]
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client(k: int) -> None:
+            i = k
+            with requests.Session() as s:
+                while not stop.is_set():
+                    doc = ids[i % len(ids)]
+                    i += clients
+                    t = time.perf_counter()
+                    try:
+                        status, source, text, ttft, _ = stream(s, url, body(doc))
+                    except requests.RequestException as e:
+                        status, source, text, ttft = type(e).__name__, None, "", None
+                    except Exception as e:  # noqa: BLE001 - a malformed stream is an error of the run, not a crash
+                        status, source, text, ttft = f"client_{type(e).__name__}", None, "", None
+                    dt = time.perf_counter() - t
+                    with lock:
+                        if status != 200:
+                            errors[str(status)] = errors.get(str(status), 0) + 1
+                        elif text != want_text[doc]:
+                            wrong.append(doc)
+                        else:
+                            if source != "stored":
+                                not_stored[0] += 1
+                            lats.append(dt)
+                            tokens[0] += len(want[doc])
+                            if ttft is not None:
+                                ttfts.append(ttft)
+
+        before = health()
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        time.sleep(args.seconds)
+        stop.set()
+        for th in threads:
+            th.join(max(1.0, 180 - (time.perf_counter() - t0 - args.seconds)))
+        wall = time.perf_counter() - t0
+        hung = sum(th.is_alive() for th in threads)
+        after = health()
+        with lock:
+            n_err = sum(errors.values())
+            out = {
+                "clients": clients,
+                "seconds": wall,
+                "requests": len(lats) + n_err + len(wrong),
+                "ok": len(lats),
+                "rps": len(lats) / wall,
+                "tokens_per_s": tokens[0] / wall,
+                "p50_s": pct(lats, 0.5),
+                "p99_s": pct(lats, 0.99),
+                "p50_ttft_s": pct(ttfts, 0.5),
+                "ttft_measured": len(ttfts),
+                "wrong_answers": len(wrong),
+                "errors": n_err,
+                "errors_by_kind": dict(errors),
+                "source_not_stored": not_stored[0],
+                "clients_hung": hung,
+            }
+        dec0, dec1 = before["decoding"], after["decoding"]
+        if "steps" in dec1:
+            steps = dec1["steps"] - dec0["steps"]
+            out["decode_steps"] = steps
+            out["sequences_per_step"] = (dec1["tokens"] - dec0["tokens"]) / steps if steps else None
+            out["decoding_after"] = {k: dec1[k] for k in ("running", "waiting")}
+        out["served"] = {k: v - before["served"].get(k, 0) for k, v in after["served"].items()}
+        out["lru_misses"] = after["lru"]["misses"] - before["lru"]["misses"]
+        print(json.dumps({"level": out}), flush=True)
+        return out
+
+    engines: dict[str, dict] = {}
+    try:
+        for name, batching in ENGINES:
+            c = load_job_config(None, overrides=base + serve_settings + [f"serve.batching={str(batching).lower()}"])
+            sc = c.serve
+            t_deploy = time.perf_counter()
+            serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1},
+                                               max_ongoing_requests=sc.max_ongoing_requests,
+                                               max_queued_requests=sc.max_queued_requests,
+                                               graceful_shutdown_timeout_s=5).bind(to_dict(c)),
+                      name="cache-aug", route_prefix="/")
+            deploy_s = time.perf_counter() - t_deploy
+            dec = health()["decoding"]
+            assert ("steps" in dec) == batching, (name, dec)
+            with requests.Session() as sess:  # warm-up: every document once, plain and streamed, checked
+                for d in ids:
+                    status, source, got, _ = complete(sess, url, body(d))
+                    assert status == 200 and source == "stored" and got == want[d], (name, d, status, source)
+                    status, source, text, _, encoding = stream(sess, url, body(d))
+                    assert status == 200 and source == "stored" and text == want_text[d], (name, d, status, source)
+                    assert encoding == "chunked", encoding  # else iter_lines(chunk_size=None) waits for the end
+            engines[name] = {"batching": batching, "deploy_s": deploy_s,
+                             "levels": {str(n): run_level(n) for n in levels}}
+            serve.delete("cache-aug")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    def level(engine: str, n: int) -> dict:
+        return engines[engine]["levels"].get(str(n), {})
+
+    def ratio(key: str, n: int) -> dict:
+        b, s = level("batched", n).get(key), level("sequential", n).get(key)
+        return {"batched": b, "sequential": s, "ratio": b / s if b is not None and s else None}
+
+    rps16 = ratio("rps", 16)
+    ttft1 = ratio("p50_ttft_s", 1)
+    total_wrong = sum(lv["wrong_answers"] for e in engines.values() for lv in e["levels"].values())
+    goals = {
+        "rps_batched_over_sequential_16_clients": rps16 | {
+            "goal": ">= 5", "met": rps16["ratio"] is not None and rps16["ratio"] >= 5},
+        "p50_ttft_batched_over_sequential_1_client": ttft1 | {
+            "goal": "<= 1.2", "met": ttft1["ratio"] is not None and ttft1["ratio"] <= 1.2},
+        "wrong_answers": {"total": total_wrong, "goal": "== 0", "met": total_wrong == 0},
+    }
+    result = {
+        "bench": "serve_batching",
+        "decoder": "tiny-kjv",
+        "settings": {
+            "docs": len(ids), "doc_tokens": args.doc_tokens, "max_tokens": args.max_tokens,
+            "seconds_per_level": args.seconds, "levels": levels, "n_latents": args.n_latents,
+            "max_ongoing_requests": args.max_ongoing, "max_running_sequences": args.max_ongoing,
+            "max_queued_requests": sc.max_queued_requests, "max_batched_tokens": sc.max_batched_tokens,
+            "cache_entries": sc.cache_entries, "cache_ttl_s": sc.cache_ttl_s, "prompt": prompt,
+            "completion_tokens_mean": statistics.mean(len(v) for v in want.values()),
+        },
+        "engines": engines,
+        "goals": goals,
+        "setup_s": setup_s,
+        "wall_s": time.perf_counter() - run_t0,
+        "setup": ("local Ray, 2 CPUs shared with other work; one replica per engine (1 CPU, 1 torch thread, same "
+                  "settings), deployed in turn (sequential first); loopback HTTP; every request streamed, for a "
+                  "stored document (LRU holds all, warmed up); clients in this process, one requests.Session "
+                  "each; every answer checked against offline greedy decoding"),
+    }
+    from bench.results_io import write_result
+
+    write_result("serve_batching", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,7 @@ from cache_aug.model_config import (
     StorageConfig,
 )
 from cache_aug.stage_config import (
+    CompactionConfig,
     CorpusConfig,
     DataConfig,
     EvalConfig,
@@ -51,6 +52,7 @@ from cache_aug.typed_config import (
 __all__ = [
     "AugmentationConfig",
     "CacheAugConfig",
+    "CompactionConfig",
     "ConfigError",
     "CoprocessorConfig",
     "CorpusConfig",
@@ -105,6 +107,9 @@ class CacheAugConfig:
 
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """The corpus augmentation job."""
+
+    compaction: CompactionConfig = field(default_factory=CompactionConfig)
+    """Compaction of the corpus job's runs into one current snapshot."""
 
     serve: ServeConfig = field(default_factory=ServeConfig)
     """The completions endpoint."""

@@ -61,6 +61,7 @@ from cache_aug.kv import CacheSpec
 from cache_aug.layout import STORAGE_MODES, LatentLayout
 from cache_aug.masks import POSITION_RULES
 from cache_aug.passes import decoder_pass, prefill
+from cache_aug.record_schema import RECORD_SCHEMA
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: payload_sha256; 2: chunked payload_checksum
@@ -74,27 +75,6 @@ MAX_HEADER_BYTES = 1 << 20  # a safetensors header larger than this is damage, n
 
 class CacheRecordError(ValueError):
     """A stored cache record is damaged or does not fit the loaded models."""
-
-
-RECORD_SCHEMA = pa.schema(
-    [
-        pa.field("doc_id", pa.string(), nullable=False),
-        pa.field("fingerprint", pa.string(), nullable=False),
-        pa.field("mode", pa.string(), nullable=False),
-        pa.field("dtype", pa.string(), nullable=False),
-        pa.field("n_latents", pa.int32(), nullable=False),
-        pa.field("doc_tokens", pa.int32(), nullable=False),
-        pa.field("seq_len", pa.int32(), nullable=False),
-        pa.field("shapes", pa.string(), nullable=False),
-        pa.field("payload", pa.large_binary(), nullable=False),
-        pa.field("payload_checksum", pa.string()),
-        pa.field("format_version", pa.int16(), nullable=False),
-        pa.field("content_sha256", pa.string()),
-        pa.field("truncated", pa.bool_()),
-        pa.field("payload_sha256", pa.string()),
-        pa.field("position_rule", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from typing import ClassVar, Literal
 
 from cache_aug.typed_config import at_least, require
 
-__all__ = ["CorpusConfig", "DataConfig", "EvalConfig", "OptimConfig", "ServeConfig", "SweepConfig", "TrainConfig"]
+__all__ = ["CompactionConfig", "CorpusConfig", "DataConfig", "EvalConfig", "OptimConfig", "ServeConfig", "SweepConfig",
+           "TrainConfig"]
 
 
 @dataclass(kw_only=True)
@@ -172,6 +173,38 @@ class CorpusConfig:
         require(bool(self.input_paths), "input_paths", "must name at least one input", self.input_paths)
         for name in ("max_tokens", "augment_batch_size", "max_rows_per_file", "index_buckets", "rows_per_group"):
             at_least(name, getattr(self, name), 1)
+
+
+@dataclass(kw_only=True)
+class CompactionConfig:
+    """Compaction of the corpus job's runs into one current snapshot (`cache-aug compact`, cache_aug.compaction).
+
+    Reads and writes under ``corpus.output``, with ``corpus.index_buckets`` buckets, ``corpus.rows_per_group`` rows
+    per row group and at most ``corpus.max_rows_per_file`` records per file."""
+
+    grace_s: float = 3600.0
+    """Seconds a folded run, or a snapshot another replaced, stays on storage after the snapshot that folded or
+    replaced it became current, so a reader that read the previous pointer still finds its files; keep it well
+    above the readers' listing refresh (30 s). Deleted by a later compaction once this has passed."""
+
+    stale_run_s: float = 86400.0
+    """A run without a manifest whose start and newest file are both older than this is taken as crashed: its
+    readable files are folded and the runs after it no longer wait. A snapshot directory no pointer names (a
+    compaction killed before its switch) is deleted once older than this. Keep it above the longest a running
+    corpus job goes without writing a file."""
+
+    keep_other_fingerprints: bool = False
+    """Keep records made with other models too (the newest of each document and fingerprint, a document's newest
+    first); False keeps only those of the fingerprint compacted for, and drops the rest from the snapshot (a
+    later corpus run with those models augments such documents again)."""
+
+    keep_errors: bool = True
+    """Carry the errors table of the newest finished run folded into the snapshot (every run ledgers every input
+    row, so it holds the input's errors as of that run); False drops errors with the runs."""
+
+    def __post_init__(self) -> None:
+        require(self.grace_s >= 0, "grace_s", "must be >= 0", self.grace_s)
+        require(self.stale_run_s >= 0, "stale_run_s", "must be >= 0", self.stale_run_s)
 
 
 @dataclass(kw_only=True)

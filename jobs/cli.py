@@ -8,6 +8,7 @@ parse the same flags and call the same function.
     cache-aug train-local --set optim.max_steps=300   train a coprocessor locally (no Ray) and evaluate it
     cache-aug train --config jobs/configs/tiny_cpu.yaml   train on a Ray cluster (Ray Train + DeepSpeed)
     cache-aug augment --config jobs/configs/augment_tiny.yaml   precompute caches for a corpus (Ray Data)
+    cache-aug compact --config jobs/configs/augment_tiny.yaml   fold the corpus job's finished runs into one snapshot
     cache-aug serve --config jobs/configs/serve_tiny.yaml       OpenAI-compatible completions endpoint (Ray Serve)
     cache-aug demo                               the whole system once: train, augment, serve, ask (local Ray)
     cache-aug eval --config jobs/configs/eval_tiny.yaml   none / pause / coprocessor at the same held-out points
@@ -134,6 +135,28 @@ def augment(config: str | None = None, set: list[str] | None = None, num_cpus: i
     from pipelines.corpus import augment_job
 
     return augment_job(config, set or [], num_cpus)
+
+
+def compact(config: str | None = None, set: list[str] | None = None, gc_only: bool = False, ray: bool = False,
+            num_cpus: int | None = None, fingerprint: str | None = None) -> dict:
+    """Fold the corpus job's finished runs into one current snapshot, so a lookup reads one bucket of it.
+
+    Reads and writes under corpus.output (options: the compaction section); deletes folded runs and replaced
+    snapshots once compaction.grace_s has passed since their replacement became current. Run it after each
+    corpus run (or on its own schedule): it folds only runs that finished.
+
+    Args:
+        config: YAML config file, the corpus job's, e.g. jobs/configs/augment_tiny.yaml; defaults when omitted.
+        set: config overrides as dotted key=value, e.g. compaction.grace_s=600.
+        gc_only: only delete what the grace period has freed (no new snapshot).
+        ray: each bucket a Ray task (joins RAY_ADDRESS's cluster, or starts a local one); default: this process.
+        num_cpus: logical CPUs of a local Ray cluster started here (with --ray).
+        fingerprint: the models' fingerprint the snapshot keeps; default: computed from model.path and
+            corpus.coprocessor, as the corpus job computes it.
+    """
+    from pipelines.compact import compact_job
+
+    return compact_job(config, set or [], gc_only=gc_only, use_ray=ray, num_cpus=num_cpus, fingerprint=fingerprint)
 
 
 def serve(config: str | None = None, set: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -312,8 +335,8 @@ def config(file: str | None = None, set: list[str] | None = None) -> None:
 
 
 COMMANDS: dict[str, Callable] = {
-    "pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "serve": serve,
-    "demo": demo, "eval": evaluate, "sweep": sweep, "arithmetic": arithmetic, "config": config,
+    "pretrain-tiny": pretrain_tiny, "train-local": train_local, "train": train, "augment": augment, "compact": compact,
+    "serve": serve, "demo": demo, "eval": evaluate, "sweep": sweep, "arithmetic": arithmetic, "config": config,
 }
 
 

@@ -1,8 +1,8 @@
 """The jobs' configuration: the library's tree plus how each stage runs on a Ray cluster.
 
 :class:`JobConfig` is the root every job, the CLI and the Serve application load. It is
-:class:`cache_aug.config.CacheAugConfig` with five sections replaced by subclasses that add the
-Ray settings of their stage (workers and actors, CPUs and GPUs per actor, Ray Data batching,
+:class:`cache_aug.config.CacheAugConfig` with six sections replaced by subclasses that add the
+Ray settings of their stage (workers and actors, CPUs and GPUs per actor or task, Ray Data batching,
 Serve's request limits, DeepSpeed). The YAML keys stay where they were: ``train.num_workers``,
 ``corpus.num_actors``, ``serve.max_ongoing_requests``, ... are fields of ``train``, ``corpus``,
 ``serve``, ..., defined here rather than in the library, which never reads them.
@@ -21,6 +21,7 @@ from typing import Any
 
 from cache_aug.config import (
     CacheAugConfig,
+    CompactionConfig,
     CorpusConfig,
     DataConfig,
     EvalConfig,
@@ -32,6 +33,7 @@ from cache_aug.typed_config import at_least, require
 
 __all__ = [
     "JobConfig",
+    "RayCompactionConfig",
     "RayCorpusConfig",
     "RayDataConfig",
     "RayEvalConfig",
@@ -130,6 +132,18 @@ class RayCorpusConfig(ActorPool, CorpusConfig):
 
 
 @dataclass(kw_only=True)
+class RayCompactionConfig(CompactionConfig):
+    """Compaction of the corpus job's runs, each bucket a Ray task (`cache-aug compact --ray`)."""
+
+    cpus_per_task: float = 0.5
+    """CPUs reserved per bucket task."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.cpus_per_task > 0, "cpus_per_task", "must be > 0", self.cpus_per_task)
+
+
+@dataclass(kw_only=True)
 class RayServeConfig(ServeConfig):
     """The HTTP endpoint on Ray Serve: completions decoded against stored augmented caches, with fallback.
 
@@ -194,6 +208,9 @@ class JobConfig(CacheAugConfig):
 
     corpus: RayCorpusConfig = field(default_factory=RayCorpusConfig)
     """The corpus augmentation job."""
+
+    compaction: RayCompactionConfig = field(default_factory=RayCompactionConfig)
+    """Compaction of the corpus job's runs into one current snapshot."""
 
     serve: RayServeConfig = field(default_factory=RayServeConfig)
     """The HTTP endpoint."""

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import requests
 
@@ -96,54 +94,20 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     run_t0 = time.perf_counter()
 
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
     import ray
     from ray import serve
 
-    from cache_aug.augment import generate
+    from bench.stored_corpus import stored_corpus
     from cache_aug.config import to_dict
-    from cache_aug.coprocessor import build_latent_module, latent_fingerprint, save_latent_module
-    from cache_aug.corpus import ensure_embedded_corpus
-    from cache_aug.decoder import load_decoder
-    from cache_aug.records import restore
-    from cache_aug.store import AugmentedCacheReader
-    from cache_aug.tiny import build_if_embedded
     from pipelines.config import load_job_config
-    from pipelines.corpus import run_corpus_job
     from pipelines.serve import CompletionServer
 
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-batching-"))
-    base = [f"augmentation.n_latents={args.n_latents}", f"corpus.max_tokens={args.doc_tokens}", "corpus.truncate=true",
-            f"corpus.input_paths=[{work / 'in'}]", f"corpus.coprocessor={work / 'cop'}", "storage.dtype=bfloat16",
-            "storage.mode=latent_kv", f"corpus.output={work / 'caches'}"]
-    cfg = load_job_config(None, overrides=base)
-    build_if_embedded(cfg.model.path)  # the explicit build of an embedded decoder: loading never builds
-    decoder = load_decoder(cfg.model)
-    tok = decoder.tokenizer
-    module = build_latent_module(decoder, cfg.coprocessor, args.n_latents).eval()
-    save_latent_module(module, decoder, work / "cop")
-
-    rows = pq.read_table(ensure_embedded_corpus("kjv") / "train.parquet").to_pylist()
-    rows = sorted(rows, key=lambda r: -len(r["text"]))[: args.docs]
-    texts = {r["doc_id"]: tok.decode(tok.encode(r["text"], add_special_tokens=False)[: args.doc_tokens]) for r in rows}
-    ids = list(texts)
-    (work / "in").mkdir()
-    pq.write_table(pa.table({"doc_id": ids, "text": [texts[i] for i in ids]}), work / "in" / "part-0.parquet")
-
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    assert run_corpus_job(cfg)["counts"]["written"] == len(ids)
-
+    corpus = stored_corpus("bench-serve-batching-", n_latents=args.n_latents, doc_tokens=args.doc_tokens,
+                       stored=args.docs)
+    base, tok, ids = corpus.base, corpus.decoder.tokenizer, corpus.stored
     prompt = " And the LORD said"
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
-    fp = latent_fingerprint(decoder, module)
-    reader = AugmentedCacheReader(pafs.LocalFileSystem(), str(work / "caches"), cfg.corpus.index_buckets)
-    want = {d: generate(decoder, restore(reader.get(d), decoder, fp), prompt_ids, max_new_tokens=args.max_tokens)
-            for d in ids}
-    want_text = {d: tok.decode([t for t in v if t != tok.eos_token_id], skip_special_tokens=True)
-                 for d, v in want.items()}
+    want, want_text = corpus.answers(prompt_ids, args.max_tokens)
     setup_s = time.perf_counter() - run_t0
 
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})

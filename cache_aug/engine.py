@@ -258,6 +258,9 @@ def _callbacks(index: int, text: TextStream, stops: set[int], sink: Callable[[Ch
     """A choice's on_token and on_finish: tokens through its TextStream, events to the sink."""
 
     def on_token(event: TokenEvent) -> bool:
+        # the answer keeps the token and its logprobs, not the scores: a view of them holds the whole step's
+        # (N, V) logits alive for as long as the answer lives
+        event = TokenEvent(event.token, event.logprob, event.top)
         if event.token in stops:  # end of text: not part of the answer
             sink(ChoiceEvent(index, "", event))
             return False

@@ -28,8 +28,10 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
+import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -65,6 +67,27 @@ def _alone(decoder, seqs) -> None:
         run_alone(decoder, seqs)
     except Exception:  # noqa: BLE001,S110 - already delivered to the sequences as an "error" finish
         pass
+
+
+def _cancel(seqs) -> None:
+    for seq in seqs:
+        seq.cancel()
+
+
+class _Stream(StreamingResponse):
+    """A streamed answer whose sequences are cancelled however it ends: sent in full, the client gone mid-stream,
+    or never sent at all (the client left before the response started: the object is dropped unsent)."""
+
+    def __init__(self, content, seqs):
+        super().__init__(content, media_type="text/event-stream")
+        self._seqs = seqs
+        weakref.finalize(self, _cancel, seqs)
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _cancel(self._seqs)
 
 
 def build_engine(cfg: JobConfig, device) -> CompletionEngine:
@@ -124,7 +147,6 @@ class _Answer:
         self.error: BaseException | None = None
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.worker = None  # the sequential engine's thread, held so it is not collected
         # echo: the answer starts with the prompt's text
         self.prefix = [tokenizer.decode(req.prompts[i // req.n], skip_special_tokens=True) if req.echo else ""
                        for i in range(self.n)]
@@ -199,21 +221,28 @@ class _Answer:
                 else:
                     yield self._chunk(i, self.prefix[i], None, **first)
             while self.open:
-                e = await events.get()
-                self.add(e)
-                if e.error is not None:  # the status line is already sent: report in-band
-                    yield self._event(error_body(500, f"{type(e.error).__name__}: {e.error}"))
-                    return
-                if e.text or e.token is not None and self.req.logprobs is not None:
-                    yield self._chunk(e.index, e.text, None, [e.token] if e.token is not None else None)
-                if e.finish_reason is not None:
-                    yield self._chunk(e.index, None if self.chat else "", e.finish_reason)
+                # every event that is ready goes out in one chunk: under load the replica sends one message per
+                # request per wake-up, not one per token (each is a trip through Serve's proxy)
+                ready = [await events.get()]
+                while not events.empty():
+                    ready.append(events.get_nowait())
+                out = []
+                for e in ready:
+                    self.add(e)
+                    if e.error is not None:  # the status line is already sent: report in-band
+                        yield "".join(out) + self._event(error_body(500, f"{type(e.error).__name__}: {e.error}"))
+                        return
+                    if e.text or e.token is not None and self.req.logprobs is not None:
+                        out.append(self._chunk(e.index, e.text, None, [e.token] if e.token is not None else None))
+                    if e.finish_reason is not None:
+                        out.append(self._chunk(e.index, None if self.chat else "", e.finish_reason))
+                if out:
+                    yield "".join(out)
             if self.req.include_usage:
                 yield self._event({"choices": [], "usage": self.usage()})
             yield "data: [DONE]\n\n"
         finally:  # the client went away, or the answer is complete: either way its sequences are done
-            for seq in seqs:
-                seq.cancel()
+            _cancel(seqs)
 
 
 # the endpoint's default limits also where the deployment is bound directly (build_app passes the configured ones)
@@ -299,16 +328,16 @@ class CompletionServer:
         seqs = self.engine.sequences(plan, cache, req, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         if self.loop is not None:
             self.loop.submit(seqs)
-        else:
-            answer.worker = asyncio.create_task(asyncio.to_thread(_alone, self.engine.decoder, seqs))
+        else:  # its own thread, not asyncio's shared pool (plan() and the other requests run there)
+            threading.Thread(target=_alone, args=(self.engine.decoder, seqs), name="cache-aug-alone",
+                             daemon=True).start()
         if req.stream:
-            return StreamingResponse(answer.events(events, seqs), media_type="text/event-stream")
+            return _Stream(answer.events(events, seqs), seqs)
         try:
             while answer.open:
                 answer.add(await events.get())
         finally:  # a client that went away (the handler is cancelled): its sequences leave at the next step
-            for seq in seqs:
-                seq.cancel()
+            _cancel(seqs)
         if answer.error is not None:
             return _error(500, f"{type(answer.error).__name__}: {answer.error}")
         return answer.body()

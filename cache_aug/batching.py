@@ -35,10 +35,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from cache_aug.augment import AugmentedCache
 from cache_aug.decoder import Decoder
-from cache_aug.kv import KV, layer_kv, plain_cache
+from cache_aug.kv import KV, layer_kv
 from cache_aug.masks import attention_kinds
 from cache_aug.passes import logits_at
 from cache_aug.sampling import Sampler, SamplingParams, token_logprobs
@@ -98,12 +99,17 @@ class DecodeBatch:
         n = len(decoder.cache_spec.layers)
         self.layer_kind = list(config.layer_types[:n]) if self.as_dict else ["all"] * n
         self.rows: list[_Row] = []
-        self.layers: list[KV] = []  # per layer (N, H_kv, W_kind, D)
+        self.cache: _BatchCache | None = None  # per layer (N, H_kv, W_kind, D), in buffers with room to grow
         self.index: dict[str, torch.Tensor] = {}  # per kind (N, W_kind): cache-order index of each column, -1: pad
         self.steps = self.tokens = 0  # forwards run, tokens generated
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def layers(self) -> list[KV]:
+        """Per layer (keys, values) of the running rows, each (N, H_kv, W_kind, D)."""
+        return [] if self.cache is None else layer_kv(self.cache)
 
     # -- admission ------------------------------------------------------------------------------------- #
 
@@ -145,11 +151,8 @@ class DecodeBatch:
         width = {kind: max(ix[kind].shape[1] for ix in index_parts) for kind in self.windows}
         self.index = {kind: torch.cat([F.pad(ix[kind], (width[kind] - ix[kind].shape[1], 0), value=-1)
                                        for ix in index_parts]) for kind in self.windows}
-        self.layers = []
-        for i, kind in enumerate(self.layer_kind):
-            w = width[kind]
-            self.layers.append((torch.cat([_left_pad(p[i][0], w) for p in parts]),
-                                torch.cat([_left_pad(p[i][1], w) for p in parts])))
+        self.cache = _BatchCache([_Columns([p[i] for p in parts], width[kind])
+                                  for i, kind in enumerate(self.layer_kind)])
         self.rows += [row for row, _ in new]
 
     def _own_columns(self, entries: int, layers: list[KV]) -> tuple[list[KV], dict[str, torch.Tensor]]:
@@ -199,11 +202,12 @@ class DecodeBatch:
         if len(stay) == len(self.rows):
             return
         if not stay:
-            self.rows, self.layers, self.index = [], [], {}
+            self.rows, self.cache, self.index = [], None, {}
             return
         sel = torch.tensor(stay, device=self.decoder.device)
         self.rows = [self.rows[i] for i in stay]
-        self.layers = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in self.layers]
+        for layer in self.cache.layers:
+            layer.select(sel)
         self.index = {kind: ix.index_select(0, sel) for kind, ix in self.index.items()}
         self._trim()
 
@@ -221,11 +225,9 @@ class DecodeBatch:
             seen = torch.cat([seen, seen.new_ones(len(self.rows), 1)], 1)  # (N, W+1): and itself
             masks[kind] = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(
                 ~seen, torch.finfo(dtype).min)[:, None, None]  # (N, 1, 1, W+1)
-        cache = plain_cache(self.layers)
-        logits = logits_at(self.decoder, torch.tensor([0], device=device), input_ids=ids, cache=cache,
+        logits = logits_at(self.decoder, torch.tensor([0], device=device), input_ids=ids, cache=self.cache,
                            position_ids=positions, attention_mask=masks if self.as_dict else masks["all"],
-                           use_cache=True)[:, -1]  # (N, V)
-        self.layers = layer_kv(cache)
+                           use_cache=True)[:, -1]  # (N, V); each layer wrote its new column in place
         self.index = {kind: torch.cat([ix, q[:, None]], 1) for kind, ix in self.index.items()}
         for i, row in enumerate(self.rows):
             row.logits, row.entries, row.position = logits[i], row.entries + 1, row.position + 1
@@ -244,19 +246,75 @@ class DecodeBatch:
             if drop == 0:
                 continue
             self.index[kind] = ix[:, drop:]
-            self.layers = [(k[:, :, drop:], v[:, :, drop:]) if lk == kind else (k, v)
-                           for (k, v), lk in zip(self.layers, self.layer_kind, strict=True)]
+            for layer, lk in zip(self.cache.layers, self.layer_kind, strict=True):
+                if lk == kind:
+                    layer.drop_leading(drop)
 
     def fail(self, error: BaseException) -> None:
         """End every running sequence with `error` (the batch is empty afterwards)."""
         for row in self.rows:
             _finish(row.seq, "error", error)
-        self.rows, self.layers, self.index = [], [], {}
+        self.rows, self.cache, self.index = [], None, {}
 
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """(N, H, S, D) -> (N, H, width, D), zeros before the entries."""
-    return F.pad(t, (0, 0, width - t.shape[2], 0))
+class _Columns(DynamicLayer):
+    """One layer's keys and values of the batch, in buffers with room to grow: a step writes its column in
+    place (a DynamicLayer would concatenate the whole cache into a new tensor every step), dropping leading
+    columns moves a start offset, and rows leave by one index_select. `keys`/`values` view the live columns."""
+
+    ROOM = 64  # columns allocated beyond the live ones
+
+    def __init__(self, parts: list[KV], width: int):
+        """The rows of `parts` (each (n_i, H, w_i, D), w_i <= width) right-aligned to `width`, zeros before."""
+        super().__init__()
+        k0, v0 = parts[0]
+        self.device, self.is_initialized = k0.device, True
+        n, cap = sum(k.shape[0] for k, _ in parts), width + max(self.ROOM, width // 2)
+        self._k = k0.new_empty(n, k0.shape[1], cap, k0.shape[3])
+        self._v = v0.new_empty(n, v0.shape[1], cap, v0.shape[3])
+        row = 0
+        for k, v in parts:
+            m, pad = k.shape[0], width - k.shape[2]
+            for buf, t in ((self._k, k), (self._v, v)):
+                buf[row : row + m, :, :pad] = 0  # masked out, but finite: 0 x NaN would still be NaN
+                buf[row : row + m, :, pad:width] = t
+            row += m
+        self._start, self._end = 0, width
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, self._start : self._end], self._v[:, :, self._start : self._end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> KV:
+        s = key_states.shape[2]
+        if self._end + s > self._k.shape[2]:  # full: the live columns move to fresh buffers with room again
+            live = self._end - self._start
+            cap = live + s + max(self.ROOM, live // 2)
+            k = self._k.new_empty(self._k.shape[0], self._k.shape[1], cap, self._k.shape[3])
+            v = self._v.new_empty(self._v.shape[0], self._v.shape[1], cap, self._v.shape[3])
+            k[:, :, :live], v[:, :, :live] = self.keys, self.values
+            self._k, self._v, self._start, self._end = k, v, 0, live
+        self._k[:, :, self._end : self._end + s] = key_states
+        self._v[:, :, self._end : self._end + s] = value_states
+        self._end += s
+        self._views()
+        return self.keys, self.values
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows."""
+        self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
+        self._views()
+
+    def drop_leading(self, n: int) -> None:
+        self._start += n
+        self._views()
+
+
+class _BatchCache(DynamicCache):
+    """The batch's model cache: one `_Columns` per layer (every layer full: the step's masks apply windows)."""
+
+    def __init__(self, layers: list[_Columns]):
+        Cache.__init__(self, layers=layers)
 
 
 def _finish(seq: Sequence, reason: str, error: BaseException | None = None) -> None:

@@ -28,7 +28,6 @@ import asyncio
 import hmac
 import json
 import os
-import threading
 import time
 import uuid
 import weakref
@@ -147,6 +146,7 @@ class _Answer:
         self.error: BaseException | None = None
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.worker = None  # the sequential engine's task, held so it is not collected
         # echo: the answer starts with the prompt's text
         self.prefix = [tokenizer.decode(req.prompts[i // req.n], skip_special_tokens=True) if req.echo else ""
                        for i in range(self.n)]
@@ -328,9 +328,8 @@ class CompletionServer:
         seqs = self.engine.sequences(plan, cache, req, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         if self.loop is not None:
             self.loop.submit(seqs)
-        else:  # its own thread, not asyncio's shared pool (plan() and the other requests run there)
-            threading.Thread(target=_alone, args=(self.engine.decoder, seqs), name="cache-aug-alone",
-                             daemon=True).start()
+        else:  # the sequential engine, as it was: each request decoded alone in asyncio's thread pool
+            answer.worker = asyncio.create_task(asyncio.to_thread(_alone, self.engine.decoder, seqs))
         if req.stream:
             return _Stream(answer.events(events, seqs), seqs)
         try:

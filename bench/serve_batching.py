@@ -19,6 +19,8 @@ wrong answers (streamed text != offline text), errors by kind (non-200 status, b
 streams, client exceptions), and for the batched engine the mean sequences per decode step (from
 /healthz). A "goals" block is computed from the same run: batched/sequential requests/s at 16 clients
 (goal >= 5), batched/sequential p50 time to first token at 1 client (goal <= 1.2), and no wrong answer.
+Before Serve starts, "engine_only" times the two engines without HTTP, in this process, on the same
+sequences (what the decode loop itself gains, apart from the HTTP path both engines share).
 Writes bench/results/serve_batching.json.
 """
 
@@ -79,6 +81,56 @@ def stream(session: requests.Session, url: str, body: dict) -> tuple[int | str, 
         return (200 if done else "truncated_stream"), source, "".join(text), ttft, encoding
 
 
+def engine_alone(corpus, prompt_ids: list[int], max_tokens: int, levels: list[int], want: dict) -> dict:
+    """The two engines without HTTP, in this process (1 torch thread, as a replica): for each level, that many
+    sequences (stored caches, greedy) decoded one after another alone (`run_alone`), then all in one batch
+    (`DecodeBatch`, every sequence admitted at once, stepped to the end). Best of 3 each; answers checked."""
+    import torch
+
+    from cache_aug.batching import DecodeBatch, Sequence, run_alone
+    from cache_aug.engine import CompletionEngine, CompletionRequest
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = CompletionEngine(corpus.decoder, None, "", corpus.cfg.serve)
+    stops = engine.stop_token_ids()
+    caches = corpus.caches()
+    req = CompletionRequest("cache-aug", [prompt_ids], max_tokens)
+    out = {}
+    try:
+        for n in levels:
+            docs = [corpus.stored[i % len(corpus.stored)] for i in range(n)]
+
+            def sequences(got, docs=docs):
+                return [Sequence(caches[d], prompt_ids, req.sampling(0, stops),
+                                 lambda e, i=i: got[i].append(e.token) and False, lambda *_: None)
+                        for i, d in enumerate(docs)]
+
+            timings = {"sequential": [], "batched": []}
+            for _ in range(3):
+                for name in timings:
+                    got = [[] for _ in docs]
+                    t0 = time.perf_counter()
+                    if name == "sequential":
+                        for seq in sequences(got):
+                            run_alone(corpus.decoder, [seq])
+                    else:
+                        batch = DecodeBatch(corpus.decoder)
+                        batch.admit(sequences(got))
+                        while batch.rows:
+                            batch.step()
+                    timings[name].append(time.perf_counter() - t0)
+                    assert all(g == want[d] for g, d in zip(got, docs, strict=True)), (name, n)
+            tokens = sum(len(want[d]) for d in docs)
+            best = {k: min(v) for k, v in timings.items()}
+            out[str(n)] = {f"{k}_tokens_per_s": tokens / t for k, t in best.items()} | {
+                "batched_over_sequential": best["sequential"] / best["batched"], "tokens": tokens}
+            print(json.dumps({"engine_only": {n: out[str(n)]}}), flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=8, help="documents with a stored cache")
@@ -109,6 +161,7 @@ def main() -> None:
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     want, want_text = corpus.answers(prompt_ids, args.max_tokens)
     setup_s = time.perf_counter() - run_t0
+    engine_only = engine_alone(corpus, prompt_ids, args.max_tokens, levels, want)
 
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}"
@@ -260,6 +313,7 @@ def main() -> None:
             "completion_tokens_mean": statistics.mean(len(v) for v in want.values()),
         },
         "engines": engines,
+        "engine_only": engine_only,
         "goals": goals,
         "setup_s": setup_s,
         "wall_s": time.perf_counter() - run_t0,

@@ -27,21 +27,26 @@ class StoredCorpus:
     stored: list[str]  # ids the corpus job augmented and stored
     extra: list[str]  # ids in the corpus after the run (part-1.parquet), not stored
 
-    def answers(self, prompt_ids: list[int], max_tokens: int) -> tuple[dict[str, list[int]], dict[str, str]]:
-        """The greedy offline answer of every document, its token ids and its text: stored ones decoded from
-        their restored record, the others augmented now, as the endpoint's online fallback does."""
+    def caches(self) -> dict:
+        """The stored documents' caches, restored from the store (doc_id -> AugmentedCache)."""
         import pyarrow.fs as pafs
 
-        from cache_aug.augment import augment, generate
         from cache_aug.coprocessor import latent_fingerprint
         from cache_aug.records import restore
         from cache_aug.store import AugmentedCacheReader
 
-        tok = self.decoder.tokenizer
         fp = latent_fingerprint(self.decoder, self.module)
         reader = AugmentedCacheReader(pafs.LocalFileSystem(), str(self.work / "caches"), self.cfg.corpus.index_buckets)
-        ids = {d: generate(self.decoder, restore(reader.get(d), self.decoder, fp), prompt_ids,
-                           max_new_tokens=max_tokens) for d in self.stored}
+        return {d: restore(reader.get(d), self.decoder, fp) for d in self.stored}
+
+    def answers(self, prompt_ids: list[int], max_tokens: int) -> tuple[dict[str, list[int]], dict[str, str]]:
+        """The greedy offline answer of every document, its token ids and its text: stored ones decoded from
+        their restored record, the others augmented now, as the endpoint's online fallback does."""
+        from cache_aug.augment import augment, generate
+
+        tok = self.decoder.tokenizer
+        ids = {d: generate(self.decoder, cache, prompt_ids, max_new_tokens=max_tokens)
+               for d, cache in self.caches().items()}
         for d in self.extra:
             aug = augment(self.decoder, self.module, [tok.encode(self.texts[d], add_special_tokens=False)])[0]
             ids[d] = generate(self.decoder, aug, prompt_ids, max_new_tokens=max_tokens)

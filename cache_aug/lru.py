@@ -43,6 +43,12 @@ class CacheLRU:
             self.hits += 1
             return item[0], item[1]
 
+    def __contains__(self, doc_id: str) -> bool:
+        """Whether `get` would find it now (does not count as a hit or a miss)."""
+        with self._lock:
+            item = self._items.get(doc_id)
+            return item is not None and time.monotonic() - item[3] <= self.ttl_s
+
     def put(self, doc_id: str, cache: AugmentedCache, content_sha256: str | None) -> None:
         size = self.nbytes(cache)
         if size > self.max_bytes:

@@ -28,9 +28,11 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
 import weakref
+from collections import deque
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -134,6 +136,39 @@ def build_engine(cfg: JobConfig, device) -> CompletionEngine:
                             truncate=cfg.corpus.truncate)
 
 
+class _Inbox:
+    """One request's events, from the decode thread to its coroutine: the loop is woken once per batch of
+    events (a wake-up already pending takes the new ones along), not once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock = loop, deque(), threading.Lock()
+        self.pending, self.ready = False, asyncio.Event()
+
+    def put(self, event: ChoiceEvent) -> None:  # the decode thread
+        with self.lock:
+            self.items.append(event)
+            if self.pending:
+                return
+            self.pending = True
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self.lock:
+            self.pending = False
+        self.ready.set()
+
+    async def take(self) -> list[ChoiceEvent]:
+        """Every event that has arrived (at least one: waits for it)."""
+        while True:
+            with self.lock:
+                if self.items:
+                    out = list(self.items)
+                    self.items.clear()
+                    return out
+            self.ready.clear()  # on the loop's thread, as _wake: no wake-up is lost in between
+            await self.ready.wait()
+
+
 class _Answer:
     """One request's choices as their events arrive, in the OpenAI completions or chat format."""
 
@@ -209,25 +244,24 @@ class _Answer:
                 "created": self.created, "model": self.req.model}
         return f"data: {json.dumps(head | payload)}\n\n"
 
-    async def events(self, events: asyncio.Queue, seqs):
+    async def events(self, inbox: _Inbox, seqs):
         """Server-sent events in the format the openai client reads, ending with `data: [DONE]`."""
         try:
+            opening = []
             for i in range(self.n):  # each choice opens with its role (chat) or echoed prompt; the first says how
                 first = {"cache_aug": self._meta()} if i == 0 else {}
                 if self.chat:
                     choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}
-                    yield self._event({"choices": [choice]} | first)
+                    opening.append(self._event({"choices": [choice]} | first))
                 else:
-                    yield self._chunk(i, self.prefix[i], None, **first)
+                    opening.append(self._chunk(i, self.prefix[i], None, **first))
+            yield "".join(opening)
             while self.open:
                 # every event that is ready goes out in one chunk: under load the replica sends one message per
                 # request per wake-up, not one per token (each is a trip through Serve's proxy)
-                ready = [await events.get()]
-                while not events.empty():
-                    ready.append(events.get_nowait())
                 out = []
-                for e in ready:
+                for e in await inbox.take():
                     self.add(e)
                     if e.error is not None:  # the status line is already sent: report in-band
                         yield "".join(out) + self._event(error_body(500, f"{type(e.error).__name__}: {e.error}"))
@@ -317,24 +351,27 @@ class CompletionServer:
             body = await read_body(request.headers.get("content-length"), request.stream(),
                                    self.cfg.serve.max_request_bytes)
             req = (parse_chat if chat else parse_request)(json_body(body), tok, self.cfg.serve)
-            plan = await asyncio.to_thread(self.engine.plan, req)
+            if req.document_id is None or req.document_id in self.engine.lru:  # no storage read: on the loop
+                plan = self.engine.plan(req)
+            else:
+                plan = await asyncio.to_thread(self.engine.plan, req)
         except (RequestError, RequestRefused) as refused:  # the engine's refusals get their status from the protocol
             e = http_error(refused)
             return _error(e.status, e.message, e.param, e.code)
         cache = plan.cache if plan.cache is not None or plan.compute_ids is None else await self._prepare(plan)
         answer = _Answer(req, plan, chat, tok)
-        events: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        seqs = self.engine.sequences(plan, cache, req, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        inbox = _Inbox(asyncio.get_running_loop())
+        seqs = self.engine.sequences(plan, cache, req, inbox.put)
         if self.loop is not None:
             self.loop.submit(seqs)
         else:  # the sequential engine, as it was: each request decoded alone in asyncio's thread pool
             answer.worker = asyncio.create_task(asyncio.to_thread(_alone, self.engine.decoder, seqs))
         if req.stream:
-            return _Stream(answer.events(events, seqs), seqs)
+            return _Stream(answer.events(inbox, seqs), seqs)
         try:
             while answer.open:
-                answer.add(await events.get())
+                for e in await inbox.take():
+                    answer.add(e)
         finally:  # a client that went away (the handler is cancelled): its sequences leave at the next step
             _cancel(seqs)
         if answer.error is not None:

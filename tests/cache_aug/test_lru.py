@@ -19,3 +19,14 @@ def test_lru_holds_its_bounds(setup):
     expired = CacheLRU(max_entries=4, max_bytes=10 * size, ttl_s=0)
     expired.put("a", caches[0], None)
     assert expired.get("a") is None and expired.bytes == 0
+
+
+def test_membership_says_what_get_would_find_without_counting(setup):
+    dec, module, _ = setup
+    cache = augment(dec, module, [[5, 6, 7, 8]])[0]
+    lru = CacheLRU(max_entries=4, max_bytes=1 << 30, ttl_s=60)
+    lru.put("a", cache, None)
+    assert "a" in lru and "b" not in lru and (lru.hits, lru.misses) == (0, 0)
+    expired = CacheLRU(max_entries=4, max_bytes=1 << 30, ttl_s=0)
+    expired.put("a", cache, None)
+    assert "a" not in expired and expired.get("a") is None  # the serve fast path never skips a needed read

@@ -19,7 +19,7 @@ Requests that need a document augmented or prefilled are batched together (`@ser
 loop. Decoding is continuous batching (`cache_aug.batching.DecodeLoop`, one thread per replica): every
 running sequence of the replica advances in one forward per step, requests join between steps and leave when
 they finish, and a client that disconnects frees its slot at the next step. `serve.batching: false` decodes
-each request in its own thread instead (the sequential engine, kept for comparison).
+each request alone in asyncio's thread pool instead (the sequential engine, kept for comparison).
 """
 
 

@@ -11,7 +11,8 @@ Each client loops for --seconds over a rotation of request kinds: stored, stored
 streamed. Every 200 is checked against offline greedy decoding of its document (temperature 0): the
 token ids of a plain response, the text of a streamed one. A refused or failed request is an error; a
 200 with another answer is a wrong answer. A sampler reads /healthz (LRU entries and bytes) and the
-replica process's RSS once a second. Writes bench/results/load.json.
+replica process's RSS once a second. --replica-env sets the replica's environment (e.g. glibc malloc
+settings, to tell allocator growth from a leak). Writes bench/results/<--out>.json (load.json).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def main() -> None:
     ap.add_argument("--cache-entries", type=int, default=6,
                     help="the replica's LRU limit (below the distinct documents)")
     ap.add_argument("--n-latents", type=int, default=8)
+    ap.add_argument("--replica-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable of the replica's process (repeatable), e.g. malloc settings")
+    ap.add_argument("--out", default="load", help="result name under bench/results/")
     args = ap.parse_args()
     assert args.cache_entries < args.docs + args.missing, "the LRU must be smaller than the working set"
 
@@ -118,7 +122,9 @@ def main() -> None:
     c = load_job_config(None, overrides=base + [f"serve.cache_entries={args.cache_entries}",
                                                 f"serve.max_tokens={args.max_tokens}",
                                             f"serve.max_prompt_tokens={len(prompt_ids) + 8}"])
-    serve.run(CompletionServer.options(ray_actor_options={"num_cpus": 1}).bind(to_dict(c)), name="cache-aug",
+    env = dict(kv.split("=", 1) for kv in args.replica_env)
+    actor = {"num_cpus": 1} | ({"runtime_env": {"env_vars": env}} if env else {})
+    serve.run(CompletionServer.options(ray_actor_options=actor).bind(to_dict(c)), name="cache-aug",
               route_prefix="/")
     pid = replica_pid()
 
@@ -213,6 +219,11 @@ def main() -> None:
         "rss_first_quarter_mean": statistics.mean(s["rss"] for s in samples[:quarter]) if quarter else None,
         "rss_last_quarter_mean": statistics.mean(s["rss"] for s in samples[-quarter:]) if quarter else None,
         "rss_max": max((s["rss"] for s in samples), default=None),
+        # the trend: mean RSS (MB) of each tenth of the run
+        "rss_mb_by_tenth": [statistics.mean(s["rss"] for s in part) / 2**20
+                            for part in (samples[i * len(samples) // 10 : (i + 1) * len(samples) // 10]
+                                         for i in range(10)) if part],
+        "replica_env": env,
         "lru_limit_entries": args.cache_entries,
         "lru_max_entries": max((s["entries"] for s in samples), default=None),
         "lru_max_bytes": max((s["bytes"] for s in samples), default=None),
@@ -224,13 +235,14 @@ def main() -> None:
         "doc_tokens": args.doc_tokens,
         "max_tokens": args.max_tokens,
         "n_latents": args.n_latents,
-        "setup": ("local Ray, 2 CPUs shared with other work; one replica (1 CPU, 1 torch thread, max_ongoing_requests "
-                  "8, max_queued_requests 64); loopback HTTP; kinds rotate stored / stored streamed / online / online "
-                  "streamed; LRU smaller than the working set; every answer checked against offline greedy decoding"),
+        "setup": ("local Ray, 2 CPUs shared with other work; one replica (1 CPU, 1 torch thread, the deployment's "
+                  "defaults: max_ongoing_requests 32, max_queued_requests 128, continuous batching); loopback HTTP; "
+                  "kinds rotate stored / stored streamed / online / online streamed; LRU smaller than the working set; "
+                  "every answer checked against offline greedy decoding"),
     }
     from bench.results_io import write_result
 
-    write_result("load", result)
+    write_result(args.out, result)
     assert result["wrong_answers"] == 0 and result["lru_holds_limit"], "wrong answers or the LRU over its limit"
 
 

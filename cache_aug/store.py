@@ -76,17 +76,32 @@ def run_ids(fs: pafs.FileSystem, root: str) -> list[str]:
     return sorted(i.base_name for i in _list(fs, f"{root}/{RUNS}") if i.type == pafs.FileType.Directory)
 
 
-def readable_parquet_files(fs: pafs.FileSystem, paths: Iterable[str]) -> list[str]:
-    """The files whose Parquet footer reads (a truncated file has none)."""
+def _readable_rows(fs: pafs.FileSystem, paths: Iterable[str]) -> list[tuple[str, int]]:
+    """(path, rows) of the files whose Parquet footer reads (a truncated file has none): rows from the footer."""
     good = []
     for p in paths:
         try:
             with fs.open_input_file(p) as f:
-                pq.read_metadata(f)
-            good.append(p)
+                good.append((p, pq.read_metadata(f).num_rows))
         except (OSError, pa.ArrowInvalid):
             continue
     return good
+
+
+def readable_parquet_files(fs: pafs.FileSystem, paths: Iterable[str]) -> list[str]:
+    """The files whose Parquet footer reads (a truncated file has none)."""
+    return [p for p, _ in _readable_rows(fs, paths)]
+
+
+def _kind_file_rows(fs: pafs.FileSystem, root: str, kind: str, run_id: str | None = None,
+                    bucket: str | None = None) -> list[tuple[str, int]]:
+    runs = [run_id] if run_id else run_ids(fs, root)
+    files = []
+    for run in runs:
+        base = f"{root}/{RUNS}/{run}/kind={kind}" + (f"/bucket={bucket}" if bucket else "")
+        files += [i.path for i in _list(fs, base, recursive=True)
+                  if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+    return _readable_rows(fs, sorted(files))
 
 
 def kind_files(fs: pafs.FileSystem, root: str, kind: str, run_id: str | None = None,
@@ -95,13 +110,13 @@ def kind_files(fs: pafs.FileSystem, root: str, kind: str, run_id: str | None = N
 
     Without `run_id` this is every run still on storage, folded ones included: a run's own accounting reads
     this; what holds the current records is `current_files`."""
-    runs = [run_id] if run_id else run_ids(fs, root)
-    files = []
-    for run in runs:
-        base = f"{root}/{RUNS}/{run}/kind={kind}" + (f"/bucket={bucket}" if bucket else "")
-        files += [i.path for i in _list(fs, base, recursive=True)
-                  if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
-    return readable_parquet_files(fs, sorted(files))
+    return [p for p, _ in _kind_file_rows(fs, root, kind, run_id, bucket)]
+
+
+def kind_rows(fs: pafs.FileSystem, root: str, kind: str, run_id: str | None = None) -> int:
+    """How many rows the readable files of one kind hold (of one run, or of every run on storage), from their
+    Parquet footers alone: a run's accounting, without reading a single id."""
+    return sum(n for _, n in _kind_file_rows(fs, root, kind, run_id))
 
 
 # ---------------------------------------------------------------- the snapshot pointer
@@ -176,11 +191,23 @@ def current_files(fs: pafs.FileSystem, root: str, kind: str = "record") -> list[
     its current one (each row's `run_id` says which run made it). "error": the snapshot's carried errors (if it
     kept them) and the unfolded runs'; "skipped": the unfolded runs' only. Folded runs are never among them,
     whether or not garbage collection has deleted them yet."""
+    return current_files_and_rows(fs, root, kind)[0]
+
+
+def current_files_and_rows(fs: pafs.FileSystem, root: str, kind: str = "record") -> tuple[list[str], int | None]:
+    """`current_files`, and how many rows they hold: the unfolded runs' from their footers (read anyway, to leave
+    out unreadable files), the snapshot's records from its pointer's counts (None for the snapshot's carried
+    errors, which it does not count)."""
     pointer = read_pointer(fs, root)
     files = snapshot_files(root, pointer, kind)
+    rows: int | None = 0
+    if files:
+        rows = pointer.get("counts", {}).get("records") if kind == "record" else None
     for run in unfolded_runs(fs, root, pointer):
-        files += kind_files(fs, root, kind, run)
-    return files
+        found = _kind_file_rows(fs, root, kind, run)
+        files += [p for p, _ in found]
+        rows = None if rows is None else rows + sum(n for _, n in found)
+    return files, rows
 
 
 def read_kind(fs: pafs.FileSystem, root: str, kind: str, columns: list[str], run_id: str | None = None) -> pa.Table:
@@ -196,7 +223,9 @@ def read_kind(fs: pafs.FileSystem, root: str, kind: str, columns: list[str], run
 
 def done_documents(fs: pafs.FileSystem, root: str, fingerprint: str) -> set[tuple[str, str]]:
     """(doc_id, content_sha256) pairs that already have a current record made with `fingerprint` (in the current
-    snapshot or an unfolded run)."""
+    snapshot or an unfolded run), as one in-memory set: for inspecting a small store. The corpus job never builds
+    it (its driver would hold every id of the corpus): it matches the same pairs per hash partition, as Ray Data
+    tasks (`cache_aug.incremental`)."""
     table = read_kind(fs, root, "record", ["doc_id", "content_sha256", "fingerprint"])
     rows = zip(table.column("doc_id").to_pylist(), table.column("content_sha256").to_pylist(),
                table.column("fingerprint").to_pylist(), strict=True)

@@ -9,15 +9,27 @@ hash and model fingerprint exists), or an `error` with its reason (missing id, d
 null/empty/invalid UTF-8 text, too long). A re-run processes only new or changed documents, or
 all of them when the models' fingerprint changed; a run that crashed part-way is finished by the
 next one without redoing what it wrote. Layout and reader: `cache_aug.store`.
+
+Which ids are duplicated and which documents are already done is decided by Ray Data, not by the
+driver: the input rows (id, text hash, text) and the current records (doc_id, content hash) of the
+current fingerprint are grouped by a hash partition of the id, and each partition is marked as
+table operations (`cache_aug.incremental`) before PrepareRows:
+
+    read_parquet(input) -> key ----------------------------\
+    read_parquet(current record files) -> key (this fp) ---+-> groupby(partition).map_groups(mark)
+                                                                 -> PrepareRows -> Augmenter -> write
+
+The driver reads only file listings and Parquet footers (input rows to read; each kind's rows the run
+wrote, for the accounting): its memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +39,25 @@ import ray
 
 from cache_aug.config import to_dict
 from cache_aug.documents import DocumentError, prepare_document
+from cache_aug.incremental import (
+    DONE,
+    DUPLICATES,
+    KEY,
+    PARTITION,
+    TEXT,
+    key_input_rows,
+    key_record_rows,
+    mark_partition,
+)
 from cache_aug.records import RECORD_SCHEMA
 from cache_aug.store import (
     MANIFESTS,
     NO_BUCKET,
     RUNS,
     bucket_of,
-    done_documents,
+    current_files_and_rows,
+    kind_rows,
     new_run_id,
-    read_kind,
 )
 from cache_aug.tiny import build_if_embedded
 from pipelines.config import JobConfig
@@ -43,6 +65,12 @@ from pipelines.ray_session import check_driver_models, init_ray
 from pipelines.storage import portable, resolve, resolve_inputs
 
 FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
+# Sizing the hash partitions that decide duplicates and done documents: a shuffle partition (one task's memory, and
+# then one PrepareRows task) holds at most about this many rows of input and records, and there are at least as many
+# as the cluster has CPUs (PrepareRows runs in parallel); each is split into a few groups (one `mark_partition` call
+# each), so that the hash of the group numbers spreads rows evenly over the partitions.
+ROWS_PER_SHUFFLE_PARTITION = 100_000
+GROUPS_PER_SHUFFLE_PARTITION = 4
 
 LEDGER_SCHEMA = pa.schema(
     [pa.field("doc_id", pa.string()), pa.field("kind", pa.string()), pa.field("reason", pa.string()),
@@ -56,24 +84,30 @@ def _empty_ledger(n: int) -> dict[str, list]:
 
 
 def prepare_rows(batch: pa.Table, *, id_column: str, text_column: str, tokenizer, max_tokens: int, truncate: bool,
-                 duplicates: set, done: set, n_buckets: int, run_id: str) -> pa.Table:
-    """Decide each row's fate; rows to augment carry their token ids."""
+                 n_buckets: int, run_id: str, duplicates_column: str = DUPLICATES,
+                 done_column: str = DONE) -> pa.Table:
+    """Decide each row's fate; rows to augment carry their token ids.
+
+    `duplicates_column`: how many input rows carry this row's id, where more than one (else null); `done_column`:
+    a current record has this row's id and content hash (`cache_aug.incremental.mark_partition` marks both)."""
     ids = batch.column(id_column).to_pylist()
     texts = batch.column(text_column).cast(pa.large_binary()).to_pylist()  # raw bytes: invalid UTF-8 stays detectable
+    duplicates = batch.column(duplicates_column).to_pylist()
+    done = batch.column(done_column).to_pylist()
     out = _empty_ledger(len(ids)) | {"input_ids": [None] * len(ids)}
     for i, (doc_id, raw) in enumerate(zip(ids, texts, strict=True)):
         out["doc_id"][i] = None if doc_id is None else str(doc_id)
         out["run_id"][i] = run_id
         out["bucket"][i] = NO_BUCKET
         try:
-            if doc_id is not None and str(doc_id) in duplicates:
-                raise DocumentError(f"duplicate doc_id: appears {duplicates[str(doc_id)]} times in the input")
+            if doc_id is not None and duplicates[i]:
+                raise DocumentError(f"duplicate doc_id: appears {duplicates[i]} times in the input")
             doc = prepare_document(doc_id, raw, tokenizer, max_tokens=max_tokens, truncate=truncate)
         except DocumentError as e:
             out["kind"][i], out["reason"][i] = "error", str(e)
             continue
         out["content_sha256"][i], out["truncated"][i] = doc.content_sha256, doc.truncated
-        if (doc.doc_id, doc.content_sha256) in done:
+        if done[i]:
             out["kind"][i], out["reason"][i] = "skipped", "up to date"
         else:
             out["kind"][i], out["bucket"][i] = "process", bucket_of(doc.doc_id, n_buckets)
@@ -148,18 +182,36 @@ def _input_dataset(cfg: JobConfig) -> tuple[ray.data.Dataset, list[str]]:
     return ds.select_columns([c.id_column, c.text_column]), paths
 
 
-def _scan_ids(paths: list[str], cfg: JobConfig) -> tuple[int, dict[str, int]]:
-    """(row count, {duplicated id: occurrences}) from the id column alone, read on the driver (no Ray job)."""
+def _count_input_rows(paths: list[str], cfg: JobConfig) -> int:
+    """The input's rows, from the Parquet footers alone (no column is read)."""
     import pyarrow.dataset as pads
 
-    counts: Counter = Counter()
     n = 0
     for p in paths:
         fs, target = resolve(p, cfg.s3)
-        table = pads.dataset(target, filesystem=fs, format="parquet").to_table(columns=[cfg.corpus.id_column])
-        n += table.num_rows
-        counts.update(str(x) for x in table.column(0).to_pylist() if x is not None)
-    return n, {k: v for k, v in counts.items() if v > 1}
+        n += pads.dataset(target, filesystem=fs, format="parquet").count_rows()
+    return n
+
+
+def _marked_input(ds: ray.data.Dataset, cfg: JobConfig, out_fs: pafs.FileSystem, record_files: list[str],
+                  fingerprint: str, rows: int, cpus: float) -> ray.data.Dataset:
+    """The input rows as (id key, text, duplicates, done): both sides grouped by a hash partition of the id, each
+    partition marked as table operations in Ray tasks (`cache_aug.incremental`). `rows`: input rows + current
+    records; `cpus`: the cluster's."""
+    c = cfg.corpus
+    shuffle_partitions = max(math.ceil(rows / ROWS_PER_SHUFFLE_PARTITION), int(cpus), 1)
+    n_groups = shuffle_partitions * GROUPS_PER_SHUFFLE_PARTITION
+    keyed = ds.map_batches(key_input_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+                           fn_kwargs={"id_column": c.id_column, "text_column": c.text_column,
+                                      "n_partitions": n_groups})
+    if record_files:
+        records = ray.data.read_parquet(record_files, filesystem=out_fs, partitioning=None, num_cpus=0.25) \
+            .select_columns(["doc_id", "content_sha256", "fingerprint"])
+        keyed = keyed.union(records.map_batches(
+            key_record_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+            fn_kwargs={"fingerprint": fingerprint, "n_partitions": n_groups}))
+    return keyed.groupby(PARTITION, num_partitions=shuffle_partitions).map_groups(
+        mark_partition, batch_format="pyarrow", num_cpus=0.25)
 
 
 def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
@@ -203,21 +255,20 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
               "cluster grows, the job stalls. Lower corpus.cpus_per_actor or corpus.num_actors.", flush=True)
     t1 = time.time()
     ds, paths = _input_dataset(cfg)
-    n_input, duplicates = _scan_ids(paths, cfg)
-    done = done_documents(out_fs, out_root, fingerprint)
+    n_input = _count_input_rows(paths, cfg)
+    record_files, n_records = current_files_and_rows(out_fs, out_root, "record")
     phases["scan_s"] = time.time() - t1
-    print(f"[corpus] run {run_id}: {n_input} input rows, {len(duplicates)} duplicated ids, {len(done)} documents "
-          f"already stored for fingerprint {fingerprint}", flush=True)
+    print(f"[corpus] run {run_id}: {n_input} input rows; {n_records} current records in {len(record_files)} files "
+          f"(those of fingerprint {fingerprint} count as done)", flush=True)
 
     manifest = {"run_id": run_id, "fingerprint": fingerprint, "status": "running", "input_paths": paths,
                 "output": c.output,
                 "config": {k: to_dict(getattr(cfg, k)) for k in ("model", "augmentation", "storage", "corpus")}}
-    prepared = ds.map_batches(
+    marked = _marked_input(ds, cfg, out_fs, record_files, fingerprint, n_input + (n_records or 0), total_cpus)
+    prepared = marked.map_batches(
         prepare_rows, batch_format="pyarrow", batch_size=c.batch_size, num_cpus=0.25,
-        fn_kwargs={"id_column": c.id_column, "text_column": c.text_column, "tokenizer": tokenizer,
-                   "max_tokens": c.max_tokens,
-                   "truncate": c.truncate, "duplicates": duplicates, "done": done, "n_buckets": c.index_buckets,
-                   "run_id": run_id},
+        fn_kwargs={"id_column": KEY, "text_column": TEXT, "tokenizer": tokenizer, "max_tokens": c.max_tokens,
+                   "truncate": c.truncate, "n_buckets": c.index_buckets, "run_id": run_id},
     )
     augmented = prepared.map_batches(
         Augmenter, batch_format="pyarrow", batch_size=c.batch_size,
@@ -240,8 +291,7 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
         raise
 
     t1 = time.time()
-    counts = {kind: read_kind(out_fs, out_root, kind, ["doc_id"], run_id).num_rows
-              for kind in ("record", "skipped", "error")}
+    counts = {kind: kind_rows(out_fs, out_root, kind, run_id) for kind in ("record", "skipped", "error")}
     phases["account_s"] = time.time() - t1
     manifest["phases"] = phases
     manifest |= {"status": "succeeded", "counts": {"read": n_input, "written": counts["record"],

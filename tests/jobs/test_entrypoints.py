@@ -32,6 +32,7 @@ ENTRYPOINTS = {
     "serve": ("serve", {}),
     "evaluate": ("eval", {"ray": True}),
     "sweep": ("sweep", {"ray": True}),
+    "compact": ("compact", {"ray": True}),
 }
 
 # The flags of the hand-written parsers the entrypoints had (besides -h/--help).
@@ -41,6 +42,7 @@ OLD_FLAGS = {
     "serve": {"--config", "--set", "--host", "--port", "--num-cpus"},
     "evaluate": {"--config", "--set", "--num-cpus"},
     "sweep": {"--config", "--set", "--num-cpus"},
+    "compact": {"--config", "--set", "--num-cpus", "--gc-only", "--fingerprint"},  # new: no old parser
 }
 
 # entrypoint -> (pipelines module, job function it ends in, argv beyond ARGV, the positional arguments the old
@@ -58,6 +60,9 @@ CALLS = {
                  ("jobs/configs/x.yaml", ["a.b=1", "c.d=two"], 3), (None, [], None)),
     "sweep": ("pipelines.sweep", "sweep_job", [],
               ("jobs/configs/x.yaml", ["a.b=1", "c.d=two"], 3), (None, [], None)),
+    "compact": ("pipelines.compact", "compact_job", ["--gc-only"],
+                ("jobs/configs/x.yaml", ["a.b=1", "c.d=two"], True, True, 3, None),
+                (None, [], False, True, None, None)),
 }
 
 
@@ -93,8 +98,8 @@ def _fake_job(monkeypatch, module: str, function: str, calls: list) -> object:
     """Stand in for the pipelines job (no Ray here): records its arguments, returns a marker."""
     result = object()
 
-    def job(*args):
-        calls.append(args)
+    def job(*args, **kwargs):
+        calls.append(args + tuple(kwargs.values()))
         return result
 
     monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{function: job}))

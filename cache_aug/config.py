@@ -39,6 +39,7 @@ from cache_aug.stage_config import (
     ServeConfig,
     SweepConfig,
     TrainConfig,
+    WantedQueueConfig,
 )
 from cache_aug.typed_config import (
     ConfigError,
@@ -66,6 +67,7 @@ __all__ = [
     "StorageConfig",
     "SweepConfig",
     "TrainConfig",
+    "WantedQueueConfig",
     "dump_config",
     "field_docs",
     "from_dict",

@@ -35,8 +35,9 @@ from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.lru import CacheLRU
 from cache_aug.records import CacheRecordError, restore
 from cache_aug.sampling import SamplingParams
+from cache_aug.wanted import text_sha256
 
-SOURCES = ("stored", "online", "none")
+SOURCES = ("stored", "online", "none", "skipped")
 
 
 class RequestRefused(ValueError):
@@ -124,9 +125,12 @@ class CompletionEngine:
 
     def __init__(self, decoder: Decoder, module, fingerprint: str, cfg: ServeConfig, *, records=None,
                  documents: DocumentTexts | None = None, max_document_tokens: int | None = None,
-                 truncate: bool = False):
+                 truncate: bool = False, wanted=None):
         self.decoder, self.module, self.fingerprint, self.cfg = decoder, module, fingerprint, cfg
         self.records, self.documents = records, documents  # records: anything with .get(doc_id) -> CacheRecord | None
+        # wanted: anything with .add(doc_id, content_sha256, reason, text) that never blocks nor raises
+        # (`cache_aug.wanted.WantedQueue`); it hears every miss whose text is known, for the corpus job
+        self.wanted = wanted
         self.max_document_tokens = max_document_tokens or cfg.max_document_tokens
         self.truncate = truncate
         self.lru = CacheLRU(cfg.cache_entries, cfg.cache_bytes, cfg.cache_ttl_s)
@@ -139,7 +143,7 @@ class CompletionEngine:
         if req.document_id is None:  # no document: plain decoding of the prompt
             return Plan("none", "no document_id", req.prompt_ids)
         want = None if req.document is None else hashlib.sha256(req.document.encode("utf-8")).hexdigest()
-        reason = self._stored(req.document_id, want)
+        reason, miss = self._stored(req.document_id, want)
         if isinstance(reason, AugmentedCache):
             return Plan("stored", None, req.prompt_ids, cache=reason, document_tokens=reason.doc_len)
         text = req.document
@@ -148,6 +152,11 @@ class CompletionEngine:
                 text = self.documents.get(req.document_id)
             except Exception as e:  # storage trouble is a fallback, not a failure  # noqa: BLE001
                 reason = f"{reason}; document store unreadable ({type(e).__name__}: {e})"[:500]
+        if miss is not None and text is not None and self.wanted is not None:
+            # for the corpus job: the text goes along only when the request sent it (the queue leaves it out where
+            # the document store holds the document)
+            self.wanted.add(req.document_id, want or text_sha256(text), miss,
+                            req.document if req.document is not None else None)
         if text is None:
             if not req.prompt_ids:
                 raise DocumentNotFound(f"document {req.document_id!r}: {reason} and its text is unknown, and the "
@@ -164,33 +173,34 @@ class CompletionEngine:
         why = "fallback is 'none'" if self.cfg.fallback == "none" else "no coprocessor loaded"
         return Plan("none", f"{reason}; {why}", req.prompt_ids, compute_ids=ids, document_tokens=len(ids))
 
-    def _stored(self, doc_id: str, want_sha256: str | None) -> AugmentedCache | str:
-        """The stored cache, or the reason there is none usable."""
+    def _stored(self, doc_id: str, want_sha256: str | None) -> tuple[AugmentedCache | str, str | None]:
+        """The stored cache, or the reason there is none usable and, where the store answered, the kind of miss
+        it is for the wanted queue (`cache_aug.wanted.REASONS`: missing, stale, refused; None: not a miss)."""
         hit = self.lru.get(doc_id)
         if hit is not None:
             cache, sha = hit
             if want_sha256 is None or sha == want_sha256:
-                return cache
-            return "the stored cache is for another text of this document"
+                return cache, None
+            return "the stored cache is for another text of this document", "stale"
         if self.records is None:
-            return "no cache store configured"
+            return "no cache store configured", None
         try:
             record = self.records.get(doc_id)
         except Exception as e:  # storage trouble is a fallback, not a failure  # noqa: BLE001
-            return f"cache store unreadable ({type(e).__name__}: {e})"[:500]
+            return f"cache store unreadable ({type(e).__name__}: {e})"[:500], None
         if record is None:
-            return "no stored cache"
+            return "no stored cache", "missing"
         if want_sha256 is not None and record.content_sha256 != want_sha256:
-            return "the stored cache is for another text of this document"
+            return "the stored cache is for another text of this document", "stale"
         try:
             cache = restore(record, self.decoder, self.fingerprint,
                             layout=None if self.module is None else self.module.layout)
         except FingerprintMismatch:
-            return "stored cache refused: made by other models (fingerprint mismatch)"
+            return "stored cache refused: made by other models (fingerprint mismatch)", "refused"
         except CacheRecordError as e:
-            return f"stored cache refused: {e}"[:500]
+            return f"stored cache refused: {e}"[:500], "refused"
         self.lru.put(doc_id, cache, record.content_sha256)
-        return cache
+        return cache, None
 
     # -- computing what the plans need, several documents per forward pass ------------------------------ #
 

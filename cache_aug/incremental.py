@@ -5,8 +5,11 @@ content hash, made with the current models' fingerprint), is decided per partiti
 
     key_input_rows(batch, ...)       input rows -> PARTITION_SCHEMA (side 0), with their id key and text hash
     key_record_rows(batch, ...)      current records -> PARTITION_SCHEMA (side 1), only those of `fingerprint`
-    mark_partition(table)            one partition's rows of both sides -> the input rows, each with
-                                     DUPLICATES (its id's count in the whole input, when > 1) and DONE
+    key_wanted_rows(batch, ...)      entries of the serving replicas' wanted queue (`cache_aug.wanted`) -> side 2
+    mark_partition(table)            one partition's rows of every side -> the rows to take, each with
+                                     DUPLICATES (its id's count in the whole input, when > 1), DONE, WANTED
+                                     (why serving wants it, for one row per wanted id) and QUEUED (a document
+                                     only the queue names: not in the input, its text, if any, the queue's)
 
 Every row with a given id lands in the same partition (`partition_of`), so a partition sees all the input's
 copies of an id and all its current records: the counts and matches are those over the whole input and store.
@@ -24,19 +27,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 PARTITION, SIDE, KEY, SHA, TEXT = "_ca_partition", "_ca_side", "_ca_key", "_ca_sha", "_ca_text"
-DUPLICATES, DONE = "_ca_duplicates", "_ca_done"
-INPUT_SIDE, RECORD_SIDE = 0, 1
+REASON, AT = "_ca_reason", "_ca_at"
+DUPLICATES, DONE, WANTED, QUEUED = "_ca_duplicates", "_ca_done", "_ca_wanted", "_ca_queued"
+INPUT_SIDE, RECORD_SIDE, WANTED_SIDE = 0, 1, 2
 
-# both sides of a partition, one schema: an input row has KEY (its id as text, null when missing), SHA (of its
-# raw text bytes, null for a null text) and TEXT; a record row has KEY (its doc_id) and SHA (its content_sha256)
+# every side of a partition, one schema: an input row has KEY (its id as text, null when missing), SHA (of its
+# raw text bytes, null for a null text) and TEXT; a record row has KEY (its doc_id) and SHA (its content_sha256);
+# a wanted row KEY, SHA (of the text serving saw), TEXT (when the queue holds it), REASON and AT (when it was missed)
 PARTITION_SCHEMA = pa.schema([
     pa.field(PARTITION, pa.int32()), pa.field(SIDE, pa.int8()), pa.field(KEY, pa.string()),
-    pa.field(SHA, pa.string()), pa.field(TEXT, pa.large_binary()),
+    pa.field(SHA, pa.string()), pa.field(TEXT, pa.large_binary()), pa.field(REASON, pa.string()),
+    pa.field(AT, pa.float64()),
 ])
-# what `mark_partition` returns: the input rows, marked
+# what `mark_partition` returns: the rows to take (the input's, and the documents only the queue names), marked
 MARKED_SCHEMA = pa.schema([
     pa.field(KEY, pa.string()), pa.field(TEXT, pa.large_binary()), pa.field(DUPLICATES, pa.int64()),
-    pa.field(DONE, pa.bool_()),
+    pa.field(DONE, pa.bool_()), pa.field(WANTED, pa.string()), pa.field(QUEUED, pa.bool_()),
 ])
 
 
@@ -62,8 +68,10 @@ def key_input_rows(batch: pa.Table, *, id_column: str, text_column: str, n_parti
     texts = batch.column(text_column).cast(pa.large_binary()).combine_chunks()
     shas = pa.array([None if t is None else hashlib.sha256(t).hexdigest() for t in texts.to_pylist()], pa.string())
     parts = pa.array([partition_of(k, n_partitions) for k in keys.to_pylist()], pa.int32())
+    n = len(keys)
     return pa.Table.from_arrays(
-        [parts, pa.array([INPUT_SIDE] * len(keys), pa.int8()), keys, shas, texts], schema=PARTITION_SCHEMA)
+        [parts, pa.array([INPUT_SIDE] * n, pa.int8()), keys, shas, texts, pa.nulls(n, pa.string()),
+         pa.nulls(n, pa.float64())], schema=PARTITION_SCHEMA)
 
 
 def key_record_rows(batch: pa.Table, *, fingerprint: str, n_partitions: int) -> pa.Table:
@@ -75,17 +83,51 @@ def key_record_rows(batch: pa.Table, *, fingerprint: str, n_partitions: int) -> 
     parts = pa.array([partition_of(k, n_partitions) for k in keys.to_pylist()], pa.int32())
     n = len(keys)
     return pa.Table.from_arrays(
-        [parts, pa.array([RECORD_SIDE] * n, pa.int8()), keys, shas, pa.nulls(n, pa.large_binary())],
-        schema=PARTITION_SCHEMA)
+        [parts, pa.array([RECORD_SIDE] * n, pa.int8()), keys, shas, pa.nulls(n, pa.large_binary()),
+         pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())], schema=PARTITION_SCHEMA)
 
 
-def mark_partition(table: pa.Table) -> pa.Table:
-    """One partition (every row of both sides whose id hashes to it) -> its input rows, marked:
+def key_wanted_rows(batch: pa.Table, *, n_partitions: int) -> pa.Table:
+    """Entries of the wanted queue (`cache_aug.wanted.WANTED_SCHEMA`) as PARTITION_SCHEMA rows of the wanted side."""
+    keys = batch.column("doc_id").cast(pa.string()).combine_chunks()
+    parts = pa.array([partition_of(k, n_partitions) for k in keys.to_pylist()], pa.int32())
+    n = len(keys)
+    return pa.Table.from_arrays(
+        [parts, pa.array([WANTED_SIDE] * n, pa.int8()), keys,
+         batch.column("content_sha256").cast(pa.string()).combine_chunks(),
+         batch.column("text").cast(pa.large_binary()).combine_chunks(),
+         batch.column("reason").cast(pa.string()).combine_chunks(),
+         batch.column("wanted_at").cast(pa.float64()).combine_chunks()], schema=PARTITION_SCHEMA)
+
+
+def mark_partition(table: pa.Table, *, wanted_only: bool = False) -> pa.Table:
+    """One partition (every row of every side whose id hashes to it) -> the rows to take, marked:
     DUPLICATES = how many input rows carry the row's id, where that is more than one (else null; never for a
-    missing id), and DONE = a record row has the same id and content hash."""
+    missing id); DONE = a record row has the same id and content hash; WANTED = the reason of the newest wanted
+    entry of the row's id, on one input row per id (the first); QUEUED = true on a row made from a wanted entry
+    whose id no input row has (its text: the entry's, null when the queue holds none).
+
+    wanted_only: take only the wanted documents (their input rows, and those only the queue names)."""
     side = table.column(SIDE)
     inputs = table.filter(pc.equal(side, INPUT_SIDE)).select([KEY, SHA, TEXT])
     records = table.filter(pc.equal(side, RECORD_SIDE)).select([KEY, SHA])
+    wanted = _newest_per_id(table.filter(pc.equal(side, WANTED_SIDE)).select([KEY, SHA, TEXT, REASON, AT]))
+    reasons = dict(zip(wanted.column(KEY).to_pylist(), wanted.column(REASON).to_pylist(), strict=True))
+    marks, seen = [], set()
+    for k in inputs.column(KEY).to_pylist():  # one input row per wanted id carries the mark
+        marks.append(reasons.get(k) if k is not None and k not in seen else None)
+        if k is not None:
+            seen.add(k)
+    inputs = inputs.append_column(WANTED, pa.array(marks, pa.string()))
+    queued = wanted.filter(pa.array([k not in seen for k in wanted.column(KEY).to_pylist()], pa.bool_()))
+    if wanted_only:
+        inputs = inputs.filter(pc.is_valid(inputs.column(WANTED)))
+    inputs = inputs.append_column(QUEUED, pa.nulls(inputs.num_rows, pa.bool_()))
+    queued = pa.Table.from_arrays(
+        [queued.column(KEY), queued.column(SHA), queued.column(TEXT), queued.column(REASON),
+         pa.array([True] * queued.num_rows, pa.bool_())], names=[KEY, SHA, TEXT, WANTED, QUEUED])
+    rows = pa.concat_tables([inputs, queued.cast(inputs.schema)])
+
     with_id = inputs.filter(pc.is_valid(inputs.column(KEY))).select([KEY])
     counts = with_id.group_by(KEY).aggregate([([], "count_all")]).rename_columns([KEY, DUPLICATES])
     counts = counts.filter(pc.greater(counts.column(DUPLICATES), 1))
@@ -93,8 +135,24 @@ def mark_partition(table: pa.Table) -> pa.Table:
     done = done.group_by([KEY, SHA]).aggregate([])  # each (id, hash) once: several records must not copy a row
     done = done.append_column(DONE, pa.array([True] * done.num_rows, pa.bool_()))
     # null keys never match (an input row without an id or text is neither a duplicate nor done)
-    out = inputs.join(counts, keys=KEY, join_type="left outer", use_threads=False)
+    out = rows.join(counts, keys=KEY, join_type="left outer", use_threads=False)
     out = out.join(done, keys=[KEY, SHA], join_type="left outer", use_threads=False)
     return pa.Table.from_arrays(
         [out.column(KEY), out.column(TEXT), out.column(DUPLICATES).cast(pa.int64()),
-         pc.fill_null(out.column(DONE), False)], schema=MARKED_SCHEMA)
+         pc.fill_null(out.column(DONE), False), out.column(WANTED), out.column(QUEUED)], schema=MARKED_SCHEMA)
+
+
+def _newest_per_id(wanted: pa.Table) -> pa.Table:
+    """One wanted entry per id: the newest (ties: the one with text, then the greatest hash; deterministic)."""
+    if wanted.num_rows == 0:
+        return wanted
+    keys, at = wanted.column(KEY).to_pylist(), wanted.column(AT).to_pylist()
+    has_text, shas = pc.is_valid(wanted.column(TEXT)).to_pylist(), wanted.column(SHA).to_pylist()
+    best: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k is None:
+            continue
+        j = best.get(k)
+        if j is None or (at[i] or 0.0, has_text[i], shas[i] or "") > (at[j] or 0.0, has_text[j], shas[j] or ""):
+            best[k] = i
+    return wanted.take(pa.array(sorted(best.values()), pa.int64()))

@@ -169,6 +169,11 @@ class CorpusConfig:
     """Records per Parquet row group. A lookup reads one row group, so this bounds the bytes read per served
     document (a `full`-mode record holds the document's whole KV cache)."""
 
+    wanted: Literal["off", "alongside", "only"] = "alongside"
+    """The serving replicas' wanted queue (``<output>/wanted/``, `cache_aug.wanted`): "alongside" takes its
+    documents with the input, "only" takes just them (their text from the input, else the queue's), "off" leaves
+    the queue alone. Taken entries are deleted once the run's manifest, which counts them, is written."""
+
     def __post_init__(self) -> None:
         require(bool(self.input_paths), "input_paths", "must name at least one input", self.input_paths)
         for name in ("max_tokens", "augment_batch_size", "max_rows_per_file", "index_buckets", "rows_per_group"):
@@ -205,6 +210,42 @@ class CompactionConfig:
     def __post_init__(self) -> None:
         require(self.grace_s >= 0, "grace_s", "must be >= 0", self.grace_s)
         require(self.stale_run_s >= 0, "stale_run_s", "must be >= 0", self.stale_run_s)
+
+
+@dataclass(kw_only=True)
+class WantedQueueConfig:
+    """How a replica records the documents it answered without a stored cache (`cache_aug.wanted`), for the
+    corpus job to augment: under ``<serve.cache_prefix>/wanted/``."""
+
+    enabled: bool = True
+    """Queue misses (a missing, stale or refused record) whose text is known; False: never write the queue."""
+
+    flush_s: float = 5.0
+    """Seconds between writes of the pending entries (one file per write, off the request path)."""
+
+    flush_rows: int = 256
+    """Pending entries that trigger a write before flush_s has passed."""
+
+    max_pending: int = 10_000
+    """Entries held in memory while storage is unreachable; beyond this new misses are dropped (and counted)."""
+
+    max_files: int = 1000
+    """The queue's size bound on storage: while it holds this many files, a replica writes no more (it drops the
+    entries, counted); the corpus job empties it."""
+
+    requeue_s: float = 3600.0
+    """A document a replica has written to the queue is not queued by it again for this long (the corpus job
+    needs time to take it)."""
+
+    max_text_bytes: int = 1 << 20
+    """Largest document text (UTF-8 bytes) an entry carries; a longer one is queued without it."""
+
+    def __post_init__(self) -> None:
+        require(self.flush_s > 0, "flush_s", "must be > 0", self.flush_s)
+        for name in ("flush_rows", "max_pending", "max_text_bytes"):
+            at_least(name, getattr(self, name), 1)
+        at_least("max_files", self.max_files, 0)
+        require(self.requeue_s >= 0, "requeue_s", "must be >= 0", self.requeue_s)
 
 
 @dataclass(kw_only=True)
@@ -278,6 +319,9 @@ class ServeConfig:
 
     max_batched_tokens: int = 4096
     """Tokens fed to the decoder in one step: one per running sequence, plus the prompts of those joining."""
+
+    wanted: WantedQueueConfig = field(default_factory=WantedQueueConfig)
+    """The queue of documents answered without a stored cache, which the corpus job takes first."""
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_document_tokens", "cache_entries",

@@ -88,6 +88,11 @@ def _readable_rows(fs: pafs.FileSystem, paths: Iterable[str]) -> list[tuple[str,
     return good
 
 
+def readable_parquet_rows(fs: pafs.FileSystem, paths: Iterable[str]) -> list[tuple[str, int]]:
+    """(path, rows) of the files whose Parquet footer reads, rows from the footer."""
+    return _readable_rows(fs, paths)
+
+
 def readable_parquet_files(fs: pafs.FileSystem, paths: Iterable[str]) -> list[str]:
     """The files whose Parquet footer reads (a truncated file has none)."""
     return [p for p, _ in _readable_rows(fs, paths)]
@@ -111,6 +116,33 @@ def kind_files(fs: pafs.FileSystem, root: str, kind: str, run_id: str | None = N
     Without `run_id` this is every run still on storage, folded ones included: a run's own accounting reads
     this; what holds the current records is `current_files`."""
     return [p for p, _ in _kind_file_rows(fs, root, kind, run_id, bucket)]
+
+
+def _non_null(fs: pafs.FileSystem, path: str, column: str) -> int:
+    """Values of `column` that are not null in one file, from its footer's statistics (the column itself is read
+    only where a row group has none); 0 where the file has no such column."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.metadata
+        names = pf.schema_arrow.names
+        if column not in names:
+            return 0
+        at = pf.schema_arrow.get_field_index(column)
+        n = 0
+        for rg in range(meta.num_row_groups):
+            col = meta.row_group(rg).column(at)
+            stats = col.statistics
+            if stats is not None and stats.has_null_count:
+                n += meta.row_group(rg).num_rows - stats.null_count
+            else:
+                n += pf.read_row_group(rg, columns=[column]).column(0).null_count * -1 + meta.row_group(rg).num_rows
+        return n
+
+
+def kind_non_null(fs: pafs.FileSystem, root: str, kind: str, run_id: str, column: str) -> int:
+    """How many rows of one run's readable files of one kind have a value in `column` (a ledger mark), from
+    the footers' statistics: a run's accounting of its marked rows, without reading them."""
+    return sum(_non_null(fs, p, column) for p, _ in _kind_file_rows(fs, root, kind, run_id))
 
 
 def kind_rows(fs: pafs.FileSystem, root: str, kind: str, run_id: str | None = None) -> int:

@@ -44,9 +44,12 @@ from cache_aug.incremental import (
     DUPLICATES,
     KEY,
     PARTITION,
+    QUEUED,
     TEXT,
+    WANTED,
     key_input_rows,
     key_record_rows,
+    key_wanted_rows,
     mark_partition,
 )
 from cache_aug.records import RECORD_SCHEMA
@@ -56,15 +59,19 @@ from cache_aug.store import (
     RUNS,
     bucket_of,
     current_files_and_rows,
+    kind_non_null,
     kind_rows,
     new_run_id,
+    readable_parquet_rows,
 )
 from cache_aug.tiny import build_if_embedded
+from cache_aug.wanted import consumed_names, delete_files, queue_files
 from pipelines.config import JobConfig
 from pipelines.ray_session import check_driver_models, init_ray
 from pipelines.storage import portable, resolve, resolve_inputs
 
 FAIL_AFTER_ENV = "CACHE_AUG_CORPUS_FAIL_AFTER"  # "N:MARKER": an actor dies after N documents, once (tests)
+EXIT_AT_ENV = "CACHE_AUG_CORPUS_EXIT_AT"  # "after_write" | "after_manifest": the driver dies there (tests)
 # Sizing the hash partitions that decide duplicates and done documents: a shuffle partition (one task's memory, and
 # then one PrepareRows task) holds at most about this many rows of input and records, and there are at least as many
 # as the cluster has CPUs (PrepareRows runs in parallel); each is split into a few groups (one `mark_partition` call
@@ -74,7 +81,11 @@ GROUPS_PER_SHUFFLE_PARTITION = 4
 
 LEDGER_SCHEMA = pa.schema(
     [pa.field("doc_id", pa.string()), pa.field("kind", pa.string()), pa.field("reason", pa.string()),
-     pa.field("bucket", pa.string()), pa.field("run_id", pa.string())]
+     pa.field("bucket", pa.string()), pa.field("run_id", pa.string()),
+     # why serving wants the document (`cache_aug.wanted.REASONS`), on one row per wanted id; null otherwise
+     pa.field("wanted", pa.string()),
+     # true on a row only the wanted queue named (not in the input); null otherwise
+     pa.field("queued", pa.bool_())]
     + [f.with_nullable(True) for f in RECORD_SCHEMA if f.name != "doc_id"]
 )
 
@@ -89,19 +100,30 @@ def prepare_rows(batch: pa.Table, *, id_column: str, text_column: str, tokenizer
     """Decide each row's fate; rows to augment carry their token ids.
 
     `duplicates_column`: how many input rows carry this row's id, where more than one (else null); `done_column`:
-    a current record has this row's id and content hash (`cache_aug.incremental.mark_partition` marks both)."""
+    a current record has this row's id and content hash (`cache_aug.incremental.mark_partition` marks both, and
+    the wanted queue's WANTED and QUEUED, carried into the ledger's `wanted` and `queued`)."""
     ids = batch.column(id_column).to_pylist()
     texts = batch.column(text_column).cast(pa.large_binary()).to_pylist()  # raw bytes: invalid UTF-8 stays detectable
     duplicates = batch.column(duplicates_column).to_pylist()
     done = batch.column(done_column).to_pylist()
-    out = _empty_ledger(len(ids)) | {"input_ids": [None] * len(ids)}
+    n = len(ids)
+    wanted = batch.column(WANTED).to_pylist() if WANTED in batch.column_names else [None] * n
+    queued = batch.column(QUEUED).to_pylist() if QUEUED in batch.column_names else [None] * n
+    out = _empty_ledger(n) | {"input_ids": [None] * n}
     for i, (doc_id, raw) in enumerate(zip(ids, texts, strict=True)):
         out["doc_id"][i] = None if doc_id is None else str(doc_id)
         out["run_id"][i] = run_id
         out["bucket"][i] = NO_BUCKET
+        out["wanted"][i], out["queued"][i] = wanted[i], queued[i]
         try:
             if doc_id is not None and duplicates[i]:
                 raise DocumentError(f"duplicate doc_id: appears {duplicates[i]} times in the input")
+            if queued[i] and raw is None and done[i]:  # a record of the text serving saw exists already
+                out["kind"][i], out["reason"][i] = "skipped", "up to date"
+                continue
+            if queued[i] and raw is None:
+                raise DocumentError(f"wanted by serving ({wanted[i]}), but its text is unknown: the input does not "
+                                    "hold the document and the request did not send its text")
             doc = prepare_document(doc_id, raw, tokenizer, max_tokens=max_tokens, truncate=truncate)
         except DocumentError as e:
             out["kind"][i], out["reason"][i] = "error", str(e)
@@ -194,10 +216,11 @@ def _count_input_rows(paths: list[str], cfg: JobConfig) -> int:
 
 
 def _marked_input(ds: ray.data.Dataset, cfg: JobConfig, out_fs: pafs.FileSystem, record_files: list[str],
-                  fingerprint: str, rows: int, cpus: float) -> ray.data.Dataset:
-    """The input rows as (id key, text, duplicates, done): both sides grouped by a hash partition of the id, each
-    partition marked as table operations in Ray tasks (`cache_aug.incremental`). `rows`: input rows + current
-    records; `cpus`: the cluster's."""
+                  fingerprint: str, rows: int, cpus: float, wanted_files: list[str] = ()) -> ray.data.Dataset:
+    """The rows to take as (id key, text, duplicates, done, wanted, queued): the input, the current records and
+    the wanted queue's entries grouped by a hash partition of the id, each partition marked as table operations
+    in Ray tasks (`cache_aug.incremental`). `rows`: input rows + current records + queue entries; `cpus`: the
+    cluster's."""
     c = cfg.corpus
     shuffle_partitions = max(math.ceil(rows / ROWS_PER_SHUFFLE_PARTITION), int(cpus), 1)
     n_groups = shuffle_partitions * GROUPS_PER_SHUFFLE_PARTITION
@@ -210,8 +233,12 @@ def _marked_input(ds: ray.data.Dataset, cfg: JobConfig, out_fs: pafs.FileSystem,
         keyed = keyed.union(records.map_batches(
             key_record_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
             fn_kwargs={"fingerprint": fingerprint, "n_partitions": n_groups}))
+    if wanted_files:
+        entries = ray.data.read_parquet(list(wanted_files), filesystem=out_fs, partitioning=None, num_cpus=0.25)
+        keyed = keyed.union(entries.map_batches(key_wanted_rows, batch_format="pyarrow", batch_size=None,
+                                                num_cpus=0.25, fn_kwargs={"n_partitions": n_groups}))
     return keyed.groupby(PARTITION, num_partitions=shuffle_partitions).map_groups(
-        mark_partition, batch_format="pyarrow", num_cpus=0.25)
+        mark_partition, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"wanted_only": c.wanted == "only"})
 
 
 def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
@@ -257,14 +284,17 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     ds, paths = _input_dataset(cfg)
     n_input = _count_input_rows(paths, cfg)
     record_files, n_records = current_files_and_rows(out_fs, out_root, "record")
+    wanted_files, wanted_entries, superseded = _claim_wanted(out_fs, out_root, c.wanted)
     phases["scan_s"] = time.time() - t1
     print(f"[corpus] run {run_id}: {n_input} input rows; {n_records} current records in {len(record_files)} files "
-          f"(those of fingerprint {fingerprint} count as done)", flush=True)
+          f"(those of fingerprint {fingerprint} count as done); {wanted_entries} wanted queue entries in "
+          f"{len(wanted_files)} files (corpus.wanted={c.wanted})", flush=True)
 
     manifest = {"run_id": run_id, "fingerprint": fingerprint, "status": "running", "input_paths": paths,
                 "output": c.output,
                 "config": {k: to_dict(getattr(cfg, k)) for k in ("model", "augmentation", "storage", "corpus")}}
-    marked = _marked_input(ds, cfg, out_fs, record_files, fingerprint, n_input + (n_records or 0), total_cpus)
+    marked = _marked_input(ds, cfg, out_fs, record_files, fingerprint, n_input + (n_records or 0) + wanted_entries,
+                           total_cpus, wanted_files)
     prepared = marked.map_batches(
         prepare_rows, batch_format="pyarrow", batch_size=c.batch_size, num_cpus=0.25,
         fn_kwargs={"id_column": KEY, "text_column": TEXT, "tokenizer": tokenizer, "max_tokens": c.max_tokens,
@@ -290,20 +320,56 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
             e.add_note(f"the failed run's manifest could not be written either: {type(m).__name__}: {m}")
         raise
 
+    _exit_at("after_write")
     t1 = time.time()
-    counts = {kind: kind_rows(out_fs, out_root, kind, run_id) for kind in ("record", "skipped", "error")}
+    kinds = ("record", "skipped", "error")
+    counts = {kind: kind_rows(out_fs, out_root, kind, run_id) for kind in kinds}
+    # the ledger's marks, from the footers' null counts: rows serving wanted, and those only the queue named
+    wanted = {kind: kind_non_null(out_fs, out_root, kind, run_id, "wanted") for kind in kinds}
+    queued = sum(kind_non_null(out_fs, out_root, kind, run_id, "queued") for kind in kinds)
     phases["account_s"] = time.time() - t1
     manifest["phases"] = phases
-    manifest |= {"status": "succeeded", "counts": {"read": n_input, "written": counts["record"],
+    # read: the input's rows and the documents only the queue named; with corpus.wanted="only", the wanted ones
+    read = sum(wanted.values()) if c.wanted == "only" else n_input + queued
+    manifest |= {"status": "succeeded", "counts": {"read": read, "written": counts["record"],
                                                    "skipped": counts["skipped"], "failed": counts["error"]}}
-    if sum(counts.values()) != n_input:
+    manifest["wanted"] = {"mode": c.wanted, "files": [f.rsplit("/", 1)[-1] for f in wanted_files],
+                          "entries": wanted_entries, "documents": sum(wanted.values()), "queue_only": queued,
+                          "written": wanted["record"], "skipped": wanted["skipped"], "failed": wanted["error"],
+                          "already_taken_files": superseded}
+    if c.wanted == "only":
+        manifest["wanted"]["input_rows_scanned"] = n_input
+    if sum(counts.values()) != read:
         manifest["status"] = "accounting_mismatch"
     _write_manifest(out_fs, out_root, manifest, t0)
     if manifest["status"] != "succeeded":
-        raise RuntimeError(f"run {run_id}: {n_input} rows read but {counts} accounted for")
+        raise RuntimeError(f"run {run_id}: {read} rows read but {counts} accounted for")
+    _exit_at("after_manifest")
+    # taken: the manifest names them, so a run killed before these deletions does not take them again
+    delete_files(out_fs, wanted_files)
     print(f"[corpus] run {run_id}: {json.dumps(manifest['counts'])} in {manifest['timings']['seconds']:.1f}s",
           flush=True)
     return manifest
+
+
+def _claim_wanted(fs: pafs.FileSystem, root: str, mode: str) -> tuple[list[str], int, int]:
+    """The wanted queue's files this run takes, their entries (from the footers), and how many files a succeeded
+    run had already taken (deleted now, not taken again: a run killed after its manifest left them)."""
+    if mode == "off":
+        return [], 0, 0
+    files = queue_files(fs, root)
+    taken = consumed_names(fs, root, files, MANIFESTS)
+    if taken:
+        delete_files(fs, [f for f in files if f.rsplit("/", 1)[-1] in taken])
+    files = [f for f in files if f.rsplit("/", 1)[-1] not in taken]
+    found = readable_parquet_rows(fs, files)
+    return [p for p, _ in found], sum(n for _, n in found), len(taken)
+
+
+def _exit_at(point: str) -> None:
+    if os.environ.get(EXIT_AT_ENV) == point:
+        print(f"[corpus] {EXIT_AT_ENV}={point}: the driver dies here", flush=True)
+        os._exit(1)
 
 
 def _write_manifest(fs, root: str, manifest: dict, t0: float) -> None:

@@ -103,6 +103,7 @@ def build_engine(cfg: JobConfig, device) -> CompletionEngine:
     from cache_aug.decoder import load_decoder
     from cache_aug.document_texts import DocumentTexts
     from cache_aug.store import AugmentedCacheReader
+    from cache_aug.wanted import WantedQueue
     from pipelines.storage import resolve, resolve_inputs
 
     s = cfg.serve
@@ -120,20 +121,27 @@ def build_engine(cfg: JobConfig, device) -> CompletionEngine:
             fingerprint = latent_fingerprint(decoder, module)
         else:
             fingerprint = saved_fingerprint(cop, decoder, cfg.s3)
-    records = None
+    records, store = None, None
     prefix = sources.cache_prefix
     if fingerprint and prefix:
         fs, root = resolve(prefix.rstrip("/"), cfg.s3)
-        records = AugmentedCacheReader(fs or pafs.LocalFileSystem(), root, cfg.corpus.index_buckets)
+        store = (fs or pafs.LocalFileSystem(), root)
+        records = AugmentedCacheReader(*store, cfg.corpus.index_buckets)
     doc_paths = sources.documents
     documents = None
     if doc_paths:
         fs, targets, _ = resolve_inputs(doc_paths, cfg.s3, "serve.documents")
         documents = DocumentTexts(targets, filesystem=fs,
                                   id_column=cfg.corpus.id_column, text_column=cfg.corpus.text_column)
+    wanted = None
+    w = s.wanted
+    if w.enabled and store is not None:  # misses go to the corpus job's queue, beside the records they lack
+        wanted = WantedQueue(*store, flush_s=w.flush_s, flush_rows=w.flush_rows, max_pending=w.max_pending,
+                             max_files=w.max_files, requeue_s=w.requeue_s, max_text_bytes=w.max_text_bytes,
+                             has_document=None if documents is None else (lambda d: documents.get(d) is not None))
     return CompletionEngine(decoder, module, fingerprint or "", s, records=records, documents=documents,
                             max_document_tokens=min(s.max_document_tokens, cfg.corpus.max_tokens),
-                            truncate=cfg.corpus.truncate)
+                            truncate=cfg.corpus.truncate, wanted=wanted)
 
 
 class _Inbox:
@@ -303,9 +311,12 @@ class CompletionServer:
                      if s.batching else None)
         self.started = int(time.time())
 
-    def __del__(self):  # Ray Serve's replica shutdown: the decode loop's thread ends with it
+    def __del__(self):  # Ray Serve's replica shutdown: the decode loop's thread ends with it, the queue is written
         if getattr(self, "loop", None) is not None:
             self.loop.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None and engine.wanted is not None:
+            engine.wanted.close()
 
     def _denied(self, request: Request) -> JSONResponse | None:
         if self.token is None:
@@ -321,7 +332,8 @@ class CompletionServer:
         return {"status": "ok", "model": self.cfg.serve.model_name, "fingerprint": e.fingerprint,
                 "coprocessor": e.module is not None, "served": dict(e.counts),
                 "lru": {"entries": len(e.lru), "bytes": e.lru.bytes, "hits": e.lru.hits, "misses": e.lru.misses},
-                "decoding": self.loop.stats() if self.loop is not None else {"batching": False}}
+                "decoding": self.loop.stats() if self.loop is not None else {"batching": False},
+                "wanted": e.wanted.stats() if e.wanted is not None else {"enabled": False}}
 
     @api.get("/v1/models")
     async def models(self, request: Request):

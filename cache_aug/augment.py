@@ -55,6 +55,7 @@ class AugmentedCache:
     next_logits: torch.Tensor  # (V,) prediction of the first token after the cache
     layout: LatentLayout = PLAIN  # the module's layout; PLAIN (N_L = 0) for the plain (fallback) cache
     latents: torch.Tensor | None = None  # (N_L, d) z; None for the fallback and a latent_channel="kv" module
+    gain: float | None = None  # a restored record's measured gain (cache_aug.selection), nats/token; None: unknown
 
     @property
     def n_latents(self) -> int:

@@ -14,6 +14,9 @@ Where the cache comes from is always reported (`Plan.source`):
     stored   the corpus job's record for the document, checked against the served models' fingerprint
     online   no usable record: the document is augmented now by the loaded coprocessor
     none     plain decoding (no coprocessor, fallback "none", or no document text known)
+    skipped  plain decoding of the document, because the corpus job measured that the latents do not help it
+             (its `plain` record, `cache_aug.records.encode_plain`): the record's checked token ids are
+             prefilled, nothing is restored, and the document is not a miss
 
 A stored record is used only when it passes every check of `cache_aug.records.restore` (fingerprint,
 checksum, shapes) and, when the request sends the document's text, its content hash matches that
@@ -33,7 +36,7 @@ from cache_aug.decoder import Decoder
 from cache_aug.document_texts import DocumentTexts
 from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.lru import CacheLRU
-from cache_aug.records import CacheRecordError, restore
+from cache_aug.records import PLAIN_MODE, CacheRecordError, decode_payload, restore
 from cache_aug.sampling import SamplingParams
 from cache_aug.wanted import text_sha256
 
@@ -112,12 +115,21 @@ class ChoiceEvent:
 class Plan:
     """How one request will be answered."""
 
-    source: str  # stored | online | none
+    source: str  # stored | online | none | skipped
     reason: str | None  # why it is not "stored", when it is not
     prompt_ids: list[int]  # fed after the cache (the request's first prompt; `sequences` feeds each)
     cache: AugmentedCache | None = None  # ready (stored), or None: `compute_ids` must be prefilled/augmented
     compute_ids: list[int] | None = None  # the document to augment or prefill; None with no cache: no document
     document_tokens: int = 0
+    gain: float | None = None  # the record's measured gain (cache_aug.selection), when it has one
+
+
+@dataclass
+class _Skipped:
+    """A `plain` record's checked token ids and measured gain: the document is decoded plainly."""
+
+    input_ids: list[int]
+    gain: float | None
 
 
 class CompletionEngine:
@@ -145,7 +157,14 @@ class CompletionEngine:
         want = None if req.document is None else hashlib.sha256(req.document.encode("utf-8")).hexdigest()
         reason, miss = self._stored(req.document_id, want)
         if isinstance(reason, AugmentedCache):
-            return Plan("stored", None, req.prompt_ids, cache=reason, document_tokens=reason.doc_len)
+            return Plan("stored", None, req.prompt_ids, cache=reason, document_tokens=reason.doc_len,
+                        gain=reason.gain)
+        if isinstance(reason, _Skipped):
+            why = "the corpus job measured that augmentation does not help this document"
+            if reason.gain is not None:
+                why += f" (gain {reason.gain:+.4g} nats/token)"
+            return Plan("skipped", why, req.prompt_ids, compute_ids=reason.input_ids,
+                        document_tokens=len(reason.input_ids), gain=reason.gain)
         text = req.document
         if text is None and self.documents is not None:
             try:
@@ -173,9 +192,10 @@ class CompletionEngine:
         why = "fallback is 'none'" if self.cfg.fallback == "none" else "no coprocessor loaded"
         return Plan("none", f"{reason}; {why}", req.prompt_ids, compute_ids=ids, document_tokens=len(ids))
 
-    def _stored(self, doc_id: str, want_sha256: str | None) -> tuple[AugmentedCache | str, str | None]:
-        """The stored cache, or the reason there is none usable and, where the store answered, the kind of miss
-        it is for the wanted queue (`cache_aug.wanted.REASONS`: missing, stale, refused; None: not a miss)."""
+    def _stored(self, doc_id: str, want_sha256: str | None) -> tuple[AugmentedCache | _Skipped | str, str | None]:
+        """The stored cache (or, for a `plain` record, its checked token ids), or the reason there is none usable
+        and, where the store answered, the kind of miss it is for the wanted queue (`cache_aug.wanted.REASONS`:
+        missing, stale, refused; None: not a miss)."""
         hit = self.lru.get(doc_id)
         if hit is not None:
             cache, sha = hit
@@ -193,6 +213,9 @@ class CompletionEngine:
         if want_sha256 is not None and record.content_sha256 != want_sha256:
             return "the stored cache is for another text of this document", "stale"
         try:
+            if record.mode == PLAIN_MODE:  # nothing to restore: the ids, checked, are prefilled with the others
+                ids = decode_payload(record, self.decoder.cache_spec, self.fingerprint)["input_ids"]
+                return _Skipped(ids.tolist(), record.gain), None
             cache = restore(record, self.decoder, self.fingerprint,
                             layout=None if self.module is None else self.module.layout)
         except FingerprintMismatch:

@@ -25,5 +25,6 @@ RECORD_SCHEMA = pa.schema(
         pa.field("truncated", pa.bool_()),
         pa.field("payload_sha256", pa.string()),
         pa.field("position_rule", pa.string()),
+        pa.field("gain", pa.float64()),
     ]
 )

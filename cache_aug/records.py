@@ -3,7 +3,8 @@
 Row layout (`RECORD_SCHEMA`):
     doc_id, fingerprint, mode, dtype, n_latents, doc_tokens, seq_len, shapes (JSON),
     payload (safetensors bytes), payload_checksum, format_version, content_sha256, truncated,
-    payload_sha256 (format 1 only), position_rule (null in records written before it: "shift")
+    payload_sha256 (format 1 only), position_rule (null in records written before it: "shift"),
+    gain (the selection probe's measured gain, `cache_aug.selection`; null: not measured)
 
 Integrity (format 2): `payload_checksum` is "crc32/<chunk bytes>:<crc>,<crc>,..." over fixed-size
 chunks of the payload, checked on several threads at once (zlib releases the GIL), so a large `full`
@@ -19,6 +20,12 @@ Payload tensors by storage mode (H_i, D_i: layer i's KV heads and head dim):
                 next_logits (V,)                and appends them (exact: they depend only on it)
     full        k.i, v.i (H_i, S_i, D_i)        the whole augmented KV; S_i = T+N_L, or the
                 next_logits (V,)                window-1 last columns of a sliding layer
+    plain       nothing more                    a document whose augmentation was measured not to help it
+                                                (n_latents 0, seq_len = doc_tokens): served by plain decoding
+
+A `plain` record (`encode_plain`) is what selective augmentation stores for a document it leaves out: the
+corpus job still marks it done for these models, and serving reads its checked token ids and prefills them
+without the latents (source "skipped"), skipping any restore.
 
 The payload's safetensors header holds the module's `LatentLayout` (cache_aug/layout.py) as JSON, in
 its `__metadata__` under LAYOUT_KEY: N_L, the re-read count, the position rule and the latent channel.
@@ -53,12 +60,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from cache_aug.augment import AugmentedCache, added_embeds
+from cache_aug.augment import AugmentedCache, added_embeds, augment
 from cache_aug.checksum import checksum_matches, payload_checksum
 from cache_aug.decoder import Decoder, torch_dtype
 from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.kv import CacheSpec
-from cache_aug.layout import STORAGE_MODES, LatentLayout
+from cache_aug.layout import PLAIN, STORAGE_MODES, LatentLayout
 from cache_aug.masks import POSITION_RULES
 from cache_aug.passes import decoder_pass, prefill
 from cache_aug.record_schema import RECORD_SCHEMA
@@ -66,6 +73,8 @@ from cache_aug.record_schema import RECORD_SCHEMA
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: payload_sha256; 2: chunked payload_checksum
 MODES = STORAGE_MODES
+PLAIN_MODE = "plain"  # a record without latents: the document was measured not to gain from them
+RECORD_MODES = (*STORAGE_MODES, PLAIN_MODE)
 LAYOUT_KEY = "cache_aug.layout"  # payload header __metadata__ entry: the LatentLayout's JSON (absent in older records)
 STORE_DTYPES = ("float32", "bfloat16")
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "int32": "I32"}
@@ -96,6 +105,7 @@ class CacheRecord:
     truncated: bool = False  # the document was cut to the configured maximum before augmentation
     payload_sha256: str | None = None  # format 1: sha256 of the payload
     position_rule: str | None = None  # where the next token goes on (AugmentedCache.next_position); None: "shift"
+    gain: float | None = None  # nats/token the latents save on the document's own text (cache_aug.selection)
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -103,7 +113,7 @@ class CacheRecord:
     @classmethod
     def from_row(cls, row: dict) -> CacheRecord:
         names = [f.name for f in fields(cls)]
-        optional = {"content_sha256", "truncated", "payload_checksum", "payload_sha256", "position_rule"}
+        optional = {"content_sha256", "truncated", "payload_checksum", "payload_sha256", "position_rule", "gain"}
         missing = [n for n in names if n not in optional and (n not in row or row[n] is None)]
         if missing:
             raise CacheRecordError(f"record {row.get('doc_id')!r}: missing field(s) {', '.join(missing)}")
@@ -111,7 +121,7 @@ class CacheRecord:
 
 
 def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: str, dtype: str, spec: CacheSpec,
-                  content_sha256: str | None = None, truncated: bool = False) -> CacheRecord:
+                  content_sha256: str | None = None, truncated: bool = False, gain: float | None = None) -> CacheRecord:
     """Serialise one augmented cache in the given storage mode and dtype."""
     if mode not in MODES:
         raise ValueError(f"storage mode {mode!r} not in {MODES}")
@@ -150,7 +160,24 @@ def encode_record(aug: AugmentedCache, *, doc_id: str, fingerprint: str, mode: s
         content_sha256=content_sha256,
         truncated=truncated,
         position_rule=aug.layout.position_rule,
+        gain=gain,
     )
+
+
+def encode_plain(input_ids, *, doc_id: str, fingerprint: str, dtype: str, content_sha256: str | None = None,
+                 truncated: bool = False, gain: float | None = None) -> CacheRecord:
+    """The `plain` record of a document left without latents (module docstring): its token ids only, under the
+    fingerprint of the models that measured it (`dtype`: the run's storage dtype, recorded for uniformity)."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"storage dtype {dtype!r} not in {STORE_DTYPES}")
+    ids = torch.as_tensor(input_ids, dtype=torch.int32).reshape(-1).contiguous()  # (T,)
+    if ids.numel() == 0:
+        raise ValueError(f"document {doc_id!r}: no tokens")
+    payload = st_save({"input_ids": ids})
+    return CacheRecord(doc_id=doc_id, fingerprint=fingerprint, mode=PLAIN_MODE, dtype=dtype, n_latents=0,
+                       doc_tokens=ids.numel(), seq_len=ids.numel(), shapes=json.dumps({"input_ids": [ids.numel()]}),
+                       payload=payload, payload_checksum=payload_checksum(payload), content_sha256=content_sha256,
+                       truncated=truncated, gain=gain)
 
 
 def legacy_layout(record: CacheRecord, channel: str = "embeds") -> LatentLayout:
@@ -164,9 +191,12 @@ def expected_tensors(record: CacheRecord, spec: CacheSpec,
                      layout: LatentLayout | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype, shape) that a valid record of this decoder and layout (default: `legacy_layout`) must
     hold."""
-    layout = legacy_layout(record) if layout is None else layout
+    if record.mode != PLAIN_MODE:
+        layout = legacy_layout(record) if layout is None else layout
     st = _ST_DTYPES[record.dtype]
     out = {"input_ids": ("I32", (record.doc_tokens,))}
+    if record.mode == PLAIN_MODE:
+        return out
     if record.mode == "latents":
         out["latents"] = (st, (layout.n_latents, spec.hidden_size))
         return out
@@ -184,6 +214,10 @@ def _record_layout(record: CacheRecord, metadata, channel: str) -> LatentLayout:
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CacheRecordError(f"{where}: payload header metadata is not a mapping of strings")
     stored = (metadata or {}).get(LAYOUT_KEY)
+    if record.mode == PLAIN_MODE:
+        if stored is not None:
+            raise CacheRecordError(f"{where}: a plain record's payload holds a latent layout")
+        return PLAIN
     if stored is None:  # written before payloads held the layout
         try:
             return legacy_layout(record, channel)
@@ -263,11 +297,13 @@ def _decode(record: CacheRecord, spec: CacheSpec, fingerprint: str,
             f"{where}: format_version {record.format_version}, this reader knows {READABLE_VERSIONS}")
     if record.fingerprint != fingerprint:
         raise FingerprintMismatch(f"{where}: made by models {record.fingerprint}, the loaded models are {fingerprint}")
-    if record.mode not in MODES:
-        raise CacheRecordError(f"{where}: mode {record.mode!r} not in {MODES}")
+    if record.mode not in RECORD_MODES:
+        raise CacheRecordError(f"{where}: mode {record.mode!r} not in {RECORD_MODES}")
     if record.dtype not in STORE_DTYPES:
         raise CacheRecordError(f"{where}: dtype {record.dtype!r} not in {STORE_DTYPES}")
-    if record.doc_tokens < 1 or record.n_latents < 1:
+    plain = record.mode == PLAIN_MODE
+    if record.doc_tokens < 1 or (record.n_latents != 0 if plain else record.n_latents < 1) \
+            or (plain and record.seq_len != record.doc_tokens):
         raise CacheRecordError(
             f"{where}: inconsistent lengths (doc_tokens={record.doc_tokens}, n_latents={record.n_latents}, "
             f"seq_len={record.seq_len})"
@@ -303,6 +339,10 @@ def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_ru
     """
     tensors, stored = _decode(record, decoder.cache_spec, fingerprint,
                               layout.channel if layout is not None else "embeds")
+    if record.mode == PLAIN_MODE:  # fits any layout of these models: the document alone, prefilled
+        cache = augment(decoder, None, [tensors["input_ids"].to(decoder.device, torch.long)])[0]
+        cache.gain = record.gain
+        return cache
     if position_rule is not None and stored.position_rule != position_rule:
         raise CacheRecordError(f"record {record.doc_id!r}: position_rule {stored.position_rule!r}, the loaded module "
                                f"follows {position_rule!r}")
@@ -315,7 +355,7 @@ def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_ru
     if record.mode == "full":
         layers = [(tensors[f"k.{i}"][None].to(device, dtype), tensors[f"v.{i}"][None].to(device, dtype))
                   for i in range(len(decoder.cache_spec.layers))]
-        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), stored)
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), stored, gain=record.gain)
     prefix, _ = prefill(decoder, ids[None])  # the document's KV, recomputed: (1, H, T, D) per layer
     if record.mode == "latent_kv":
         layers = [
@@ -323,14 +363,14 @@ def restore(record: CacheRecord, decoder: Decoder, fingerprint: str, position_ru
              torch.cat([v, tensors[f"v.{i}"][None].to(device, dtype)], 2))
             for i, (k, v) in enumerate(prefix)
         ]
-        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), stored)
+        return AugmentedCache(ids, layers, tensors["next_logits"].to(device, dtype), stored, gain=record.gain)
     z = tensors["latents"].to(device, dtype)  # (N_L, d)
     points = torch.tensor([[ids.shape[0]]], device=device)
     embeds = added_embeds(decoder, z[None], ids[None, -1:], r)  # (1, L+r, d)
     positions = stored.position_ids(points, L + r)  # (1, L+r)
     logits, layers = decoder_pass(decoder, prefix, points, embeds, L + r, torch.tensor([L + r - 1], device=device),
                                   positions)
-    return AugmentedCache(ids, layers, logits[0, 0], stored, latents=z)
+    return AugmentedCache(ids, layers, logits[0, 0], stored, latents=z, gain=record.gain)
 
 
 def records_to_table(records: list[CacheRecord]) -> pa.Table:

@@ -14,8 +14,8 @@ from typing import ClassVar, Literal
 
 from cache_aug.typed_config import at_least, require
 
-__all__ = ["CompactionConfig", "CorpusConfig", "DataConfig", "EvalConfig", "OptimConfig", "ServeConfig", "SweepConfig",
-           "TrainConfig"]
+__all__ = ["CompactionConfig", "CorpusConfig", "DataConfig", "EvalConfig", "OptimConfig", "SelectionConfig",
+           "ServeConfig", "SweepConfig", "TrainConfig", "WantedQueueConfig"]
 
 
 @dataclass(kw_only=True)
@@ -132,6 +132,51 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class SelectionConfig:
+    """Selective augmentation (`cache_aug.selection`): the corpus job measures what the latents buy each document on
+    its own text, stores the gain with the record, and stores a document whose gain is at most ``min_gain`` as a
+    ``plain`` record (its token ids, no latents), which serving decodes plainly (source "skipped").
+
+    The probe augments the document at ``n_points`` points of its own text and compares the decoder's ahead-token
+    cross-entropy over the ``n_ahead`` tokens after each point with and without the latents (the training loss);
+    it reads nothing past the document. A document shorter than ``min_prefix + n_ahead`` tokens is not measured
+    (gain null) and is augmented. The policy is applied when a document is augmented: records already current
+    keep their kind (a changed ``min_gain`` applies to new and changed documents, or to a fresh output)."""
+
+    probe: bool = False
+    """Measure each augmented document's gain (the record's ``gain`` column, the manifest's histogram). Costs about
+    two augmentations per document on top of the one stored (bench/results/selection.json)."""
+
+    min_gain: float | None = None
+    """Documents whose measured gain (nats per token) is at most this are stored plain, without latents. None
+    (the default) stores every document augmented. Needs ``probe``."""
+
+    n_points: int = 4
+    """Probe points per document, spread evenly over [min_prefix, length - n_ahead]."""
+
+    n_ahead: int = 8
+    """Tokens after each probe point whose cross-entropy is compared (the coprocessor's training ``n_ahead``
+    fits best)."""
+
+    min_prefix: int = 8
+    """Fewest document tokens before the first probe point."""
+
+    histogram_edges: list[float] = field(
+        default_factory=lambda: [-0.1, -0.05, -0.02, -0.01, -0.005, 0.0, 0.005, 0.01, 0.02, 0.05, 0.1])
+    """Bin edges (nats per token, increasing) of the manifest's gain histogram; gains below the first or above the
+    last are counted in two open bins at the ends."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_points", "n_ahead", "min_prefix"):
+            at_least(name, getattr(self, name), 1)
+        require(self.min_gain is None or self.probe, "min_gain", "needs probe: true (the gain must be measured)",
+                self.min_gain)
+        edges = self.histogram_edges
+        require(bool(edges) and all(a < b for a, b in zip(edges, edges[1:], strict=False)), "histogram_edges",
+                "must be a non-empty increasing list", edges)
+
+
+@dataclass(kw_only=True)
 class CorpusConfig:
     """The corpus augmentation job: documents in, stored augmented caches out (incremental)."""
 
@@ -173,6 +218,9 @@ class CorpusConfig:
     """The serving replicas' wanted queue (``<output>/wanted/``, `cache_aug.wanted`): "alongside" takes its
     documents with the input, "only" takes just them (their text from the input, else the queue's), "off" leaves
     the queue alone. Taken entries are deleted once the run's manifest, which counts them, is written."""
+
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Selective augmentation: measure each document's gain, and store those it does not help without latents."""
 
     def __post_init__(self) -> None:
         require(bool(self.input_paths), "input_paths", "must name at least one input", self.input_paths)
@@ -306,6 +354,10 @@ class ServeConfig:
     cache_ttl_s: float = 300.0
     """Seconds an LRU entry is trusted before the cache prefix is read again (a newer corpus run may replace it)."""
 
+    store_list_s: float = 30.0
+    """Seconds between reads of the cache prefix's snapshot pointer and run listing: a corpus run that lands is
+    seen by lookups at most this long after (``cache_aug.store.AugmentedCacheReader``'s ``list_ttl_s``)."""
+
     batch_size: int = 8
     """Most documents augmented (or prefilled) together in one forward pass when requests arrive together."""
 
@@ -330,6 +382,7 @@ class ServeConfig:
         require(self.default_max_tokens <= self.max_tokens, "default_max_tokens", "must be <= max_tokens",
                 self.default_max_tokens)
         require(self.cache_ttl_s >= 0, "cache_ttl_s", "must be >= 0", self.cache_ttl_s)
+        require(self.store_list_s >= 0, "store_list_s", "must be >= 0", self.store_list_s)
 
 
 @dataclass(kw_only=True)

@@ -59,6 +59,7 @@ from cache_aug.store import (
     RUNS,
     bucket_of,
     current_files_and_rows,
+    kind_files,
     kind_non_null,
     kind_rows,
     new_run_id,
@@ -167,21 +168,35 @@ class Augmenter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from cache_aug.augment import augment
-        from cache_aug.records import encode_record
+        from cache_aug.records import encode_plain, encode_record
+        from cache_aug.selection import probe_gains
 
         rows = batch.to_pylist()
         todo = sorted((i for i, r in enumerate(rows) if r["kind"] == "process"),
                       key=lambda i: len(rows[i]["input_ids"]))
         self._maybe_fail(len(todo))
-        step = self.cfg.corpus.augment_batch_size
-        for start in range(0, len(todo), step):  # neighbours in length order: little padding
-            chunk = todo[start : start + step]
+        c, storage = self.cfg.corpus, self.cfg.storage
+        sel = c.selection
+        gains = dict.fromkeys(todo)
+        if sel.probe and todo:  # what the latents buy each document, on its own text (cache_aug.selection)
+            measured = probe_gains(self.decoder, self.module, [rows[i]["input_ids"] for i in todo],
+                                   n_points=sel.n_points, n_ahead=sel.n_ahead, min_prefix=sel.min_prefix,
+                                   batch_size=c.augment_batch_size)
+            gains = dict(zip(todo, measured, strict=True))
+        common = {"fingerprint": self.fingerprint, "dtype": storage.dtype}
+        keep = [i for i in todo if sel.min_gain is None or gains[i] is None or gains[i] > sel.min_gain]
+        for i in sorted(set(todo) - set(keep)):  # measured not to help: its token ids, no latents
+            rec = encode_plain(rows[i]["input_ids"], doc_id=rows[i]["doc_id"], **common, gain=gains[i],
+                               content_sha256=rows[i]["content_sha256"], truncated=bool(rows[i]["truncated"]))
+            rows[i] |= rec.to_row() | {"kind": "record"}
+        step = c.augment_batch_size
+        for start in range(0, len(keep), step):  # neighbours in length order: little padding
+            chunk = keep[start : start + step]
             augs = augment(self.decoder, self.module, [rows[i]["input_ids"] for i in chunk])
             for i, aug in zip(chunk, augs, strict=True):
                 rec = encode_record(
-                    aug, doc_id=rows[i]["doc_id"], fingerprint=self.fingerprint, mode=self.cfg.storage.mode,
-                    dtype=self.cfg.storage.dtype, spec=self.decoder.cache_spec,
-                    content_sha256=rows[i]["content_sha256"], truncated=bool(rows[i]["truncated"]),
+                    aug, doc_id=rows[i]["doc_id"], mode=storage.mode, spec=self.decoder.cache_spec, **common,
+                    content_sha256=rows[i]["content_sha256"], truncated=bool(rows[i]["truncated"]), gain=gains[i],
                 )
                 rows[i] |= rec.to_row() | {"kind": "record"}
         self.done_docs += len(todo)
@@ -339,6 +354,9 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
                           "already_taken_files": superseded}
     if c.wanted == "only":
         manifest["wanted"]["input_rows_scanned"] = n_input
+    if c.selection.probe:
+        manifest["selection"] = {"min_gain": c.selection.min_gain, "n_points": c.selection.n_points,
+                                 "n_ahead": c.selection.n_ahead} | _gain_histogram(out_fs, out_root, run_id, cfg)
     if sum(counts.values()) != read:
         manifest["status"] = "accounting_mismatch"
     _write_manifest(out_fs, out_root, manifest, t0)
@@ -350,6 +368,25 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
     print(f"[corpus] run {run_id}: {json.dumps(manifest['counts'])} in {manifest['timings']['seconds']:.1f}s",
           flush=True)
     return manifest
+
+
+def _gain_histogram(fs: pafs.FileSystem, root: str, run_id: str, cfg: JobConfig) -> dict:
+    """The histogram of the gains this run's records measured, summed by Ray Data over their `gain` and `mode`
+    columns (`cache_aug.selection.gain_counts`): the driver receives one row."""
+    from cache_aug.selection import GAIN_COUNTS, gain_counts, gain_histogram
+
+    edges = cfg.corpus.selection.histogram_edges
+    files = kind_files(fs, root, "record", run_id)
+    totals = {}
+    if files:
+        per_batch = ray.data.read_parquet(files, filesystem=fs, partitioning=None, num_cpus=0.25) \
+            .select_columns(["gain", "mode"]) \
+            .map_batches(gain_counts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+                         fn_kwargs={"edges": edges})
+        names = [f"bin_{k}" for k in range(len(edges) + 1)] + list(GAIN_COUNTS)
+        totals = per_batch.sum(names) or {}
+        totals = {k.removeprefix("sum(").removesuffix(")"): v for k, v in totals.items()}
+    return gain_histogram(totals, edges)
 
 
 def _claim_wanted(fs: pafs.FileSystem, root: str, mode: str) -> tuple[list[str], int, int]:

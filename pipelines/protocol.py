@@ -300,7 +300,7 @@ def parse_chat(data: object, tokenizer, cfg: RayServeConfig) -> CompletionReques
 def response_meta(plan: Plan, req: CompletionRequest) -> dict:
     """The `cache_aug` block of a response: how the answer was produced."""
     return {"source": plan.source, "reason": plan.reason, "document_id": req.document_id,
-            "document_tokens": plan.document_tokens}
+            "document_tokens": plan.document_tokens, "gain": plan.gain}
 
 
 def _token_text(tokenizer, token: int) -> str:

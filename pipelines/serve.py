@@ -126,7 +126,7 @@ def build_engine(cfg: JobConfig, device) -> CompletionEngine:
     if fingerprint and prefix:
         fs, root = resolve(prefix.rstrip("/"), cfg.s3)
         store = (fs or pafs.LocalFileSystem(), root)
-        records = AugmentedCacheReader(*store, cfg.corpus.index_buckets)
+        records = AugmentedCacheReader(*store, cfg.corpus.index_buckets, list_ttl_s=s.store_list_s)
     doc_paths = sources.documents
     documents = None
     if doc_paths:

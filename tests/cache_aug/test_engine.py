@@ -219,3 +219,32 @@ def test_choices_prompts_penalties_and_logprobs_equal_offline(setup):
     # the penalties reach the sampler: greedy with a repetition cost is another answer than without
     greedy = dict(prompt_ids=[5, 6], max_tokens=12, temperature=0.0, document_id="d")
     assert eng.complete(req(**greedy, frequency_penalty=2.0))["token_ids"] != eng.complete(req(**greedy))["token_ids"]
+
+
+def test_plain_records_are_decoded_plainly_as_skipped(setup):
+    """A document the corpus job stored plain (augmentation measured not to help) is answered by plain decoding
+    of the record's own token ids, source "skipped" with the gain; it is not a miss (nothing is queued), a stale
+    text still falls back, and a plain record of other models is refused like any other."""
+    from cache_aug.records import encode_plain
+
+    dec, module, fp = setup
+    ids = [7, 8, 9, 10, 11, 12]
+    heard = []
+    wanted = type("Q", (), {"add": staticmethod(lambda *a: heard.append(a))})()
+    store = Records({"p": encode_plain(ids, doc_id="p", fingerprint=fp, dtype="float32", gain=-0.02,
+                                       content_sha256="0" * 64),
+                     "q": encode_plain(ids, doc_id="q", fingerprint="f" * 32, dtype="float32")})
+    eng = engine(setup, store, {"q": "some text"})
+    eng.wanted = wanted
+    body = {"prompt_ids": [5, 6], "max_tokens": 6, "temperature": 0.0}
+    plan = eng.plan(req(**body, document_id="p"))
+    assert (plan.source, plan.gain, plan.compute_ids, plan.cache) == ("skipped", -0.02, ids, None)
+    assert "-0.02" in plan.reason and heard == []
+    out = run(eng, plan, eng.prepare([plan])[0], req(**body, document_id="p"))
+    assert out["token_ids"] == generate(dec, augment(dec, None, [ids])[0], [5, 6], max_new_tokens=6)
+    eng.plan(req(**body, document_id="p"))
+    assert store.reads == 2 and len(eng.lru) == 0  # never restored, never held
+    stale = eng.plan(req(**body, document_id="p", document="another text"))
+    assert stale.source == "online" and "another text" in stale.reason and heard[-1][2] == "stale"
+    refused = eng.plan(req(**body, document_id="q"))
+    assert refused.source == "online" and "fingerprint" in refused.reason and heard[-1][2] == "refused"

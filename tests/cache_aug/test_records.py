@@ -22,13 +22,16 @@ from cache_aug.coprocessor import build_latent_module, latent_fingerprint
 from cache_aug.fingerprint import FingerprintMismatch
 from cache_aug.records import (
     MODES,
+    PLAIN_MODE,
     RECORD_SCHEMA,
     CacheRecord,
     CacheRecordError,
     decode_payload,
+    encode_plain,
     encode_record,
     read_records,
     restore,
+    write_records,
 )
 from cache_aug.store import AugmentedCacheReader, bucket_of
 from cache_aug.testing import tiny_decoder
@@ -313,3 +316,33 @@ def test_token_ids_outside_the_vocabulary_are_refused(made):
         payload = bytearray(record.payload)
         payload[head + start : head + start + 4] = struct.pack("<i", vocab - 1)  # the last id is a real one
         assert restore(_with_payload(record, bytes(payload)), decoder, fp).input_ids[0] == vocab - 1, mode
+
+
+def test_plain_record_round_trip_and_checks(made, tmp_path):
+    """A `plain` record (selective augmentation left the document out) holds its token ids and measured gain; it
+    restores to exactly the plain prefill, through Parquet too, and every check still applies."""
+    decoder, fp, records = made
+    ids = list(range(3, 23))
+    rec = encode_plain(ids, doc_id="doc-7", fingerprint=fp, dtype="bfloat16", content_sha256="ab", gain=-0.0125)
+    assert (rec.mode, rec.n_latents, rec.doc_tokens, rec.seq_len) == (PLAIN_MODE, 0, 20, 20)
+    write_records(str(tmp_path / "r.parquet"), [rec, records["latent_kv"]])
+    back = read_records(str(tmp_path / "r.parquet"))
+    assert back[0] == rec and back[1].gain is None  # the gain column round-trips; unmeasured stays null
+    cache = restore(back[0], decoder, fp)
+    plain = augment(decoder, None, [ids])[0]
+    assert cache.n_latents == 0 and cache.gain == -0.0125 and cache.input_ids.tolist() == ids
+    assert torch.equal(cache.next_logits, plain.next_logits)
+    assert all(torch.equal(a, b) for kv, pv in zip(cache.layers, plain.layers, strict=True)
+               for a, b in zip(kv, pv, strict=True))
+    assert decode_payload(rec, decoder.cache_spec, fp)["input_ids"].tolist() == ids
+    assert restore(rec, decoder, fp, "keep").n_latents == 0  # fits the module whatever its layout
+    with pytest.raises(FingerprintMismatch):
+        restore(rec, decoder, "0" * 32)
+    for bad, field in ((dataclasses.replace(rec, n_latents=2), "inconsistent lengths"),
+                       (dataclasses.replace(rec, seq_len=21), "inconsistent lengths"),
+                       (_with_payload(rec, records["latent_kv"].payload), "latent layout")):
+        with pytest.raises(CacheRecordError, match=field):
+            restore(bad, decoder, fp)
+    out_of_vocab = encode_plain([3, decoder.cache_spec.vocab_size], doc_id="v", fingerprint=fp, dtype="float32")
+    with pytest.raises(CacheRecordError, match="vocabulary"):
+        restore(out_of_vocab, decoder, fp)

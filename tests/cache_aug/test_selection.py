@@ -103,3 +103,24 @@ def test_probe_gains_batch_order_and_mode():
         assert (a is None and b is None) or a == pytest.approx(b, rel=1e-4, abs=1e-5)
     with pytest.raises(ValueError, match="needs a module"):
         probe_gains(decoder, None, docs, **kw)
+
+
+def test_gain_histogram_counts_every_record_once():
+    """Bins are [edges[k-1], edges[k]) with two open ends; batches add up; null gains are unmeasured; plain
+    records are counted among the measured ones."""
+    import pyarrow as pa
+
+    from cache_aug.selection import GAIN_COUNTS, gain_counts, gain_histogram
+
+    edges = [-0.01, 0.0, 0.01]
+    a = pa.table({"gain": pa.array([-0.5, -0.01, 0.0, None, 0.0099], pa.float64()),
+                  "mode": ["plain", "plain", "plain", "latent_kv", "latent_kv"]})
+    b = pa.table({"gain": pa.array([None, None], pa.float64()), "mode": ["full", "full"]})
+    rows = [gain_counts(t, edges).to_pylist()[0] for t in (a, b)]
+    totals = {k: sum(r[k] for r in rows) for k in rows[0]}
+    assert set(totals) == {f"bin_{k}" for k in range(4)} | set(GAIN_COUNTS)
+    h = gain_histogram(totals, edges)
+    assert h["counts"] == [1, 1, 2, 0]  # -0.5 | -0.01 | 0.0, 0.0099 | none at or above 0.01
+    assert (h["measured"], h["unmeasured"], h["plain"], h["augmented"]) == (4, 3, 3, 4)
+    assert h["gain_mean"] == pytest.approx((-0.5 - 0.01 + 0.0 + 0.0099) / 4)
+    assert gain_histogram({}, edges)["gain_mean"] is None

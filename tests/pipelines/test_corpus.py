@@ -251,3 +251,63 @@ def test_driver_memory_does_not_grow_with_the_corpus(setup, tmp_path):
     peaks = {name: r["peak_bytes"] for name, r in results.items()}
     print(f"driver peak traced allocations: {peaks}")
     assert peaks["10n"] - peaks["n"] < 2_000_000, peaks
+
+
+def test_selective_augmentation_end_to_end(setup):
+    """corpus.selection: each document's gain is measured by the probe (equal to probing it offline), stored with
+    its record; those at or under min_gain are stored plain and served plainly as "skipped" (the answer plain
+    decoding gives), the others stored and served as before; the manifest's histogram counts every record once;
+    the gains survive compaction."""
+    from cache_aug.augment import generate
+    from cache_aug.documents import prepare_document
+    from cache_aug.engine import CompletionRequest
+    from cache_aug.records import PLAIN_MODE
+    from cache_aug.selection import probe_gains
+    from pipelines.compact import run_compaction
+    from pipelines.serve import build_engine
+
+    client, decoder = setup["client"], setup["decoder"]
+    docs = setup["good"][:24]
+    _put(client, "corpus-in", "sel/part-0.parquet", _table(docs + [("short", "Amen.")]))
+    base = _cfg(setup, "s3://caches/sel", "s3://corpus-in/sel/")
+    module = load_latent_module(base.corpus.coprocessor, decoder, base.s3)
+    ids = {d: prepare_document(d, t.encode(), decoder.tokenizer, max_tokens=400, truncate=False).input_ids
+           for d, t in docs}
+    offline = dict(zip(ids, probe_gains(decoder, module, list(ids.values()), n_points=4, n_ahead=8, min_prefix=8),
+                       strict=True))
+    ranked = sorted(offline.values())
+    threshold = (ranked[11] + ranked[12]) / 2  # halfway between two gains: rounding cannot move a document across
+    cfg = _cfg(setup, "s3://caches/sel", "s3://corpus-in/sel/", **{"selection.probe": "true",
+                                                                   "selection.min_gain": threshold})
+    manifest = run_corpus_job(cfg)
+    assert manifest["counts"] == {"read": 25, "written": 25, "skipped": 0, "failed": 0}
+    sel = manifest["selection"]
+    assert (sel["measured"], sel["unmeasured"], sel["plain"], sel["augmented"]) == (24, 1, 12, 13)
+    assert sum(sel["counts"]) == 24 and sel["min_gain"] == threshold
+
+    fs = s3_filesystem(cfg.s3)
+    rows = read_kind(fs, "caches/sel", "record", ["doc_id", "mode", "gain"], manifest["run_id"]).to_pylist()
+    got = {r["doc_id"]: r for r in rows}
+    assert got["short"]["gain"] is None and got["short"]["mode"] == "latent_kv"  # too short to measure: augmented
+    for d, g in offline.items():
+        assert got[d]["gain"] == pytest.approx(g, abs=1e-5)
+        assert (got[d]["mode"] == PLAIN_MODE) == (g <= threshold), d
+
+    engine = build_engine(cfg, torch.device("cpu"))
+    prompt = decoder.tokenizer.encode(" And God said", add_special_tokens=False)
+    plain_doc = next(d for d, g in offline.items() if g <= threshold)
+    kept_doc = next(d for d, g in offline.items() if g > threshold)
+    request = {"model": "m", "prompts": [prompt], "max_tokens": 6, "temperature": 0.0}
+    out = engine.complete(CompletionRequest(**request, document_id=plain_doc))
+    assert out["plan"].source == "skipped" and out["plan"].gain == pytest.approx(offline[plain_doc], abs=1e-5)
+    expected = generate(decoder, augment(decoder, None, [ids[plain_doc]])[0], prompt, max_new_tokens=6,
+                        stop_token_ids=[])
+    assert out["token_ids"] == expected[: len(out["token_ids"])] and out["token_ids"]
+    out = engine.complete(CompletionRequest(**request, document_id=kept_doc))
+    assert out["plan"].source == "stored" and out["plan"].gain == pytest.approx(offline[kept_doc], abs=1e-5)
+
+    run_compaction(cfg)
+    reader = AugmentedCacheReader(fs, "caches/sel", cfg.corpus.index_buckets)
+    for d, r in got.items():
+        rec = reader.get(d)
+        assert (rec.mode, rec.gain) == (r["mode"], r["gain"]), d

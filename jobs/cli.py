@@ -122,19 +122,23 @@ def train(config: str | None = None, set: list[str] | None = None, debug_steps: 
     return train_job(config, set or [], debug_steps, num_cpus)
 
 
-def augment(config: str | None = None, set: list[str] | None = None, num_cpus: int | None = None) -> dict:
+def augment(config: str | None = None, set: list[str] | None = None, num_cpus: int | None = None,
+            wanted: bool = False) -> dict:
     """Precompute augmented caches for a corpus with Ray Data (same as `python -m jobs.augment`).
 
-    Incremental: only new or changed documents, or all after a model change, are augmented.
+    Incremental: only new or changed documents, or all after a model change, are augmented. The documents that
+    serving replicas answered without a stored cache (the wanted queue under corpus.output) are taken alongside.
 
     Args:
         config: YAML config file, e.g. jobs/configs/augment_tiny.yaml; defaults when omitted.
         set: config overrides as dotted key=value, e.g. corpus.output=s3://bucket/caches.
         num_cpus: logical CPUs of a local cluster started here (default: all).
+        wanted: augment only the wanted queue's documents (corpus.wanted=only), their text from the input or
+            the queue: a quick run between scheduled ones.
     """
     from pipelines.corpus import augment_job
 
-    return augment_job(config, set or [], num_cpus)
+    return augment_job(config, [*(set or []), *(["corpus.wanted=only"] if wanted else [])], num_cpus)
 
 
 def compact(config: str | None = None, set: list[str] | None = None, gc_only: bool = False, ray: bool = False,

@@ -267,3 +267,12 @@ def test_the_parser_scanner_sees_every_form(tmp_path):
     ]
     probe.write_text("\n".join(lines) + "\n")
     assert argument_parsers(probe) == ["probe.py:3", "probe.py:5"]
+
+
+def test_augment_wanted_takes_only_the_queue(monkeypatch):
+    """`cache-aug augment --wanted` is the corpus job with corpus.wanted=only, after the user's overrides."""
+    calls: list[tuple] = []
+    _fake_job(monkeypatch, "pipelines.corpus", "augment_job", calls)
+    cli.main(["augment", "--set", "a.b=1", "--wanted"])
+    cli.main(["augment", "--set", "a.b=1"])
+    assert calls == [(None, ["a.b=1", "corpus.wanted=only"], None), (None, ["a.b=1"], None)]

@@ -50,7 +50,7 @@ def record_table(ids: list[str], shas: list[str], fingerprint: str, rows_per_gro
     m = len(ids)
     const = {"fingerprint": fingerprint, "mode": "latent_kv", "dtype": "float32", "n_latents": 2, "doc_tokens": 5,
              "seq_len": 7, "shapes": "{}", "payload": b"x" * 16, "payload_checksum": None, "format_version": 2,
-             "truncated": False, "payload_sha256": None, "position_rule": None}
+             "truncated": False, "payload_sha256": None, "position_rule": None, "gain": None}
     cols = {"doc_id": ids, "content_sha256": shas} | {k: pa.repeat(pa.scalar(v, RECORD_SCHEMA.field(k).type), m)
                                                      if v is not None else pa.nulls(m, RECORD_SCHEMA.field(k).type)
                                                      for k, v in const.items()}

@@ -196,7 +196,8 @@ class WantedQueue:
 
     def stats(self) -> dict:
         with self._lock:
-            return dict(self.counts) | {"pending": len(self._pending), "last_error": self.last_error}
+            return dict(self.counts) | {"pending": len(self._pending), "last_error": self.last_error,
+                                        "replica": self.replica}
 
     def _run(self) -> None:
         while not self._stop.is_set():

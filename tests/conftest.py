@@ -36,6 +36,15 @@ def tiny_default_dir(tmp_path_factory):
     return ensure_tiny_decoder("test", root=tmp_path_factory.mktemp("cache-aug-home"))
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _free_port_pairs(n: int) -> list[int]:
     """n distinct ports p such that p and p + 10000 (SeaweedFS's gRPC port) are all free on loopback."""
     import random
@@ -168,7 +177,7 @@ def s3_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
+    server.stop(timeout_s=2)  # its data is thrown away: no need to wait for a graceful shutdown
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from cache_aug.decoder import Decoder, fetch_checkpoint, freeze, load_decoder
 from cache_aug.fingerprint import FingerprintMismatch, decoder_fingerprint
 from cache_aug.losses import one_pass_loss, sample_points
 from cache_aug.testing import byte_tokenizer, tiny_decoder
+from tests.conftest import free_port
 
 
 def _step(decoder, module, lr=1e-2):
@@ -169,19 +169,13 @@ def test_load_decoder_from_local_dir(tmp_path):
         load_decoder(ModelConfig(path=str(tmp_path)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_s3():
     """A real S3 server on loopback (moto's), reached through s3fs as an `s3` section names it (keys in the
     environment variables it names)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     with pytest.MonkeyPatch.context() as mp:

@@ -60,6 +60,7 @@ def test_batches_deduplicates_and_bounds(tmp_path):
         q.add(d, text_sha256(d), "missing", d)
     s = q.stats()
     assert s["pending"] == 4 and s["dropped_full_buffer"] == 1 and s["duplicates"] == 2
+    assert {r["replica"] for r in _entries(fs, root)} == {s["replica"]}  # /healthz names the replica its files do
     assert not q.add("x", "0" * 64, "not a reason")  # refused, never raised
 
 

@@ -217,7 +217,7 @@ def _done_store(root: Path, n: int, fingerprint: str, n_buckets: int) -> tuple[P
         m = len(rows)
         const = {"fingerprint": fingerprint, "mode": "latent_kv", "dtype": "float32", "n_latents": 2, "doc_tokens": 5,
                  "seq_len": 7, "shapes": "{}", "payload": b"x", "payload_checksum": None, "format_version": 2,
-                 "truncated": False, "payload_sha256": None, "position_rule": None}
+                 "truncated": False, "payload_sha256": None, "position_rule": None, "gain": None}
         cols = {"doc_id": [d for d, _ in rows], "content_sha256": [h for _, h in rows]} | {
             k: [v] * m for k, v in const.items()}
         where = out / "runs" / "20260101T000000Z-00000000" / "kind=record" / f"bucket={bucket}"

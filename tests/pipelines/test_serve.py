@@ -4,7 +4,6 @@ wrote to SeaweedFS. Greedy answers equal offline decoding from the same record, 
 from __future__ import annotations
 
 import json
-import socket
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +19,7 @@ from cache_aug.store import RUNS, AugmentedCacheReader, bucket_of
 from pipelines.config import load_job_config
 from pipelines.corpus import run_corpus_job
 from pipelines.storage import s3_filesystem
+from tests.conftest import free_port
 from tests.pipelines.shared import upload_fresh_coprocessor
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 MODES = ("latents", "latent_kv", "full")
 BUCKETS = 4
 PROMPT = " And the LORD said"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def served(s3_server, tiny_default_dir, tmp_path_factory):
     with fs.open_output_stream("serve-in/docs/part-1.parquet") as f:
         pq.write_table(pa.table({"doc_id": list(late), "text": list(late.values())}), f)
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"decoder": decoder, "module": module, "fp": latent_fingerprint(decoder, module), "base": base, "fs": fs,
            "stored": stored, "late": late, "url": f"http://127.0.0.1:{port}", "cfg": cfg0}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -28,6 +27,7 @@ from cache_aug.store import AugmentedCacheReader
 from pipelines.config import load_job_config
 from pipelines.corpus import run_corpus_job
 from pipelines.storage import s3_filesystem
+from tests.conftest import free_port
 from tests.pipelines.shared import upload_fresh_coprocessor
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -36,12 +36,6 @@ BUCKETS = 4
 PROMPT = " And the LORD said"
 N = 12  # max_tokens of every request
 REPLICA_TITLE = "ServeReplica:cache-aug:CompletionServer"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replica_pids() -> list[int]:
@@ -90,7 +84,7 @@ def site(s3_server, tiny_default_dir, tmp_path_factory):
         want[d] = generate(decoder, augment(decoder, module, [tok.encode(text, add_special_tokens=False)])[0],
                            prompt_ids, max_new_tokens=N)
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"base": base, "stored": stored, "late": late, "want": want, "url": f"http://127.0.0.1:{port}"}
     serve.shutdown()

@@ -144,8 +144,8 @@ class SelectionConfig:
     keep their kind (a changed ``min_gain`` applies to new and changed documents, or to a fresh output)."""
 
     probe: bool = False
-    """Measure each augmented document's gain (the record's ``gain`` column, the manifest's histogram). Costs about
-    two augmentations per document on top of the one stored (bench/results/selection.json)."""
+    """Measure each augmented document's gain (the record's ``gain`` column, the manifest's histogram). Costs
+    1.5-2x an augmentation per document, on top of the one stored (bench/results/selection*.json)."""
 
     min_gain: float | None = None
     """Documents whose measured gain (nats per token) is at most this are stored plain, without latents. None

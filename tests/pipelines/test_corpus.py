@@ -226,6 +226,7 @@ def _done_store(root: Path, n: int, fingerprint: str, n_buckets: int) -> tuple[P
     return inp, out
 
 
+@pytest.mark.slow
 def test_driver_memory_does_not_grow_with_the_corpus(setup, tmp_path):
     """Duplicates, done documents and the accounting are Ray Data's work: the driver reads file listings and Parquet
     footers only. Its traced Python allocations during a re-run over 20,000 already-done documents stay within a

@@ -124,6 +124,7 @@ def test_worker_failure_restarts_from_checkpoint(tiny_default_dir, corpus_bucket
     assert exported.mode == "lora"
 
 
+@pytest.mark.slow
 def test_kv_channel_under_zero3_equals_zero0_and_exports(tiny_default_dir, corpus_bucket, tmp_path):
     """latent_channel="kv" freezes the coprocessor tensors that cannot reach the latent KV (the last layer's
     attention output, MLP and final norm): ZeRO-3 partitions the rest without changing the math, and the

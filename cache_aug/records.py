@@ -191,12 +191,11 @@ def expected_tensors(record: CacheRecord, spec: CacheSpec,
                      layout: LatentLayout | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype, shape) that a valid record of this decoder and layout (default: `legacy_layout`) must
     hold."""
-    if record.mode != PLAIN_MODE:
-        layout = legacy_layout(record) if layout is None else layout
-    st = _ST_DTYPES[record.dtype]
     out = {"input_ids": ("I32", (record.doc_tokens,))}
     if record.mode == PLAIN_MODE:
         return out
+    layout = legacy_layout(record) if layout is None else layout
+    st = _ST_DTYPES[record.dtype]
     if record.mode == "latents":
         out["latents"] = (st, (layout.n_latents, spec.hidden_size))
         return out

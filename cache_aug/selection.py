@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from cache_aug.decoder import Decoder
 from cache_aug.losses import one_pass_ce, plain_ahead_ce
+from cache_aug.records import PLAIN_MODE
 
 
 def probe_points(doc_len: int, n_points: int, n_ahead: int, min_prefix: int) -> list[int] | None:
@@ -86,35 +90,30 @@ def probe_gains(decoder: Decoder, module, docs: Sequence[Sequence[int]], *, n_po
     return gains
 
 
-GAIN_COUNTS = ("measured", "unmeasured", "plain", "gain_sum")
+def gain_count_columns(edges: Sequence[float]) -> list[str]:
+    """The columns of a `gain_counts` row: one bin per gap between edges and beyond each end, then the counts of
+    measured, unmeasured (null gain) and plain records, and the sum of the measured gains."""
+    return [f"bin_{k}" for k in range(len(edges) + 1)] + ["measured", "unmeasured", "plain", "gain_sum"]
 
 
-def gain_counts(batch, edges: Sequence[float]):
-    """One row summing a batch of records (columns `gain`, `mode`) for the corpus job's gain histogram: `bin_k`
-    for k in 0..len(edges) counts measured gains g with edges[k-1] <= g < edges[k] (bin_0: g < edges[0]; the last:
-    g >= edges[-1]), then GAIN_COUNTS: measured and unmeasured (null gain) records, plain ones (stored without
-    latents), and the sum of the measured gains. Rows of several batches add up column by column."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+def gain_counts(batch: pa.Table, edges: Sequence[float]) -> pa.Table:
+    """One row (`gain_count_columns`) summing a batch of records (columns `gain`, `mode`) for the corpus job's gain
+    histogram: `bin_k` counts measured gains g with edges[k-1] <= g < edges[k] (bin_0: g < edges[0]; the last:
+    g >= edges[-1]). Rows of several batches add up column by column."""
     gain = batch.column("gain")
     values = gain.drop_null().to_numpy() if gain.null_count < len(gain) else np.zeros(0)
     bins = np.bincount(np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right"),
                        minlength=len(edges) + 1)
-    plain = int(pc.sum(pc.equal(batch.column("mode"), "plain")).as_py() or 0)
-    row = {f"bin_{k}": [int(n)] for k, n in enumerate(bins)}
-    row |= {"measured": [len(values)], "unmeasured": [gain.null_count], "plain": [plain],
-            "gain_sum": [float(values.sum())]}
-    return pa.table(row)
+    plain = int(pc.sum(pc.equal(batch.column("mode"), PLAIN_MODE)).as_py() or 0)
+    counts = [*(int(n) for n in bins), len(values), gain.null_count, plain, float(values.sum())]
+    return pa.table({name: [v] for name, v in zip(gain_count_columns(edges), counts, strict=True)})
 
 
 def gain_histogram(totals: dict, edges: Sequence[float]) -> dict:
     """The manifest's block from the summed `gain_counts` columns: edges, counts per bin (len(edges) + 1), and the
     measured, unmeasured, plain and augmented records with the mean measured gain."""
     counts = [int(totals.get(f"bin_{k}", 0)) for k in range(len(edges) + 1)]
-    measured, plain = int(totals.get("measured", 0)), int(totals.get("plain", 0))
-    records = measured + int(totals.get("unmeasured", 0))
-    return {"edges": list(edges), "counts": counts, "measured": measured,
-            "unmeasured": int(totals.get("unmeasured", 0)), "plain": plain, "augmented": records - plain,
+    measured, unmeasured, plain = (int(totals.get(k, 0)) for k in ("measured", "unmeasured", "plain"))
+    return {"edges": list(edges), "counts": counts, "measured": measured, "unmeasured": unmeasured, "plain": plain,
+            "augmented": measured + unmeasured - plain,
             "gain_mean": totals.get("gain_sum", 0.0) / measured if measured else None}

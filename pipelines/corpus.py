@@ -373,7 +373,7 @@ def run_corpus_job(cfg: JobConfig, *, actor_env: dict | None = None) -> dict:
 def _gain_histogram(fs: pafs.FileSystem, root: str, run_id: str, cfg: JobConfig) -> dict:
     """The histogram of the gains this run's records measured, summed by Ray Data over their `gain` and `mode`
     columns (`cache_aug.selection.gain_counts`): the driver receives one row."""
-    from cache_aug.selection import GAIN_COUNTS, gain_counts, gain_histogram
+    from cache_aug.selection import gain_count_columns, gain_counts, gain_histogram
 
     edges = cfg.corpus.selection.histogram_edges
     files = kind_files(fs, root, "record", run_id)
@@ -383,8 +383,7 @@ def _gain_histogram(fs: pafs.FileSystem, root: str, run_id: str, cfg: JobConfig)
             .select_columns(["gain", "mode"]) \
             .map_batches(gain_counts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
                          fn_kwargs={"edges": edges})
-        names = [f"bin_{k}" for k in range(len(edges) + 1)] + list(GAIN_COUNTS)
-        totals = per_batch.sum(names) or {}
+        totals = per_batch.sum(gain_count_columns(edges)) or {}
         totals = {k.removeprefix("sum(").removesuffix(")"): v for k, v in totals.items()}
     return gain_histogram(totals, edges)
 

@@ -110,7 +110,7 @@ def test_gain_histogram_counts_every_record_once():
     records are counted among the measured ones."""
     import pyarrow as pa
 
-    from cache_aug.selection import GAIN_COUNTS, gain_counts, gain_histogram
+    from cache_aug.selection import gain_count_columns, gain_counts, gain_histogram
 
     edges = [-0.01, 0.0, 0.01]
     a = pa.table({"gain": pa.array([-0.5, -0.01, 0.0, None, 0.0099], pa.float64()),
@@ -118,7 +118,8 @@ def test_gain_histogram_counts_every_record_once():
     b = pa.table({"gain": pa.array([None, None], pa.float64()), "mode": ["full", "full"]})
     rows = [gain_counts(t, edges).to_pylist()[0] for t in (a, b)]
     totals = {k: sum(r[k] for r in rows) for k in rows[0]}
-    assert set(totals) == {f"bin_{k}" for k in range(4)} | set(GAIN_COUNTS)
+    assert list(totals) == gain_count_columns(edges) == [f"bin_{k}" for k in range(4)] + [
+        "measured", "unmeasured", "plain", "gain_sum"]
     h = gain_histogram(totals, edges)
     assert h["counts"] == [1, 1, 2, 0]  # -0.5 | -0.01 | 0.0, 0.0099 | none at or above 0.01
     assert (h["measured"], h["unmeasured"], h["plain"], h["augmented"]) == (4, 3, 3, 4)
